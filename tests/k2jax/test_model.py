@@ -1,0 +1,129 @@
+"""Whole-model properties: causality, packing, gradients, jit in f32/bf16, exact parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from k2jax import KimiLinear, load_config
+from k2jax.model import count_params, segment_positions
+from tests.conftest import error_ratio
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = load_config("tiny")
+    return cfg, KimiLinear(cfg, rngs=nnx.Rngs(0))
+
+
+def _forward(model, tokens, segment_ids=None):
+    return nnx.jit(lambda m, t, s: m(t, s))(model, tokens, segment_ids)
+
+
+def test_layer_schedule_follows_one_based_lists():
+    cfg = load_config("kimi_linear_48b_a3b")
+    mla = [i for i, t in enumerate(cfg.layer_types) if t == "mla"]
+    assert mla == [3, 7, 11, 15, 19, 23, 26]
+    assert [cfg.is_moe_layer(i) for i in range(3)] == [False, True, True]
+
+
+def test_causality(tiny_model):
+    cfg, model = tiny_model
+    tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, cfg.vocab_size)
+    t = 23
+    changed = tokens.at[:, t].set((tokens[:, t] + 7) % cfg.vocab_size)
+    a, b = _forward(model, tokens), _forward(model, changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
+    assert float(jnp.abs(a[:, t:] - b[:, t:]).max()) > 1e-4  # the change is seen from t on
+
+
+def test_packed_segments_equal_separate_sequences(tiny_model):
+    cfg, model = tiny_model
+    lengths = [11, 20, 7]
+    key = jax.random.key(1)
+    seqs = [jax.random.randint(jax.random.fold_in(key, i), (1, n), 0, cfg.vocab_size) for i, n in enumerate(lengths)]
+    pad = 5
+    packed = jnp.concatenate(seqs + [jnp.zeros((1, pad), jnp.int32)], axis=1)
+    seg = jnp.concatenate([jnp.full((1, n), i + 1, jnp.int32) for i, n in enumerate(lengths)]
+                          + [jnp.zeros((1, pad), jnp.int32)], axis=1)
+    out = _forward(model, packed, seg)
+    start = 0
+    for s, n in zip(seqs, lengths):
+        alone = _forward(model, s)
+        assert error_ratio(alone, out[:, start:start + n]) < 1e-5
+        start += n
+
+
+def test_left_padding_equals_unpadded(tiny_model):
+    cfg, model = tiny_model
+    tokens = jax.random.randint(jax.random.key(2), (1, 30), 0, cfg.vocab_size)
+    padded = jnp.concatenate([jnp.full((1, 9), cfg.pad_token_id), tokens], axis=1)
+    seg = jnp.concatenate([jnp.zeros((1, 9), jnp.int32), jnp.ones((1, 30), jnp.int32)], axis=1)
+    assert error_ratio(_forward(model, tokens), _forward(model, padded, seg)[:, 9:]) < 1e-5
+
+
+def test_segment_positions_count_real_tokens_per_segment():
+    seg = jnp.array([[0, 0, 1, 1, 1, 2, 2, 0, 2, 3]])
+    np.testing.assert_array_equal(np.asarray(segment_positions(seg))[0, 2:], [0, 1, 2, 0, 1, 2, 2, 0])
+
+
+def test_gradients_finite_and_nonzero(tiny_model):
+    cfg, model = tiny_model
+    tokens = jax.random.randint(jax.random.key(3), (2, 33), 0, cfg.vocab_size)
+
+    def loss_fn(m):
+        logits = m(tokens[:, :-1])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+    assert np.isfinite(float(loss))
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.isfinite(g).all()) for g in leaves)
+    assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) >= 0.9 * len(leaves)
+
+
+def test_jit_bf16_runs_and_tracks_float32(tiny_model):
+    cfg, model32 = tiny_model
+    cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    model16 = KimiLinear(cfg16, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(4), (2, 40), 0, cfg.vocab_size)
+    out16 = _forward(model16, tokens)
+    assert out16.dtype == jnp.float32 and bool(jnp.isfinite(out16).all())
+    assert error_ratio(_forward(model32, tokens), out16) < 5e-2
+
+
+def test_return_aux_reports_expert_load(tiny_model):
+    cfg, model = tiny_model
+    tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, cfg.vocab_size)
+    seg = jnp.ones((2, 16), jnp.int32).at[0, :4].set(0)
+    _, aux = nnx.jit(lambda m, t, s: m(t, s, return_aux=True))(model, tokens, seg)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    assert aux["expert_load"].shape == (n_moe, cfg.num_experts)
+    # Every real token fills num_experts_per_token slots in every MoE layer; padding fills none.
+    np.testing.assert_allclose(np.asarray(aux["expert_load"].sum(-1)), (32 - 4) * cfg.num_experts_per_token)
+
+
+def test_kimi_linear_48b_parameter_count_is_exact():
+    counts = count_params(load_config("kimi_linear_48b_a3b"))
+    assert counts["total"] == 49_122_681_728
+
+
+def test_kimi_k2_parameter_counts():
+    counts = count_params(load_config("kimi_k2"))
+    # Kimi K2: "1T total, 32B activated" (model card).
+    assert 1.02e12 < counts["total"] < 1.04e12
+    assert 3.1e10 < counts["active"] < 3.4e10
+
+
+def test_bad_inputs_fail_at_the_boundary(tiny_model):
+    cfg, model = tiny_model
+    with pytest.raises(ValueError, match="tokens must be"):
+        model(jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="integer"):
+        model(jnp.zeros((1, 4), jnp.float32))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(jnp.full((1, 4), cfg.vocab_size, jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids shape"):
+        model(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 5), jnp.int32))
