@@ -8,21 +8,40 @@ Routing follows the released HF code step by step, including two details that ch
 Top-k ties go to the lower expert index (`jax.lax.top_k`); HF's `torch.topk(sorted=False)` leaves that unspecified.
 
 Implementations (`config.moe_impl`), all dropless and equal up to float rounding:
-- 'dense': every expert runs on every token and the routing weights, zero for unselected experts, combine them.
-  E / k times the useful FLOPs, but only plain batched matmuls.
-- 'ragged': (token, slot) pairs sorted by expert, `jax.lax.ragged_dot` with the group sizes, unsorted, combined.
-  The useful FLOPs on TPU/GPU; on CPU XLA lowers ragged_dot to a masked dense product over every group
-  (platform_notes section 4), i.e. E * k / ... = E times the useful FLOPs on N * k rows: k times dense's cost.
-- 'auto': see `_AUTO_RULE` below (measured with bench/moe.py).
+- 'dense': every expert runs on every token; the routing weights (zero for unselected experts) combine them.
+  E / k times the useful FLOPs, but only three plain 2-D GEMMs.
+- 'ragged': the (token, slot) pairs are sorted by expert, pass through grouped matmuls with the group sizes, and
+  are unsorted and combined. The grouped matmul is `jax.lax.ragged_dot` on TPU/GPU. On CPU, XLA lowers ragged_dot
+  to a masked product over every group (about E x the useful FLOPs on N * k rows, k times dense's cost), so CPU
+  uses `_blocked_grouped_matmul` instead (rows padded to per-expert blocks, a scan over blocks); the choice is made
+  by `jax.lax.platform_dependent` when the program is lowered.
+- 'auto': `_experts_auto`: 'ragged' except for decode-sized batches on CPU.
+
+Measured by bench/moe.py (CPU, 2 cores shared with other jobs, f32, median ms; fwd / fwd+bwd):
+  shape: E, k, hidden, I, tokens       dense              ragged (CPU: blocked)   lax.ragged_dot on CPU
+  decode   8, 2,  128,  64,    8        0.3 / 0.9          0.5 / 1.9               0.4 / 1.3
+  small    8, 2,  128,  64,   32        0.6 / 3.8          0.9 / 3.3               -
+  small    8, 2,  128,  64,   64        0.8 / 6.2          0.6 / 2.6               -
+  default  8, 2,  128,  64, 2048        48 / 95            8.0 / 26                72 / 335
+  large   64, 8, 1024, 512, 1024        18324 / 43376      1711 / 5791             68848 / 227068 (128 tokens x 8)
+  large   64, 8, 1024, 512, 4096        ~4 x the above     3745 / 9875             -
+So on CPU the blocked sorted path wins from about 16 (token, slot) rows per expert on (4-10x at the default and
+large shapes); below that dense is as fast. XLA:CPU's own ragged_dot loses everywhere. TPU/GPU are not measured
+here: there lax.ragged_dot is the grouped matmul (TPU lowers it natively; GPU XLA uses cuDNN/hipBLASLt where it
+can, else it too expands to dense, so GPU deserves a measurement with bench/moe.py).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
+from k2jax.mlp import SwiGLU
 from k2jax.sharding import make_param
 
 # Mask value for experts of dropped groups: the released HF code's `masked_fill(~mask, 0.0)`.
@@ -99,18 +118,94 @@ def route(config: ModelConfig, x, gate_kernel, bias):
 # ---- expert computation ------------------------------------------------------------------------------------------
 def _experts_dense(x, topk_idx, topk_w, w1, w3, w2, dtype):
     """Every expert on every token. x [N, D] in dtype, w1/w3 [E, D, I], w2 [E, I, D] -> float32 [N, D]."""
-    E = w1.shape[0]
-    # Dense combine weights [E, N]: zero where the expert was not selected (a token's k experts are distinct).
-    comb = jnp.sum(jax.nn.one_hot(topk_idx, E, dtype=jnp.float32) * topk_w[..., None], axis=1).T
-    g = jnp.einsum("nd,edi->eni", x, w1, preferred_element_type=jnp.float32)
-    u = jnp.einsum("nd,edi->eni", x, w3, preferred_element_type=jnp.float32)
-    # The weights are folded in before the down projection (linear), so [E, N, D] is never materialised and the
+    E, D, I = w1.shape
+    N = x.shape[0]
+    # Dense combine weights [N, E]: zero where the expert was not selected (a token's k experts are distinct).
+    comb = jnp.sum(jax.nn.one_hot(topk_idx, E, dtype=jnp.float32) * topk_w[..., None], axis=1)
+    # All experts side by side as one [D, E*I] matrix: plain 2-D GEMMs, the fastest layout on CPU.
+    g = jnp.dot(x, w1.transpose(1, 0, 2).reshape(D, E * I), preferred_element_type=jnp.float32)
+    u = jnp.dot(x, w3.transpose(1, 0, 2).reshape(D, E * I), preferred_element_type=jnp.float32)
+    # The weights are folded in before the (linear) down projection, so [N, E, D] is never materialised and the
     # sum over experts is the float32 accumulation of one contraction over (e, i).
-    h = (jax.nn.silu(g) * u * comb[:, :, None]).astype(dtype)
-    return jnp.einsum("eni,eid->nd", h, w2, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(g) * u).reshape(N, E, I) * comb[:, :, None]
+    return jnp.dot(h.astype(dtype).reshape(N, E * I), w2.reshape(E * I, D), preferred_element_type=jnp.float32)
 
 
-def _experts_ragged(x, topk_idx, topk_w, w1, w3, w2, dtype):
+def _block_layout(group_sizes, M: int, G: int):
+    """Where each of M group-sorted rows goes when every group is padded to whole blocks of b rows.
+
+    Returns (b, nb, dest [M] padded row of each row, block_group [nb] group of each block). b is a power of two
+    near M / (4 G) in [16, 128] (bench/moe.py); nb is the static bound M + G (b - 1) rows, in blocks.
+    """
+    b = min(128, max(16, 1 << round(math.log2(max(M / (4 * G), 1.0)))))
+    nb = -(-(M + G * (b - 1)) // b)
+    padded = (group_sizes + b - 1) // b * b
+    pad_end = jnp.cumsum(padded)
+    row_group = jnp.repeat(jnp.arange(G), group_sizes, total_repeat_length=M)
+    dest = (pad_end - padded)[row_group] + jnp.arange(M) - (jnp.cumsum(group_sizes) - group_sizes)[row_group]
+    # Blocks past the last used one hold only zero rows; any valid group index will do for them.
+    block_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(nb) * b, side="right"), G - 1)
+    return b, nb, dest, block_group
+
+
+def _blocks_times(xp, w, block_group):
+    """xp [nb, b, K] times w[block_group[i]] [K, N] for each block i (a scan: one weight slab at a time)."""
+    def block(_, xb_g):
+        xb, g = xb_g
+        return None, jnp.dot(xb, w[g], preferred_element_type=jnp.float32)
+
+    return jax.lax.scan(block, None, (xp, block_group))[1]
+
+
+def _pad_rows(v, dest, nb, b):
+    return jnp.zeros((nb * b, v.shape[1]), v.dtype).at[dest].set(v, unique_indices=True).reshape(nb, b, -1)
+
+
+@jax.custom_vjp
+def _blocked_grouped_matmul(x, w, group_sizes):
+    """`jax.lax.ragged_dot` semantics for CPU: x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] int32
+    (sum M) -> float32 [M, N].
+
+    XLA:CPU lowers ragged_dot to a masked product over every group (G x the FLOPs). Here each group's rows are
+    padded to whole blocks and a scan multiplies each block by its one group's weight: about (M + G b) K N FLOPs.
+    The custom VJP computes dw as one batched per-block product summed per group, instead of autodiff's scan that
+    carries (and copies) the whole [G, K, N] gradient through every step.
+    """
+    return _blocked_fwd(x, w, group_sizes)[0]
+
+
+def _blocked_fwd(x, w, group_sizes):
+    (M, _), G = x.shape, w.shape[0]
+    b, nb, dest, block_group = _block_layout(group_sizes, M, G)
+    xp = _pad_rows(x, dest, nb, b)
+    y = _blocks_times(xp, w, block_group).reshape(nb * b, -1)[dest]
+    return y, (xp, w, dest, block_group)
+
+
+def _blocked_bwd(res, dy):
+    xp, w, dest, block_group = res
+    nb, b, _ = xp.shape
+    dyp = _pad_rows(dy.astype(w.dtype), dest, nb, b)
+    dx = _blocks_times(dyp, jnp.swapaxes(w, 1, 2), block_group).reshape(nb * b, -1)[dest]
+    dw_blocks = jnp.einsum("bmk,bmn->bkn", xp, dyp, preferred_element_type=jnp.float32)
+    dw = jax.ops.segment_sum(dw_blocks, block_group, num_segments=w.shape[0], indices_are_sorted=True)
+    return dx.astype(xp.dtype), dw.astype(w.dtype), None
+
+
+_blocked_grouped_matmul.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def _xla_ragged_dot(x, w, group_sizes):
+    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+
+
+def _grouped_matmul(x, w, group_sizes):
+    """Grouped matmul (ragged_dot contract, float32 out): the blocked scan on CPU, lax.ragged_dot elsewhere.
+    `platform_dependent` picks the branch when the program is lowered, so cross-platform lowering stays right."""
+    return jax.lax.platform_dependent(x, w, group_sizes, cpu=_blocked_grouped_matmul, default=_xla_ragged_dot)
+
+
+def _experts_sorted(x, topk_idx, topk_w, w1, w3, w2, dtype, gmm=_grouped_matmul):
     """Dropless grouped matmuls over (token, slot) pairs sorted by expert; same contract as `_experts_dense`."""
     N, k = topk_idx.shape
     E = w1.shape[0]
@@ -118,21 +213,30 @@ def _experts_ragged(x, topk_idx, topk_w, w1, w3, w2, dtype):
     order = jnp.argsort(flat, stable=True)  # pair positions, grouped by expert
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     xs = x[order // k]
-    g = jax.lax.ragged_dot(xs, w1, group_sizes, preferred_element_type=jnp.float32)
-    u = jax.lax.ragged_dot(xs, w3, group_sizes, preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(g) * u).astype(dtype)
-    out = jax.lax.ragged_dot(h, w2, group_sizes, preferred_element_type=jnp.float32)  # [N*k, D] sorted
+    h = (jax.nn.silu(gmm(xs, w1, group_sizes)) * gmm(xs, w3, group_sizes)).astype(dtype)
+    out = gmm(h, w2, group_sizes)  # [N*k, D], sorted
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     out = out[inverse].reshape(N, k, -1)
     return jnp.einsum("nkd,nk->nd", out, topk_w)
 
 
-_IMPLS = {"dense": _experts_dense, "ragged": _experts_ragged}
+# 'auto' on CPU: the blocked sorted path pads every expert's rows to blocks of at least this many rows; with fewer
+# (token, slot) rows per expert than that (decode-sized batches) dense is as fast and simpler (bench/moe.py).
+_AUTO_CPU_MIN_ROWS_PER_EXPERT = 16
 
 
-def _experts_auto(config: ModelConfig):
-    """The implementation for moe_impl='auto'. Filled in from bench/moe.py measurements."""
-    return _experts_dense
+def _experts_auto(x, topk_idx, topk_w, w1, w3, w2, dtype):
+    """moe_impl='auto': 'ragged' (lax.ragged_dot) on TPU/GPU; on CPU 'ragged' (blocked) unless the batch is so
+    small that each expert averages fewer than _AUTO_CPU_MIN_ROWS_PER_EXPERT rows, then 'dense'."""
+    rows_per_expert = topk_idx.size / w1.shape[0]
+    if rows_per_expert >= _AUTO_CPU_MIN_ROWS_PER_EXPERT:
+        return _experts_sorted(x, topk_idx, topk_w, w1, w3, w2, dtype)
+    dense = functools.partial(_experts_dense, dtype=dtype)
+    ragged = functools.partial(_experts_sorted, dtype=dtype)
+    return jax.lax.platform_dependent(x, topk_idx, topk_w, w1, w3, w2, cpu=dense, default=ragged)
+
+
+_IMPLS = {"dense": _experts_dense, "ragged": _experts_sorted, "auto": _experts_auto}
 
 
 # ---- modules -----------------------------------------------------------------------------------------------------
@@ -145,14 +249,15 @@ class MoERouter(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         E, D = config.num_experts, config.hidden_size
+        self.config = config
         self.kernel = make_param(rngs, (D, E), ("embed", None), std=config.initializer_range,
                                  dtype=jnp.dtype(config.param_dtype))
-        self.e_score_correction_bias = RouterBias(jnp.zeros((E,), jnp.float32), sharding_names=(None,),
+        self.e_score_correction_bias = RouterBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
                                                   eager_sharding=False)
 
-    def __call__(self, config: ModelConfig, x):
-        """x [N, hidden] -> (topk_idx int32 [N, k], topk_weights f32 [N, k])."""
-        return route(config, x, self.kernel[...], self.e_score_correction_bias[...])
+    def __call__(self, x):
+        """x [N, hidden] -> (topk_idx int32 [N, k], topk_weights f32 [N, k]): `route` with these parameters."""
+        return route(self.config, x, self.kernel[...], self.e_score_correction_bias[...])
 
 
 class MoEExperts(nnx.Module):
@@ -173,21 +278,16 @@ class MoE(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         if config.num_experts <= 0:
             raise ValueError("MoE needs config.num_experts > 0")
-        from k2jax.mlp import SwiGLU  # written alongside this module; imported late to keep the import graph flat
-
         self.config = config
         self.dtype = jnp.dtype(config.dtype)
         self.gate = MoERouter(config, rngs=rngs)
         self.experts = MoEExperts(config, rngs=rngs)
         if config.num_shared_experts > 0:
             self.shared_experts = SwiGLU(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts,
-                                         rngs=rngs, param_dtype=jnp.dtype(config.param_dtype), dtype=self.dtype)
+                                         rngs=rngs, param_dtype=jnp.dtype(config.param_dtype), dtype=self.dtype,
+                                         std=config.initializer_range)
         else:
             self.shared_experts = None
-
-    def _impl(self):
-        name = self.config.moe_impl
-        return _experts_auto(self.config) if name == "auto" else _IMPLS[name]
 
     def __call__(self, x, *, token_mask=None):
         """x [B, T, hidden]; token_mask bool [B, T] (False = padding: routed, but left out of the statistics).
@@ -197,15 +297,16 @@ class MoE(nnx.Module):
         per-token normalised router probabilities p / sum(p), 'dropped_tokens': int32 0 (dropless)}.
         """
         cfg = self.config
-        B, T, D, E = *x.shape[:2], cfg.hidden_size, cfg.num_experts
+        D, E = cfg.hidden_size, cfg.num_experts
         if x.ndim != 3 or x.shape[-1] != D:
             raise ValueError(f"MoE: x must be [batch, length, hidden_size={D}], got shape {tuple(x.shape)}")
+        B, T = x.shape[:2]
         if token_mask is not None and tuple(token_mask.shape) != (B, T):
             raise ValueError(f"MoE: token_mask must be [batch, length] = {(B, T)}, got {tuple(token_mask.shape)}")
         xf = x.reshape(B * T, D).astype(self.dtype)
         idx, w, p = _route(cfg, xf, self.gate.kernel[...], self.gate.e_score_correction_bias[...])
         e = self.experts
-        routed = self._impl()(xf, idx, w, e.w1[...].astype(self.dtype), e.w3[...].astype(self.dtype),
+        routed = _IMPLS[cfg.moe_impl](xf, idx, w, e.w1[...].astype(self.dtype), e.w3[...].astype(self.dtype),
                               e.w2[...].astype(self.dtype), self.dtype)
         y = routed.astype(self.dtype).reshape(B, T, D)
         if self.shared_experts is not None:
