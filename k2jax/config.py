@@ -304,8 +304,13 @@ def from_hf_dict(hf: dict, *, source: str = "config.json") -> ModelConfig:
     names = field_names()
     for k, v in hf.items():
         k2 = _HF_RENAMES.get(k, k)
-        if k2 in names and k2 != "name":
+        if k2 in names and k2 != "name" and k not in _HF_IGNORED:
             out[k2] = v
+    # The checkpoint's storage dtype (`torch_dtype`, newer `dtype`) sets both parameter and compute dtype, as
+    # HF runs the model in the dtype it was saved in.
+    storage = hf.get("torch_dtype") or hf.get("dtype")
+    if storage in _DTYPES:
+        out["param_dtype"] = out["dtype"] = storage
     for k in ("initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
               "moe_layer_freq"):
         if k in hf and hf[k] is not None:

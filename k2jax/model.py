@@ -6,6 +6,8 @@ Layer i (0-based) is KDA iff i+1 is in `config.kda_layers` (HF lists are 1-based
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,8 +25,8 @@ from k2jax.sharding import make_param
 def segment_positions(segment_ids):
     """Position of each token inside its segment, counting real tokens only.
 
-    segment_ids: int [B, T] (0 = padding, transparent). Returns int32 [B, T]; padding gets the position of the
-    next real token of its segment (never used: padding neither attends nor is attended).
+    segment_ids: int [B, T] (0 = padding, transparent). Returns int32 [B, T]; a padding token repeats the position
+    of the real token before it (0 before any), a value never used since padding neither attends nor is attended.
     """
     seg = segment_ids.astype(jnp.int32)
     real = seg != 0
@@ -154,10 +156,10 @@ def count_params(config: ModelConfig) -> dict[str, int]:
     """
     abstract = nnx.eval_shape(lambda: KimiLinear(config, rngs=nnx.Rngs(0)))
     total = routed = 0
-    for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Variable)):
-        n = int(jnp.size(leaf[...])) if hasattr(leaf, "__getitem__") else int(leaf.size)
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Variable)):
+        n = math.prod(var.get_value().shape)
         total += n
-        if "experts" in [str(p) for p in path] and "shared_experts" not in [str(p) for p in path]:
+        if "experts" in [str(p) for p in path]:
             routed += n
     emb = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
