@@ -1,0 +1,182 @@
+"""Tokenizers: a tiny Kimi-format vocabulary built here, checked against a plain BPE written from the algorithm."""
+
+import base64
+import json
+
+import pytest
+import regex
+
+from k2jax.tokenizer import (
+    KIMI_PAT_STR,
+    ByteTokenizer,
+    KimiTokenizer,
+    _split_runs,
+    load_tokenizer,
+)
+
+# Merged tokens in rank order after the 256 single bytes (so "hello" needs he, ll, hell, hello in that order).
+MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"\xe4\xbd", b"\xe4\xbd\xa0",
+          b"'s", b"12", b"123", b"\n\n"]
+NAMED = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>", 10: "<|im_system|>",
+         17: "<|im_middle|>", 255: "[PAD]"}  # offsets from the base vocabulary size, as in Kimi's layout
+TEXTS = ["hello world", "Hello, World! It's 12345 o'clock\n\n  x", "你好 hello你们", "tabs\t\tand  spaces   ",
+         "émoji 🙂 ok", "", "DON'T stop", "a\r\nb"]
+
+
+def _write_vocab(folder, named=NAMED):
+    tokens = [bytes([b]) for b in range(256)] + MERGES
+    lines = [f"{base64.b64encode(t).decode()} {r}" for r, t in enumerate(tokens)]
+    (folder / "tiktoken.model").write_text("\n".join(lines) + "\n")
+    base = len(tokens)
+    cfg = {"added_tokens_decoder": {str(base + k): {"content": v, "special": True} for k, v in named.items()},
+           "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": {"content": "[PAD]"}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return {t: r for r, t in enumerate(tokens)}
+
+
+def _reference_encode(text, ranks):
+    """Byte-level BPE from its definition: split with the pattern, then repeatedly merge the adjacent pair whose
+    concatenation has the lowest rank."""
+    ids = []
+    for piece in regex.compile("(?V1)" + KIMI_PAT_STR).findall(text):  # V1: `&&` is class intersection
+        parts = [bytes([b]) for b in piece.encode()]
+        while True:
+            pairs = [(ranks.get(parts[i] + parts[i + 1]), i) for i in range(len(parts) - 1)]
+            pairs = [p for p in pairs if p[0] is not None]
+            if not pairs:
+                break
+            _, i = min(pairs)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [ranks[p] for p in parts]
+    return ids
+
+
+@pytest.fixture()
+def kimi(tmp_path):
+    ranks = _write_vocab(tmp_path)
+    return load_tokenizer(tmp_path), ranks, tmp_path
+
+
+def test_kimi_encode_matches_reference_bpe_and_round_trips(kimi):
+    tok, ranks, _ = kimi
+    assert isinstance(tok, KimiTokenizer)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == _reference_encode(text, ranks), text
+        assert tok.decode(ids) == text
+    # The merges really apply (not just bytes): "hello world" is two tokens.
+    assert tok.encode("hello world") == [ranks[b"hello"], ranks[b" world"]]
+    # Han runs are split from Latin letters by the pattern.
+    assert [tok.decode([i]) for i in tok.encode("你hello")] == ["你", "hello"]
+
+
+def test_kimi_pattern_pieces():
+    split = regex.compile("(?V1)" + KIMI_PAT_STR).findall
+    assert split("DON'T stop, it's 12345") == ["DON'T", " stop", ",", " it's", " ", "123", "45"]
+    assert split("你好 helloWorld你们\n\n  x") == ["你好", " hello", "World", "你们", "\n\n", " ", " x"]
+
+
+def test_kimi_special_token_layout(kimi):
+    tok, ranks, _ = kimi
+    base = len(ranks)
+    assert tok.vocab_size == base + 258
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (base, base + 1, base + 255)
+    assert tok.special_id("<|im_middle|>") == base + 17
+    assert tok.special_id(f"<|reserved_token_{base + 5}|>") == base + 5
+    assert tok.decode([base + 2]) == "<|im_end|>"
+    with pytest.raises(ValueError, match="no special token"):
+        tok.special_id("<|nope|>")
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([base + 258])
+
+
+def test_special_strings_are_text_unless_allowed(kimi):
+    tok, ranks, _ = kimi
+    end = tok.special_id("<|im_end|>")
+    plain = tok.encode("hi<|im_end|>hello")
+    assert end not in plain and tok.decode(plain) == "hi<|im_end|>hello"
+    allowed = tok.encode("hi<|im_end|>hello", allow_special=True)
+    assert allowed == tok.encode("hi") + [end] + [ranks[b"hello"]]
+    assert tok.encode("hello", add_bos=True) == [tok.bos_id, ranks[b"hello"]]
+
+
+def test_kimi_chat_template_exact(kimi):
+    tok, _, _ = kimi
+    s = tok.special_id
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": [{"type": "text", "text": "hi"}]}, {"role": "user", "content": "x"}]
+    expected = ([s("<|im_system|>")] + tok.encode("system") + [s("<|im_middle|>")] + tok.encode("Be brief.")
+                + [s("<|im_end|>"), s("<|im_user|>")] + tok.encode("user") + [s("<|im_middle|>")]
+                + tok.encode("hello") + [s("<|im_end|>"), s("<|im_assistant|>")] + tok.encode("assistant")
+                + [s("<|im_middle|>")] + tok.encode("hi") + [s("<|im_end|>"), s("<|im_user|>")]
+                + tok.encode("user") + [s("<|im_middle|>")] + tok.encode("x") + [s("<|im_end|>")]
+                + [s("<|im_assistant|>")] + tok.encode("assistant") + [s("<|im_middle|>")])
+    assert tok.apply_chat_template(msgs) == expected
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == expected[:-(len(tok.encode("assistant")) + 2)]
+    assert tok.render_chat(msgs[1:2]) == ("<|im_user|>user<|im_middle|>hello<|im_end|>"
+                                          "<|im_assistant|>assistant<|im_middle|>")
+    # The text of the rendered string re-encodes (specials allowed) to the same ids.
+    assert tok.encode(tok.render_chat(msgs), allow_special=True) == expected
+    # K2's default system prompt, tool role and custom names.
+    rendered = tok.render_chat([{"role": "tool", "content": "42", "name": "calc"}], add_generation_prompt=False,
+                               default_system="Sys")
+    assert rendered == "<|im_system|>system<|im_middle|>Sys<|im_end|><|im_system|>calc<|im_middle|>42<|im_end|>"
+
+
+@pytest.mark.parametrize("bad", [[{"role": "wizard", "content": "x"}], [{"content": "x"}], "hello",
+                                 [{"role": "user", "content": [{"type": "image", "image": "x"}]}],
+                                 [{"role": "user", "content": ["x"]}],
+                                 [{"role": "assistant", "content": "", "tool_calls": [{"id": 1}]}]])
+def test_chat_template_rejects_bad_messages(bad):
+    with pytest.raises(ValueError):
+        ByteTokenizer().apply_chat_template(bad)
+
+
+def test_split_runs_caps_same_class_runs():
+    text = "aaaaaaa   bb" + " " * 9 + "c"
+    pieces = list(_split_runs(text, 3))
+    assert "".join(pieces) == text
+    for p in pieces:
+        runs = regex.findall(r"\s+|\S+", p)
+        assert max(len(r) for r in runs) <= 3
+    # Cuts only where a run exceeds the limit: 7 a's -> 3 + 3 + 1, 9 spaces -> 3 + 3 + 3.
+    assert pieces == ["aaa", "aaa", "a   bb   ", "   ", "   c"]
+    assert list(_split_runs("", 3)) == [""]
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer()
+    text = "héllo 你好 🙂"
+    ids = tok.encode(text, add_bos=True)
+    assert ids[0] == tok.bos_id == 1 and all(8 <= i < 264 for i in ids[1:]) and len(ids) == 1 + len(text.encode())
+    assert tok.decode(ids) == "[BOS]" + text
+    assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (264, 0, 2)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat[0] == tok.special_id("<|im_user|>") and chat[-1] == tok.special_id("<|im_middle|>")
+    assert tok.decode(chat) == "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    assert tok.decode([8 + 0xFF]) == "\ufffd"
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([264])
+
+
+def test_load_tokenizer_dispatch_and_errors(kimi, tmp_path_factory):
+    tok, _, folder = kimi
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    by_file = load_tokenizer(folder / "tiktoken.model")
+    assert by_file.encode("hello world") == tok.encode("hello world") and by_file.bos_id == tok.bos_id
+    with pytest.raises(ValueError, match="no tokenizer at"):
+        load_tokenizer(folder / "missing")
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(ValueError, match="no tiktoken.model or tokenizer.json"):
+        load_tokenizer(empty)
+    bad = tmp_path_factory.mktemp("bad")
+    (bad / "tiktoken.model").write_text("aGk= 0\nnot-base64!! 1\n")
+    with pytest.raises(ValueError, match=r"tiktoken.model:2"):
+        load_tokenizer(bad)
+    hf = tmp_path_factory.mktemp("hf")
+    (hf / "tokenizer.json").write_text("{}")
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs the `tokenizers` package"):
+            load_tokenizer(hf)
