@@ -1,13 +1,15 @@
-"""Kimi Delta Attention ops (time-major layout, as in fla).
+"""Kimi Delta Attention ops (time-major layout, as in fla), each beside the reference it is tested against.
 
-- `kda_reference`: the per-token recurrence, ground truth.
+- `kda_reference`, `kda_step_reference`: the per-token recurrence, ground truth.
 - `kda_chunk`: chunked WY/UT form in pure JAX/XLA.
-- `kda_step`: one decode token.
-- `kda`: dispatch by platform (`impl="auto"`).
+- `kda_pallas`, `kda_step_pallas`: Pallas kernels (forward, fused backward under custom_vjp, in-place decode).
+- `kda`, `kda_step`: dispatch (`impl="auto"`: Pallas on TPU/GPU, XLA on CPU).
 """
 
-from pallas_kernels.kda.reference import kda_reference, kda_step_reference
 from pallas_kernels.kda.chunk import kda_chunk
 from pallas_kernels.kda.dispatch import kda, kda_step
+from pallas_kernels.kda.pallas import kda_pallas
+from pallas_kernels.kda.pallas_step import kda_step_pallas
+from pallas_kernels.kda.reference import kda_reference, kda_step_reference
 
-__all__ = ["kda", "kda_chunk", "kda_reference", "kda_step", "kda_step_reference"]
+__all__ = ["kda", "kda_chunk", "kda_pallas", "kda_reference", "kda_step", "kda_step_pallas", "kda_step_reference"]
