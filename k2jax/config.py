@@ -85,12 +85,24 @@ class ModelConfig:
     kda_impl: str = "auto"  # "auto" | "chunk" | "pallas" | "reference"
     kda_chunk_size: int = 64
     moe_impl: str = "auto"  # "auto" | "ragged" | "dense"
+    # Expert parallelism (k2jax.expert_parallel, used when a mesh with expert axis > 1 is set).
+    moe_ep_impl: str = "auto"  # "auto" (allgather on CPU, ragged_a2a elsewhere) | "allgather" | "ragged_a2a"
+    moe_capacity_factor: float | None = None  # None = dropless; c = each device keeps c x its balanced rows
+    # Layer stacking: scan over repeats of the layer pattern (compile time O(period)).
+    scan_layers: bool = False
+    # Per-layer rematerialisation (jax.checkpoint of each layer): "none" | "full" (save only the layer input) |
+    # "dots" (save matmul outputs) | "dots_no_batch" (save matmul outputs without batch dims).
+    remat: str = "none"
+    # Routed-expert quantization (k2jax.quantize): None, or {experts: None | 'int4', group_size: 32,
+    # scale_dtype: 'bfloat16', qat: false}; missing keys take these defaults.
+    quantization: dict | None = None
 
     def __post_init__(self):
         for f in ("kda_layers", "full_attn_layers"):
             v = getattr(self, f)
             if v is not None and not isinstance(v, tuple):
                 object.__setattr__(self, f, tuple(v))
+        object.__setattr__(self, "quantization", _quantization_with_defaults(self.quantization))
         _validate(self)
 
     # ---- derived structure -------------------------------------------------------------------------------------
@@ -182,6 +194,15 @@ def _validate(c: ModelConfig) -> None:
         _fail("kda_impl", c.kda_impl, "must be one of 'auto', 'chunk', 'pallas', 'reference'")
     if c.moe_impl not in ("auto", "ragged", "dense"):
         _fail("moe_impl", c.moe_impl, "must be one of 'auto', 'ragged', 'dense'")
+    if c.moe_ep_impl not in ("auto", "allgather", "ragged_a2a"):
+        _fail("moe_ep_impl", c.moe_ep_impl, "must be one of 'auto', 'allgather', 'ragged_a2a'")
+    cf = c.moe_capacity_factor
+    if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
+        _fail("moe_capacity_factor", cf, "must be null (dropless) or a positive number")
+    if not isinstance(c.scan_layers, bool):
+        _fail("scan_layers", c.scan_layers, "must be true or false")
+    if c.remat not in ("none", "full", "dots", "dots_no_batch"):
+        _fail("remat", c.remat, "must be one of 'none', 'full', 'dots', 'dots_no_batch'")
     del types
 
     # MLA.
@@ -247,10 +268,49 @@ def _validate(c: ModelConfig) -> None:
                   f"{c.topk_group * per_group})")
         if c.use_grouped_topk and per_group < 2 and c.num_expert_group > 1:
             _fail("num_expert_group", c.num_expert_group, "group scores sum the top-2 experts: groups need >= 2 experts")
+    _validate_quantization(c)
     if c.first_k_dense_replace < L and c.num_experts == 0 and c.intermediate_size <= 0:
         _fail("intermediate_size", c.intermediate_size, "must be positive")
     if c.first_k_dense_replace > 0 and c.intermediate_size <= 0:
         _fail("intermediate_size", c.intermediate_size, "must be positive when there are dense layers")
+
+
+_QUANT_DEFAULTS = {"experts": None, "group_size": 32, "scale_dtype": "bfloat16", "qat": False}
+
+
+def _quantization_with_defaults(q: Any) -> Any:
+    """`quantization` with its missing keys filled in (anything that is not a mapping is left to _validate)."""
+    if not isinstance(q, dict):
+        return q
+    return {**_QUANT_DEFAULTS, **q}
+
+
+def _validate_quantization(c: ModelConfig) -> None:
+    q = c.quantization
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        _fail("quantization", q, "must be null or a mapping with keys experts, group_size, scale_dtype, qat")
+    unknown = sorted(set(q) - set(_QUANT_DEFAULTS))
+    if unknown:
+        _fail("quantization", q, f"unknown keys {unknown}; allowed {sorted(_QUANT_DEFAULTS)}")
+    if q["experts"] not in (None, "int4"):
+        _fail("quantization.experts", q["experts"], "must be null (float experts) or 'int4'")
+    g = q["group_size"]
+    if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 2:
+        _fail("quantization.group_size", g, "must be a positive even integer (two 4-bit values per byte)")
+    for f in ("hidden_size", "moe_intermediate_size"):
+        if getattr(c, f) % g:
+            _fail("quantization.group_size", g, f"must divide {f}={getattr(c, f)} (the experts' input dims)")
+    if q["scale_dtype"] not in _DTYPES:
+        _fail("quantization.scale_dtype", q["scale_dtype"], f"must be one of {_DTYPES}")
+    if not isinstance(q["qat"], bool):
+        _fail("quantization.qat", q["qat"], "must be true or false")
+    if q["qat"] and q["experts"] is not None:
+        _fail("quantization.qat", q["qat"], "trains float experts with fake quantization: needs experts: null "
+              "(pack them afterwards with k2jax.quantize.quantize_model_experts)")
+    if (q["experts"] is not None or q["qat"]) and c.num_experts == 0:
+        _fail("quantization.experts", q["experts"], "quantizes routed experts, but num_experts is 0")
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -370,6 +430,8 @@ def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfi
             d = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if isinstance(d, dict):
+            d.pop("train", None)  # a run config's training section (k2jax.train_config), not a model field
         d.setdefault("name", p.stem)
         cfg = from_dict(d, source=str(p))
     return cfg.replace(**overrides) if overrides else cfg

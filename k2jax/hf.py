@@ -10,6 +10,9 @@ Our parameter tree mirrors the HF module names without the `model.` prefix; the 
     A_log [H]                                   A_log [1, 1, H, 1]
     experts.w1 / w3 [E, hidden, I]              experts.{e}.w1 / w3 .weight [I, hidden]  (Kimi-Linear)
     experts.w2 [E, I, hidden]                   experts.{e}.w2.weight [hidden, I]
+    experts.w1_packed u8 [E, hidden/2, I]       experts.{e}.w1.weight_packed i32 [I, hidden/8]  (INT4 experts:
+    experts.w1_scale [E, hidden/g, I]           experts.{e}.w1.weight_scale [I, hidden/g]    compressed-tensors,
+                                                experts.{e}.w1.weight_shape i64 [2] = [I, hidden]  k2jax.quantize)
     norms, dt_bias, e_score_correction_bias     same name, same layout
 
 Two naming schemes: Kimi-Linear (`model_type` kimi_linear) keeps the MoE under `block_sparse_moe.` with experts
@@ -24,6 +27,10 @@ process's resident memory. Each model parameter is assembled in one 64-byte-alig
 buffer. On CPU, XLA adopts such an aligned buffer in `device_put` without copying, so loading peaks at about the
 model size (bench/hf_load.py: 1.01x for a 1 GB checkpoint); on an accelerator the host holds one parameter at a time.
 Pickle-based weights (`.bin`, `.pt`) are refused, never unpickled.
+
+Quantized checkpoints: only compressed-tensors "pack-quantized" INT4 routed experts (Kimi K2 Thinking) are accepted;
+their nibbles are copied into the model's packed INT4 experts without dequantizing. A model with INT4 experts is
+saved the same way.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ import numpy as np
 from flax import nnx
 
 from k2jax.config import ConfigError, ModelConfig, from_hf_dict
+from k2jax.quantize import (compressed_tensors_config, ct_bytes_to_packed, int4_experts, packed_to_ct,
+                            quantization_from_compressed_tensors)
 from k2jax.sharding import logical_names, logical_to_mesh_spec
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,8 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, 
 _NP_DTYPES = {"F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32),
               "F64": np.dtype(np.float64)}
 _CODES = {v: k for k, v in _NP_DTYPES.items()}
+_CODES.update({np.dtype("<i4"): "I32", np.dtype("<i8"): "I64"})  # INT4 experts' weight_packed and weight_shape
+_INT_SHAPE_DTYPES = {"I64": np.dtype("<i8"), "I32": np.dtype("<i4")}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
 _MAX_LISTED = 20  # names shown per category in a mismatch error
@@ -106,14 +117,13 @@ def naming_scheme(hf: dict) -> str:
 
 def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelConfig:
     """A ModelConfig from an HF config.json dict. param_dtype: `dtype` if given, else the checkpoint's own
-    (`dtype` / `torch_dtype`), else float32. Quantized checkpoints are refused."""
+    (`dtype` / `torch_dtype`), else float32. A `quantization_config` must be compressed-tensors INT4 (routed
+    experts only, k2jax.quantize); it becomes `quantization: {experts: int4, ...}`. Other schemes are refused."""
     if not isinstance(hf, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    quantization = None
     if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) \
-            else "?"
-        raise ConfigError(f"{source}: quantized checkpoints are not supported (quantization_config with "
-                          f"quant_method {method!r}); load a bf16/fp32 checkpoint or dequantize it first")
+        quantization = quantization_from_compressed_tensors(hf["quantization_config"], source)
     if hf.get("attention_bias"):
         raise ConfigError(f"{source}: attention_bias: true is not supported (k2jax's MLA projections have no bias)")
     config = from_hf_dict(hf, source=source)
@@ -122,6 +132,11 @@ def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelC
     else:
         stored = hf.get("torch_dtype") or hf.get("dtype")
         param_dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
+    if quantization is not None:
+        try:
+            config = config.replace(quantization=quantization)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return config.replace(param_dtype=param_dtype)
 
 
@@ -168,9 +183,12 @@ def hf_config_dict(config: ModelConfig) -> dict:
               "n_shared_experts": c.num_shared_experts, "n_group": c.num_expert_group,
               "norm_topk_prob": c.moe_renormalize, "scoring_func": c.moe_router_activation_func,
               "topk_method": "noaux_tc", "ep_size": 1, "attention_bias": False, "attention_dropout": 0.0}
+    if int4_experts(c):
+        hf["quantization_config"] = compressed_tensors_config(c.quantization)
     back = from_hf_dict(hf, source="<generated config.json>")
     for field in c.to_dict():
-        if field not in _RUNTIME_FIELDS and getattr(back, field) != getattr(c, field):
+        # `quantization` is written as quantization_config (packed experts) or not at all (QAT is a training setting)
+        if field not in _RUNTIME_FIELDS and field != "quantization" and getattr(back, field) != getattr(c, field):
             value = getattr(c, field)
             hf[field] = list(value) if isinstance(value, tuple) else value
     return hf
@@ -182,7 +200,8 @@ class TensorMap:
     """One HF tensor: its name, the parameter path it belongs to, how the layouts relate, and its HF shape.
 
     kind: 'copy' (same layout), 'linear' (transpose), 'conv' ([W, D] <-> [D, 1, W]), 'a_log' ([H] <-> [1, 1, H, 1])
-    or 'expert' (slice `expert` of a stacked [E, a, b] parameter, transposed: HF [b, a]).
+    or 'expert' (slice `expert` of a stacked [E, a, b] parameter, transposed: HF [b, a]); INT4 experts add
+    'expert_packed' (our uint8 [E, K/2, N] <-> HF int32 [N, K/8]) and 'expert_shape' (HF int64 [N, K], checked).
     """
 
     hf_name: str
@@ -216,7 +235,25 @@ def _entries(path: tuple, shape: tuple[int, ...], scheme: str) -> list[TensorMap
         name = _DSV3_EXPERT_NAMES[leaf] if scheme == DEEPSEEK_V3 else leaf
         return [TensorMap(f"{base}.{e}.{name}.weight", path, "expert", (shape[2], shape[1]), e)
                 for e in range(shape[0])]
+    if (m := re.fullmatch(r"(w[123])_(packed|scale)", leaf)) and mods and mods[-1] == "experts" and len(shape) == 3:
+        return _int4_entries(base, path, shape, scheme, m.group(1), m.group(2))
     raise CheckpointError(f"parameter {'.'.join(keys)} with shape {list(shape)} has no Hugging Face name mapping")
+
+
+def _int4_entries(base: str, path: tuple, shape, scheme: str, weight: str, part: str) -> list[TensorMap]:
+    """compressed-tensors names of INT4 experts: packed [E, K/2, N] -> `weight_packed` [N, K/8] and `weight_shape`
+    [N, K] per expert; scale [E, K/g, N] -> `weight_scale` [N, K/g] (an ordinary transposed 'expert' slice)."""
+    name = _DSV3_EXPERT_NAMES[weight] if scheme == DEEPSEEK_V3 else weight
+    E, rows, N = shape
+    out = []
+    for e in range(E):
+        stem = f"{base}.{e}.{name}"
+        if part == "scale":
+            out.append(TensorMap(f"{stem}.weight_scale", path, "expert", (N, rows), e))
+        else:
+            out.append(TensorMap(f"{stem}.weight_packed", path, "expert_packed", (N, rows // 4), e))
+            out.append(TensorMap(f"{stem}.weight_shape", path, "expert_shape", (2,), e))
+    return out
 
 
 def tensor_maps(flat_state, scheme: str) -> list[TensorMap]:
@@ -264,6 +301,10 @@ def _ours_to_hf(tm: TensorMap, ours: np.ndarray) -> np.ndarray:
         out = ours.reshape(tm.hf_shape)
     elif tm.kind == "expert":
         out = ours[tm.expert].T
+    elif tm.kind == "expert_packed":
+        out = packed_to_ct(ours[tm.expert])
+    elif tm.kind == "expert_shape":
+        out = np.array([ours.shape[2], 2 * ours.shape[1]], np.int64)
     else:
         raise AssertionError(tm.kind)
     return np.ascontiguousarray(out)
@@ -412,6 +453,9 @@ def _read_into(handle, st: StoredTensor, tm: TensorMap, dest: np.ndarray) -> Non
     Transposed kinds stream blocks of HF rows (about _BLOCK_BYTES each) into columns of `dest`, so no full-size
     temporary is ever allocated and the strided copies stay cache-sized.
     """
+    if tm.kind in ("expert_packed", "expert_shape"):
+        _read_int4_expert(handle, st, tm, dest)
+        return
     src_dtype = _NP_DTYPES[st.dtype]
     if tm.kind in ("linear", "expert"):
         target = dest if tm.kind == "linear" else dest[tm.expert]  # [in, out] = HF [out, in].T
@@ -436,6 +480,25 @@ def _read_into(handle, st: StoredTensor, tm: TensorMap, dest: np.ndarray) -> Non
         raw = np.empty(st.shape, src_dtype)
         _read_exact(handle, st, 0, raw)
         _hf_to_ours(tm, raw, dest)
+
+
+def _read_int4_expert(handle, st: StoredTensor, tm: TensorMap, dest: np.ndarray) -> None:
+    """weight_packed: stream rows of int32 words as raw (little-endian) bytes into expert `tm.expert` of our packed
+    uint8 [E, K/2, N], nibbles copied bit for bit (no dequantization). weight_shape: check it equals [N, K]."""
+    if tm.kind == "expert_shape":
+        raw = np.empty(2, _INT_SHAPE_DTYPES[st.dtype])
+        _read_exact(handle, st, 0, raw)
+        want = [dest.shape[2], 2 * dest.shape[1]]
+        if raw.tolist() != want:
+            raise CheckpointError(f"{st.file}: {tm.hf_name} = {raw.tolist()}, the model expects {want}")
+        return
+    rows, words = st.shape
+    step = max(1, _BLOCK_BYTES // max(1, 4 * words))
+    block = np.empty((min(step, rows), 4 * words), np.uint8)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        _read_exact(handle, st, r0 * 4 * words, block[:n])
+        dest[tm.expert][:, r0:r0 + n] = ct_bytes_to_packed(block[:n])
 
 
 def write_safetensors(file: Path, items: list[tuple[str, str, tuple[int, ...]]], produce: Callable[[str], Any],
@@ -494,13 +557,24 @@ def _check_match(folder: Path, maps: list[TensorMap], stored: dict[str, StoredTe
     unexpected = sorted(n for n in stored if n not in expected and n not in skipped)
     wrong_shape = sorted(f"{n}: checkpoint {list(stored[n].shape)}, model expects {list(tm.hf_shape)}"
                          for n, tm in expected.items() if n in stored and stored[n].shape != tm.hf_shape)
-    bad_dtype = sorted(f"{n}: {stored[n].dtype}" for n in expected if n in stored and stored[n].dtype not in _NP_DTYPES)
+    bad_dtype = sorted(f"{n}: {stored[n].dtype} (expected {'/'.join(_allowed_codes(tm))})"
+                       for n, tm in expected.items() if n in stored and stored[n].dtype not in _allowed_codes(tm))
     parts = [_listing(t, v) for t, v in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                         ("wrong shapes", wrong_shape),
-                                         ("unsupported dtypes (only F16/BF16/F32/F64)", bad_dtype)) if v]
+                                         ("wrong shapes", wrong_shape), ("unsupported dtypes", bad_dtype)) if v]
+    if any(n.endswith((".weight_packed", ".weight_scale")) for n in unexpected):
+        parts.append("  note: k2jax loads INT4 (compressed-tensors) weights for the routed experts only, and only when "
+                     "config.json's quantization_config says so; every other module must be unquantized")
     if parts:
         raise CheckpointError(f"{folder}: the checkpoint does not match the model its config.json describes:\n"
                               + "\n".join(parts))
+
+
+def _allowed_codes(tm: TensorMap) -> tuple[str, ...]:
+    if tm.kind == "expert_packed":
+        return ("I32",)
+    if tm.kind == "expert_shape":
+        return tuple(_INT_SHAPE_DTYPES)
+    return tuple(_NP_DTYPES)
 
 
 def _place(host: np.ndarray, var, mesh):
@@ -549,6 +623,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, mesh=None, *, progre
     if config_overrides:
         config = config.replace(**config_overrides)
     stored = index_checkpoint(folder)
+    config = _with_stored_scale_dtype(config, stored)
     abstract = nnx.eval_shape(lambda: KimiLinear(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
@@ -560,6 +635,17 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, mesh=None, *, progre
     values = _load_values(flat, maps, stored, mesh, progress)
     new_flat = [(p, v.replace(values[tuple(p)])) for p, v in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def _with_stored_scale_dtype(config: ModelConfig, stored: dict[str, StoredTensor]) -> ModelConfig:
+    """INT4 experts keep the checkpoint's scale dtype (bf16 in K2 Thinking), so scales load exactly."""
+    if not int4_experts(config):
+        return config
+    code = next((st.dtype for n, st in stored.items() if n.endswith(".weight_scale")), None)
+    name = _NP_DTYPES[code].name if code in ("F16", "BF16", "F32") else None
+    if name is None or name == config.quantization["scale_dtype"]:
+        return config
+    return config.replace(quantization={**config.quantization, "scale_dtype": name})
 
 
 def _load_values(flat, maps: list[TensorMap], stored: dict[str, StoredTensor], mesh, progress: bool) -> dict:
@@ -633,6 +719,10 @@ def _plan_shards(maps: list[TensorMap], nbytes: dict[str, int], limit: int) -> l
     return shards
 
 
+def _save_code(tm: TensorMap, var) -> str:
+    return {"expert_packed": "I32", "expert_shape": "I64"}.get(tm.kind) or _CODES[_dtype_of(var)]
+
+
 def save_hf_checkpoint(model, path: str | os.PathLike, max_shard_size: int | str = "5GB", *,
                        overwrite: bool = False, progress: bool = False) -> Path:
     """Write `model` as a Hugging Face checkpoint folder: config.json and safetensors in HF names and layouts.
@@ -656,7 +746,7 @@ def save_hf_checkpoint(model, path: str | os.PathLike, max_shard_size: int | str
     hf_cfg = hf_config_dict(config.replace(param_dtype=jnp.dtype(model.embed_tokens.get_value().dtype).name))
     maps = tensor_maps(flat, KIMI_LINEAR if config.kda_layers is not None else DEEPSEEK_V3)
     variables = {tuple(p): v for p, v in flat}
-    codes = {tm.hf_name: _CODES[_dtype_of(variables[tm.path])] for tm in maps}
+    codes = {tm.hf_name: _save_code(tm, variables[tm.path]) for tm in maps}
     nbytes = {tm.hf_name: math.prod(tm.hf_shape) * _ITEMSIZE[codes[tm.hf_name]] for tm in maps}
     shards = _plan_shards(maps, nbytes, limit)
     names = [SINGLE_FILE] if len(shards) == 1 else \

@@ -16,6 +16,9 @@ Implementations (`config.moe_impl`), all dropless and equal up to float rounding
   uses `_blocked_grouped_matmul` instead (rows padded to per-expert blocks, a scan over blocks); the choice is made
   by `jax.lax.platform_dependent` when the program is lowered.
 - 'auto': `_experts_auto`: 'ragged' except for decode-sized batches on CPU.
+Every path also takes INT4 experts (`Int4Weight`, config `quantization.experts: int4`, k2jax.quantize): 'dense'
+dequantizes them; the sorted path runs `int4_ragged_dot` (the Pallas kernel) on TPU/GPU and, on CPU, where that
+op's XLA path would be lax.ragged_dot, dequantizes and uses the blocked grouped matmul.
 
 Measured by bench/moe.py (CPU, 2 cores shared with other jobs, f32, median ms; fwd / fwd+bwd):
   shape: E, k, hidden, I, tokens       dense              ragged (CPU: blocked)   lax.ragged_dot on CPU
@@ -42,7 +45,9 @@ from flax import nnx
 
 from k2jax.config import ModelConfig
 from k2jax.mlp import SwiGLU
+from k2jax.quantize import fake_quantize_int4, int4_experts, qat_settings
 from k2jax.sharding import make_param
+from pallas_kernels.int4 import Int4Weight, dequantize_int4, int4_ragged_dot, quantize_int4
 
 # Mask value for experts of dropped groups: the released HF code's `masked_fill(~mask, 0.0)`.
 GROUP_MASK_VALUE = 0.0
@@ -117,7 +122,9 @@ def route(config: ModelConfig, x, gate_kernel, bias):
 
 # ---- expert computation ------------------------------------------------------------------------------------------
 def _experts_dense(x, topk_idx, topk_w, w1, w3, w2, dtype):
-    """Every expert on every token. x [N, D] in dtype, w1/w3 [E, D, I], w2 [E, I, D] -> float32 [N, D]."""
+    """Every expert on every token. x [N, D] in dtype, w1/w3 [E, D, I], w2 [E, I, D] (arrays in dtype, or
+    Int4Weight) -> float32 [N, D]."""
+    w1, w3, w2 = (_dequantized(w, dtype) for w in (w1, w3, w2))
     E, D, I = w1.shape
     N = x.shape[0]
     # Dense combine weights [N, E]: zero where the expert was not selected (a token's k experts are distinct).
@@ -201,8 +208,32 @@ def _xla_ragged_dot(x, w, group_sizes):
 
 def _grouped_matmul(x, w, group_sizes):
     """Grouped matmul (ragged_dot contract, float32 out): the blocked scan on CPU, lax.ragged_dot elsewhere.
-    `platform_dependent` picks the branch when the program is lowered, so cross-platform lowering stays right."""
+    `platform_dependent` picks the branch when the program is lowered, so cross-platform lowering stays right.
+    An Int4Weight w goes to `_int4_grouped_matmul`."""
+    if isinstance(w, Int4Weight):
+        return _int4_grouped_matmul(x, w, group_sizes)
     return jax.lax.platform_dependent(x, w, group_sizes, cpu=_blocked_grouped_matmul, default=_xla_ragged_dot)
+
+
+def _dequantized(w, dtype):
+    """An Int4Weight as a dense array in dtype (frozen: no gradient to the scales); a float array unchanged."""
+    return jax.lax.stop_gradient(dequantize_int4(w, dtype)) if isinstance(w, Int4Weight) else w
+
+
+def _int4_gmm_kernel(x, qw, group_sizes):
+    """INT4 grouped matmul by `int4_ragged_dot` (Pallas on TPU/GPU; its dx VJP included) -> float32."""
+    return int4_ragged_dot(x, qw, group_sizes).astype(jnp.float32)
+
+
+def _int4_gmm_cpu(x, qw, group_sizes):
+    """INT4 grouped matmul on CPU: dequantize every expert once, then the blocked scan (lax.ragged_dot, which the
+    kernel's XLA path uses, costs E x the FLOPs on CPU)."""
+    return _blocked_grouped_matmul(x, _dequantized(qw, x.dtype), group_sizes)
+
+
+def _int4_grouped_matmul(x, qw, group_sizes):
+    """x [M, K] sorted by expert, qw: Int4Weight [E, K, N] -> float32 [M, N] (ragged_dot semantics)."""
+    return jax.lax.platform_dependent(x, qw, group_sizes, cpu=_int4_gmm_cpu, default=_int4_gmm_kernel)
 
 
 def _experts_sorted(x, topk_idx, topk_w, w1, w3, w2, dtype, gmm=_grouped_matmul):
@@ -269,6 +300,53 @@ class MoEExperts(nnx.Module):
         self.w1 = make_param(rngs, (E, D, I), ("expert", "expert_embed", "expert_mlp"), std=std, dtype=pd)
         self.w3 = make_param(rngs, (E, D, I), ("expert", "expert_embed", "expert_mlp"), std=std, dtype=pd)
         self.w2 = make_param(rngs, (E, I, D), ("expert", "expert_mlp", "expert_embed"), std=std, dtype=pd)
+        self.qat = qat_settings(config)  # (group_size, scale_dtype) or None
+
+    def weights(self, dtype):
+        """(w1, w3, w2) in the compute dtype; with quantization.qat, fake-quantized to the INT4 grid (the values
+        `quantize_model_experts` will pack) with a straight-through gradient."""
+        ws = (self.w1[...], self.w3[...], self.w2[...])
+        if self.qat is None:
+            return tuple(w.astype(dtype) for w in ws)
+        return tuple(fake_quantize_int4(w, *self.qat, dtype=dtype) for w in ws)
+
+
+class ExpertInt4(nnx.Variable):
+    """Packed INT4 expert data (uint8 nibbles or group scales): frozen, as the optimizer updates nnx.Param only."""
+
+
+_EXPERT_LAYOUT = {"w1": ("expert", "expert_embed", "expert_mlp"), "w3": ("expert", "expert_embed", "expert_mlp"),
+                  "w2": ("expert", "expert_mlp", "expert_embed")}
+
+
+class QuantizedMoEExperts(nnx.Module):
+    """Routed SwiGLU experts stored as INT4 (config quantization.experts = 'int4'): for each of w1 (gate), w3 (up)
+    [E, hidden, I] and w2 (down) [E, I, hidden], `<name>_packed` uint8 [E, K/2, N] (two 4-bit values per byte
+    along the input dim K) and `<name>_scale` [E, K/group_size, N] in quantization.scale_dtype, both ExpertInt4
+    with the float weight's logical axis names. Initialised by quantizing a random normal init; PTQ
+    (k2jax.quantize.quantize_model_experts) and the HF loader fill in real values."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        q = config.quantization
+        E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.shapes = (("w1", (E, D, I)), ("w3", (E, D, I)), ("w2", (E, I, D)))  # static: hashable
+        self.group_size = q["group_size"]
+        init = jax.nn.initializers.normal(config.initializer_range)
+        for name, shape in self.shapes:
+            names = _EXPERT_LAYOUT[name]
+            qw = quantize_int4(init(rngs.params(), shape, jnp.float32), self.group_size, jnp.dtype(q["scale_dtype"]))
+            setattr(self, f"{name}_packed", ExpertInt4(qw.packed, out_sharding=names, eager_sharding=False))
+            setattr(self, f"{name}_scale", ExpertInt4(qw.scale, out_sharding=names, eager_sharding=False))
+
+    def int4(self, name: str) -> Int4Weight:
+        """The Int4Weight of 'w1', 'w3' or 'w2'."""
+        return Int4Weight(packed=getattr(self, f"{name}_packed")[...], scale=getattr(self, f"{name}_scale")[...],
+                          shape=dict(self.shapes)[name], group_size=self.group_size)
+
+    def weights(self, dtype):
+        """(w1, w3, w2) as Int4Weight (the expert functions compute in `dtype`)."""
+        del dtype
+        return tuple(self.int4(n) for n in ("w1", "w3", "w2"))
 
 
 class MoE(nnx.Module):
@@ -281,7 +359,7 @@ class MoE(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(config.dtype)
         self.gate = MoERouter(config, rngs=rngs)
-        self.experts = MoEExperts(config, rngs=rngs)
+        self.experts = (QuantizedMoEExperts if int4_experts(config) else MoEExperts)(config, rngs=rngs)
         if config.num_shared_experts > 0:
             self.shared_experts = SwiGLU(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts,
                                          rngs=rngs, param_dtype=jnp.dtype(config.param_dtype), dtype=self.dtype,
@@ -294,7 +372,8 @@ class MoE(nnx.Module):
 
         Returns (y [B, T, hidden] in config.dtype, aux) with aux = {'expert_load': f32 [E] (token, slot)
         assignments per expert over real tokens, 'router_probs_mean': f32 [E] mean over real tokens of the
-        per-token normalised router probabilities p / sum(p), 'dropped_tokens': int32 0 (dropless)}.
+        per-token normalised router probabilities p / sum(p), 'dropped_tokens': int32 (token, expert)
+        assignments dropped over capacity (0 unless expert parallel with config.moe_capacity_factor)}.
         """
         cfg = self.config
         D, E = cfg.hidden_size, cfg.num_experts
@@ -305,13 +384,23 @@ class MoE(nnx.Module):
             raise ValueError(f"MoE: token_mask must be [batch, length] = {(B, T)}, got {tuple(token_mask.shape)}")
         xf = x.reshape(B * T, D).astype(self.dtype)
         idx, w, p = _route(cfg, xf, self.gate.kernel[...], self.gate.e_score_correction_bias[...])
-        e = self.experts
-        routed = _IMPLS[cfg.moe_impl](xf, idx, w, e.w1[...].astype(self.dtype), e.w3[...].astype(self.dtype),
-                              e.w2[...].astype(self.dtype), self.dtype)
+        routed, dropped = _routed_experts(cfg, xf, idx, w, self.experts.weights(self.dtype), self.dtype)
         y = routed.astype(self.dtype).reshape(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x.astype(self.dtype))
-        return y, _load_stats(idx, p, token_mask, E)
+        return y, {**_load_stats(idx, p, token_mask, E), "dropped_tokens": dropped}
+
+
+def _routed_experts(cfg, xf, idx, w, weights, dtype):
+    """Routed experts -> (float32 [N, D], int32 dropped (token, expert) assignments). Expert parallel
+    (k2jax.expert_parallel) when a mesh with an `expert` axis > 1 is active and the experts are float arrays,
+    else `cfg.moe_impl` on this device's view (dropless)."""
+    from k2jax import expert_parallel  # it imports this module
+
+    mesh = expert_parallel.active_ep_mesh()
+    if mesh is not None and not any(isinstance(a, Int4Weight) for a in weights):
+        return expert_parallel.routed_experts(cfg, xf, idx, w, *weights, dtype, mesh=mesh)
+    return _IMPLS[cfg.moe_impl](xf, idx, w, *weights, dtype), jnp.zeros((), jnp.int32)
 
 
 def _load_stats(idx, p, token_mask, E):
