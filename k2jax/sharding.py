@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -23,14 +24,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
-    ("q_lora", None),
-    ("kv_lora", None),
-    ("kda_low_rank", None),
+    # Low-rank dims are the only shardable dim of the up-projections (q_b, kv_b, f_b, g_b), so they take fsdp
+    # (the down-projections already put fsdp on `embed`).
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
+    ("kda_low_rank", "fsdp"),
     ("conv", None),
     ("norm", None),
     ("expert", "expert"),
     ("expert_embed", "fsdp"),
     ("expert_mlp", "tensor"),
+    ("layers", None),  # the stacked-layer dim of scanned layers (model.LayerStack)
 )
 
 
@@ -96,3 +100,104 @@ def _prod(xs) -> int:
     for x in xs:
         out *= int(x)
     return out
+
+
+# ---- meshes and placement ----------------------------------------------------------------------------------------
+# Convention: every mesh has the four MESH_AXES, in this order, with AxisType.Auto (GSPMD propagates shardings;
+# jax.make_mesh would default to Explicit axes on JAX >= 0.7, which changes shard_map's input rules). Activate a
+# mesh with `jax.set_mesh(mesh)` around jit/tracing: `constrain` and the expert-parallel MoE read it from there.
+
+
+def _mesh_dims(shape, n_devices: int) -> tuple[int, ...]:
+    """Mesh sizes in MESH_AXES order from None, a {axis: size} dict or a 4-sequence; one -1 takes the rest."""
+    if shape is None:
+        dims = [1] * len(MESH_AXES)
+    elif isinstance(shape, dict):
+        unknown = sorted(set(shape) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"make_mesh: unknown mesh axes {unknown}; the axes are {MESH_AXES}")
+        dims = [shape.get(a, 1) for a in MESH_AXES]
+    else:
+        dims = list(shape)
+        if len(dims) != len(MESH_AXES):
+            raise ValueError(f"make_mesh: shape {tuple(dims)} must give {len(MESH_AXES)} sizes, for {MESH_AXES}")
+    if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in dims):
+        raise ValueError(f"make_mesh: mesh sizes must be integers, got {dims}")
+    dims = [int(d) for d in dims]
+    if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
+        raise ValueError(f"make_mesh: mesh sizes must be positive (at most one -1 = the rest), got {dims}")
+    if -1 in dims:
+        rest = _prod(d for d in dims if d != -1)
+        if n_devices % rest:
+            raise ValueError(f"make_mesh: {n_devices} devices do not split into {dims}")
+        dims[dims.index(-1)] = n_devices // rest
+    if _prod(dims) > n_devices:
+        raise ValueError(f"make_mesh: mesh {dict(zip(MESH_AXES, dims))} needs {_prod(dims)} devices, "
+                         f"only {n_devices} available")
+    return tuple(dims)
+
+
+def make_mesh(shape=None, devices=None) -> jax.sharding.Mesh:
+    """A Mesh over MESH_AXES = ('data', 'fsdp', 'expert', 'tensor'), all AxisType.Auto.
+
+    shape: None (one device: the default, behaves like no mesh), a dict {axis: size} (missing axes are 1), or a
+    4-sequence in MESH_AXES order; one size may be -1 (all remaining devices). devices: defaults to
+    `jax.devices()` (every process's devices on multi-host); the first prod(shape) are used, laid out by
+    `mesh_utils.create_device_mesh` (TPU-topology aware) when it accepts the shape, else in order.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    dims = _mesh_dims(shape, len(devices))
+    devices = devices[:_prod(dims)]
+    try:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
+    except Exception:  # non-TPU topologies or shapes the helper refuses: plain order is always valid
+        grid = np.array(devices, dtype=object).reshape(dims)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(abstract_state, mesh):
+    """NamedSharding for every Variable of an nnx State (or Module), from its logical axis names.
+
+    Returns a tree of the state's structure with each Variable's value replaced by its NamedSharding (usable as
+    jit in/out_shardings for that state, or with `jax.device_put`). Variables without names are replicated;
+    dims whose size the mesh axes do not divide stay replicated (see logical_to_mesh_spec).
+    """
+    if isinstance(abstract_state, nnx.Module):
+        abstract_state = nnx.state(abstract_state)
+
+    def one(var):
+        shape = tuple(var.get_value().shape)
+        names = logical_names(var)
+        spec = (jax.sharding.PartitionSpec() if names is None or len(names) != len(shape)
+                else logical_to_mesh_spec(names, mesh, shape))
+        return var.replace(jax.sharding.NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
+
+
+def shard_model(model, mesh):
+    """Place every Variable of `model` on `mesh` per its logical names (in place); returns the model."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
+    return model
+
+
+def batch_sharding(mesh, shape: Sequence[int] | None = None):
+    """NamedSharding for [batch, length] inputs (tokens, segment ids, targets): batch over data, fsdp, expert.
+    With `shape`, axes that do not divide the batch are dropped (see logical_to_mesh_spec)."""
+    return jax.sharding.NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), mesh, shape))
+
+
+def constrain(x, names: Sequence[str | None]):
+    """`jax.lax.with_sharding_constraint` of activation x [..] to its logical `names` under the active mesh
+    (`jax.set_mesh`); a no-op without one, on a one-device mesh, and inside shard_map (manual axes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return x
+    spec = logical_to_mesh_spec(names, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
