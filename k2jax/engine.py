@@ -1,0 +1,614 @@
+"""Serving engine: a fixed set of sequence slots, continuous batching, stop handling, model loading.
+
+`Engine` owns one `k2jax.generate.DecodeCache` of `num_slots` slots. Each `step()`:
+1. admits waiting requests into free slots: their prompts (right-padded to a power-of-two length bucket, rows
+   padded to a power-of-two row bucket) are prefilled by one jitted call that also samples their first token;
+2. runs one jitted decode step for all slots (inactive slots are left unchanged), attending over a
+   power-of-two `kv_len` bucket that covers the longest active sequence;
+3. applies stop rules (EOS / stop token ids, stop strings, max_tokens) and frees finished slots.
+Prefill and decode each run as a read program (compute and sample) and a write program that takes the cache
+donated and updates it in place (k2jax.generate explains the split). A freed slot is reused by the next
+admission, which overwrites its whole state. Every jitted shape comes from the buckets, so after `warmup()` no
+request triggers a compilation (`compile_count` stays put).
+
+Thread use: `submit()` may be called from any thread; `start()` runs `step()` in a background thread (the HTTP
+server does this), `generate()` drives the steps itself when no thread runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from k2jax import generate as gen
+from k2jax.sampling import MAX_TOP_LOGPROBS, row_keys, sample
+from k2jax.sharding import logical_names, logical_to_mesh_spec
+
+log = logging.getLogger(__name__)
+
+FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
+
+
+# ---- requests ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SamplingParams:
+    """Per-request generation settings. max_tokens None means "up to the context limit"; temperature 0 is greedy;
+    top_k 0 and top_p 1 are off; seed None draws one; logprobs None is off, n >= 0 also returns the n most likely
+    alternatives (n <= 5); stop strings end the text before them; ignore_eos keeps going past EOS."""
+
+    max_tokens: int | None = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def validate(self) -> None:
+        """ValueError naming the first invalid field."""
+        def bad(field, allowed):
+            raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            bad("max_tokens", "must be a positive integer")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
+            bad("temperature", "must be a number in [0, 100]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be a non-negative integer (0 = off)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be a number in (0, 1]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", "must be an integer")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be a list of non-empty strings")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of token ids")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or null")
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """Log-probability of one generated token and, if asked, of the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request produced in one engine step: new token ids, the new text (stop-safe), their logprobs, and
+    whether it finished (finish_reason 'stop', 'length', 'abort' or 'error'; error holds the message)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request: its prompt and generated ids, text (stop string excluded), finish reason, logprobs
+    (if asked), and time to first token / total time in seconds from submission."""
+
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None
+    ttft_s: float
+    total_s: float
+    error: str | None = None
+
+
+class Request:
+    """Engine-side state of one request (create through `Engine.submit`)."""
+
+    def __init__(self, request_id, prompt_ids, params: SamplingParams, max_tokens: int, seed: int, callback):
+        self.id, self.prompt_ids, self.params = request_id, list(prompt_ids), params
+        self.max_tokens, self.seed, self.callback = max_tokens, seed, callback
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.text, self.sent = "", 0  # text so far (stop-trimmed at the end) and how much of it was emitted
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.slot: int | None = None
+        self.aborted = False
+        self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
+        self._done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def wait(self, timeout: float | None = None) -> Completion:
+        """Block until finished and return the Completion (TimeoutError after `timeout` seconds)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return self.completion()
+
+    def completion(self) -> Completion:
+        t_first = self.t_first if self.t_first is not None else self.t_done
+        return Completion(self.id, self.prompt_ids, self.token_ids, self.text, self.finish_reason or "",
+                          self.logprobs if self.params.logprobs is not None else None,
+                          (t_first or 0) - self.t_submit, (self.t_done or 0) - self.t_submit, self.error)
+
+
+def length_buckets(max_len: int, min_bucket: int) -> list[int]:
+    """Powers of two from min_bucket below max_len, then max_len itself."""
+    out, b = [], max(1, min_bucket)
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+# ---- engine -----------------------------------------------------------------------------------------------------
+class Engine:
+    """Continuous-batching generation over a KimiLinear.
+
+    model: a KimiLinear (already placed on `mesh` if one is given); tokenizer: optional (needed for text and stop
+    strings); num_slots: concurrent sequences; max_len: context per slot (prompt + generated), default
+    min(max_position_embeddings, 2048); min_bucket: smallest prompt / kv length bucket; max_prefill_batch: most
+    prompts prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill
+    call; eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed
+    experts packed as INT4 (k2jax.quantize.quantize_model_experts; a model whose config already says so is used
+    as is); mesh: a jax.sharding.Mesh (`make_mesh`) the parameters are placed on: the steps run under
+    `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel (k2jax.expert_parallel, dropless
+    unless config.moe_capacity_factor), 'tensor' splits heads, and the cache's slots are sharded over
+    'data'/'expert' and its KDA heads over 'tensor'. A scanned model (config.scan_layers) is unstacked.
+    """
+
+    def __init__(self, model, tokenizer=None, *, num_slots: int = 8, max_len: int | None = None,
+                 min_bucket: int = 16, max_prefill_batch: int | None = None, max_prefill_tokens: int = 8192,
+                 eos_token_ids: Sequence[int] | None = None, int4_experts: bool = False, mesh=None):
+        cfg = model.config
+        self.config, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        max_len = min(cfg.max_position_embeddings, 2048) if max_len is None else max_len
+        if num_slots < 1 or max_len < 2:
+            raise ValueError(f"Engine: num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"Engine: max_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        self.num_slots, self.max_len = num_slots, max_len
+        self.buckets = length_buckets(max_len, min_bucket)
+        self.max_prefill_batch = max(1, min(max_prefill_batch or num_slots, num_slots))
+        self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
+        eos = set(eos_token_ids if eos_token_ids is not None else [cfg.eos_token_id])
+        if eos_token_ids is None and tokenizer is not None and tokenizer.eos_id is not None:
+            eos.add(tokenizer.eos_id)
+        self.eos_token_ids = frozenset(int(e) for e in eos if e is not None)
+        self._setup_model(model, int4_experts)
+        self._cache_sharding = self._cache_shardings()
+        self.cache = self._new_cache()
+        self.compile_count = 0
+        self._prefill_jit, self._write_prefill_jit, self._decode_jit, self._write_decode_jit = self._build_steps()
+        # Per-slot host mirrors of what the device steps need.
+        S = num_slots
+        self.slots: list[Request | None] = [None] * S
+        self._temp = np.zeros(S, np.float32)
+        self._top_k = np.zeros(S, np.int32)
+        self._top_p = np.ones(S, np.float32)
+        self._seed = np.zeros(S, np.uint32)
+        self._last = np.zeros(S, np.int32)
+        self._len = np.zeros(S, np.int32)
+        self.waiting: deque[Request] = deque()
+        self._incoming: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "decode_steps": 0, "decode_tokens": 0,
+                      "decode_s": 0.0, "prefill_s": 0.0}
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    def _setup_model(self, model, int4_experts: bool):
+        from k2jax.model import unstack_layers
+        from k2jax.quantize import int4_experts as has_int4, quantize_model_experts
+
+        if model.config.scan_layers:
+            model = unstack_layers(model)  # serving walks the per-layer list
+        if int4_experts and not has_int4(model.config):
+            model = quantize_model_experts(model)  # a new model: the caller's float experts are not kept here
+        self.config = model.config
+        self.graphdef, self.params = nnx.split(model)
+        # The jitted steps take the parameters as a flat list: flattening an nnx.State on every call costs
+        # about as much as a small model's whole decode step.
+        self._param_leaves, self._param_def = jax.tree.flatten(self.params)
+
+    def _cache_shardings(self):
+        if self.mesh is None:
+            return None
+        abstract = jax.eval_shape(lambda: gen.init_cache(self.config, self.num_slots, self.max_len))
+        leaves, treedef = jax.tree.flatten(abstract)
+        names = treedef.flatten_up_to(gen.cache_logical_names(abstract))
+        return treedef.unflatten([jax.sharding.NamedSharding(self.mesh, logical_to_mesh_spec(n, self.mesh, a.shape))
+                                  for n, a in zip(names, leaves)])
+
+    def _new_cache(self):
+        make = lambda: gen.init_cache(self.config, self.num_slots, self.max_len)  # noqa: E731
+        if self._cache_sharding is None:
+            return make()
+        return jax.jit(make, out_shardings=self._cache_sharding)()
+
+    def _run(self, step, *args, **kwargs):
+        """Call a jitted step (under the mesh, when there is one: tracing sees it, so MoE goes expert parallel)."""
+        if self.mesh is None:
+            return step(*args, **kwargs)
+        with jax.set_mesh(self.mesh):
+            return step(*args, **kwargs)
+
+    def _build_steps(self):
+        """Jitted (prefill, write_prefill, decode, write_decode): the reads sample too, the writes donate the
+        cache (see k2jax.generate on why each step is two programs)."""
+        graphdef, param_def = self.graphdef, self._param_def
+
+        def model_of(params):
+            self.compile_count += 1  # runs only while tracing
+            return nnx.merge(graphdef, jax.tree.unflatten(param_def, params))
+
+        def prefill_fn(params, tokens, lengths, temp, top_k, top_p, seeds):
+            entries, logits = gen.prefill_entries(model_of(params), tokens, lengths)
+            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)))
+
+        def decode_fn(params, cache, tokens, temp, top_k, top_p, seeds, counters, all_greedy, *, kv_len):
+            entries, logits = gen.decode_entries(model_of(params), cache, tokens, kv_len=kv_len)
+            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy)
+
+        def write_prefill_fn(cache, entries, lengths, slots):
+            self.compile_count += 1
+            return gen.write_prefill(cache, entries, lengths, slots)
+
+        def write_decode_fn(cache, entries, active):
+            self.compile_count += 1
+            return gen.write_decode(cache, entries, active)
+
+        kw = {} if self._cache_sharding is None else {"out_shardings": self._cache_sharding}
+        return (jax.jit(prefill_fn), jax.jit(write_prefill_fn, donate_argnums=(0,), **kw),
+                jax.jit(decode_fn, static_argnames=("kv_len",)),
+                jax.jit(write_decode_fn, donate_argnums=(0,), **kw))
+
+    def _prefill_shapes(self):
+        """Every (rows, length) bucket pair a prefill call can use."""
+        rows = _pow2_upto(self.max_prefill_batch)
+        return [(r, T) for T in self.buckets for r in rows if r == 1 or r * T <= self.max_prefill_tokens]
+
+    def warmup(self) -> float:
+        """Compile every prefill and decode shape now (so serving never compiles); returns the seconds taken."""
+        t0 = time.perf_counter()
+        S = self.num_slots
+        for r, T in self._prefill_shapes():
+            z = np.zeros(r, np.int32)
+            self._prefill(np.zeros((r, T), np.int32), z, np.arange(r, dtype=np.int32), np.zeros(r, np.float32), z,
+                          np.ones(r, np.float32), np.zeros(r, np.uint32))
+        for kv in self.buckets:
+            self._decode(kv, np.zeros(S, bool), np.zeros(S, np.int32), np.bool_(True))
+        jax.block_until_ready(self.cache)
+        return time.perf_counter() - t0
+
+    def _prefill(self, tokens, lengths, slots, temp, top_k, top_p, seeds):
+        """Prefill rows into slots (length-0 rows change nothing); returns the first tokens' SampleOutput (host)."""
+        entries, out = self._run(self._prefill_jit, self._param_leaves, tokens, lengths, temp, top_k, top_p, seeds)
+        self.cache = self._run(self._write_prefill_jit, self.cache, entries, lengths, slots)
+        return jax.device_get(out)
+
+    def _decode(self, kv_len, active, counters, all_greedy):
+        """One decode step over all slots (inactive ones unchanged); returns the SampleOutput (host)."""
+        entries, out = self._run(self._decode_jit, self._param_leaves, self.cache, self._last, self._temp,
+                                 self._top_k, self._top_p, self._seed, counters, all_greedy, kv_len=kv_len)
+        self.cache = self._run(self._write_decode_jit, self.cache, entries, active)
+        return jax.device_get(out)
+
+    # ---- submission -------------------------------------------------------------------------------------------
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
+        """Validate a request against the model and context; returns its effective max_tokens (ValueError)."""
+        params.validate()
+        n, V = len(prompt_ids), self.config.vocab_size
+        if n == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < V for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, vocab_size={V})")
+        if n >= self.max_len:
+            raise ValueError(f"the prompt has {n} tokens but the context is {self.max_len} tokens "
+                             f"(at most {self.max_len - 1} prompt tokens, leaving room for one generated token)")
+        max_tokens = self.max_len - n if params.max_tokens is None else params.max_tokens
+        if n + max_tokens > self.max_len:
+            raise ValueError(f"max_tokens={max_tokens} plus the prompt's {n} tokens exceed the context of "
+                             f"{self.max_len} tokens: ask for at most {self.max_len - n}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        return max_tokens
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+               callback: Callable[[Event], None] | None = None, request_id: str | None = None) -> Request:
+        """Queue a request (thread-safe). callback(Event) is called from the engine's thread after every step
+        that produced something for it. Raises ValueError for an invalid request before queueing it."""
+        params = params or SamplingParams()
+        max_tokens = self.check_request(prompt_ids, params)
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        req = Request(request_id or f"req-{next(self._ids)}", [int(t) for t in prompt_ids], params, max_tokens,
+                      seed % 2 ** 32, callback)
+        self._incoming.put(req)
+        with self._cv:
+            self._cv.notify()
+        return req
+
+    def abort(self, request: Request) -> None:
+        """Ask the engine to drop a request (thread-safe); it finishes with reason 'abort' at the next step."""
+        request.aborted = True
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or not self._incoming.empty() or any(s is not None for s in self.slots)
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit waiting requests into free slots (prefill), then decode one token for every active slot."""
+        while not self._incoming.empty():
+            self.waiting.append(self._incoming.get())
+        for req in [r for r in self.waiting if r.aborted]:
+            self.waiting.remove(req)
+            self._finish(req, FINISH_ABORT)
+        for req in [r for r in self.slots if r is not None and r.aborted]:
+            self._finish(req, FINISH_ABORT)
+        while self.waiting and None in self.slots:
+            self._admit()
+        if any(r is not None for r in self.slots):
+            self._decode_step()
+
+    def _admit(self):
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        group = [self.waiting.popleft()]
+        T = _bucket(len(group[0].prompt_ids), self.buckets)
+        while self.waiting and len(group) < min(len(free), self.max_prefill_batch):
+            T2 = max(T, _bucket(len(self.waiting[0].prompt_ids), self.buckets))
+            if _bucket(len(group) + 1, _pow2_upto(self.max_prefill_batch)) * T2 > self.max_prefill_tokens:
+                break
+            group.append(self.waiting.popleft())
+            T = T2
+        r = _bucket(len(group), _pow2_upto(self.max_prefill_batch))
+        tokens = np.zeros((r, T), np.int32)
+        lengths = np.zeros(r, np.int32)
+        # Padding rows (length 0, left unchanged) need distinct slots too: any the real rows do not use.
+        spare = [i for i in range(self.num_slots) if i not in free[:len(group)]]
+        slots = np.array(free[:len(group)] + spare[:r - len(group)], np.int32)
+        temp, top_k, top_p, seeds = np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32), \
+            np.zeros(r, np.uint32)
+        for i, (req, s) in enumerate(zip(group, free)):
+            n = len(req.prompt_ids)
+            tokens[i, :n], lengths[i] = req.prompt_ids, n
+            p = req.params
+            temp[i], top_k[i], top_p[i], seeds[i] = p.temperature, p.top_k, p.top_p, req.seed
+            req.slot, self.slots[s] = s, req
+            self._temp[s], self._top_k[s], self._top_p[s], self._seed[s] = temp[i], top_k[i], top_p[i], seeds[i]
+            self._len[s] = n
+        t0 = time.perf_counter()
+        out = self._prefill(tokens, lengths, slots, temp, top_k, top_p, seeds)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += int(lengths.sum())
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        for i, req in enumerate(group):
+            self._accept(req, out, i)
+
+    def _decode_step(self):
+        active = np.array([r is not None for r in self.slots])
+        kv_len = _bucket(max(1, int(self._len[active].max())), self.buckets)
+        counters = np.array([len(r.token_ids) if r is not None else 0 for r in self.slots], np.int32)
+        all_greedy = np.bool_((self._temp[active] == 0).all())
+        t0 = time.perf_counter()
+        out = self._decode(kv_len, active, counters, all_greedy)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += int(active.sum())
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self._len += active.astype(np.int32)
+        for s, req in enumerate(list(self.slots)):
+            if req is not None:
+                self._accept(req, out, s)
+
+    # ---- per-token bookkeeping --------------------------------------------------------------------------------
+    def _accept(self, req: Request, out, row: int):
+        tok = int(out.tokens[row])
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+        lp = None
+        if req.params.logprobs is not None:
+            n = req.params.logprobs
+            lp = TokenLogprob(tok, float(out.logprob[row]),
+                              [(int(i), float(v)) for i, v in zip(out.top_ids[row][:n], out.top_logprobs[row][:n])])
+            req.logprobs.append(lp)
+        req.token_ids.append(tok)
+        self._last[req.slot] = tok
+        stop_ids = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.eos_token_ids)
+        reason = None
+        if tok in stop_ids:
+            reason = FINISH_STOP
+        elif len(req.token_ids) >= req.max_tokens:
+            reason = FINISH_LENGTH
+        text_ids = req.token_ids[:-1] if reason == FINISH_STOP else req.token_ids
+        if self.tokenizer is not None:
+            req.text = self.tokenizer.decode(text_ids)
+            cut = _first_stop(req.text, req.params.stop)
+            if cut is not None:
+                req.text, reason = req.text[:cut], FINISH_STOP
+        self._emit(req, [tok], [lp] if lp else [], reason)
+        if reason is not None:
+            self._finish(req, reason, emitted=True)
+
+    def _emit(self, req: Request, toks, lps, reason):
+        """Send the text that can no longer change: hold back a tail that could start a stop string, and an
+        incomplete UTF-8 character (decoded as U+FFFD)."""
+        end = len(req.text)
+        if reason is None:
+            hold = max((len(s) - 1 for s in req.params.stop), default=0)
+            end = max(req.sent, end - hold)
+            while end > req.sent and req.text[end - 1] == "\ufffd":
+                end -= 1
+        delta, req.sent = req.text[req.sent:end], max(req.sent, end)
+        if req.callback is not None:
+            self._call(req, Event(req.id, toks, delta, lps, reason is not None, reason))
+
+    def _call(self, req, event):
+        try:
+            req.callback(event)
+        except Exception:  # a broken consumer must not take the engine down
+            log.exception("callback of request %s failed", req.id)
+
+    def _finish(self, req: Request, reason: str, *, emitted: bool = False, error: str | None = None):
+        req.finish_reason, req.error, req.t_done = reason, error, time.perf_counter()
+        if req.slot is not None and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+        if not emitted and req.callback is not None:
+            self._call(req, Event(req.id, [], "", [], True, reason, error))
+        req._done.set()
+
+    def _fail_all(self, message: str):
+        for req in list(self.waiting) + [r for r in self.slots if r is not None]:
+            self._finish(req, FINISH_ERROR, error=message)
+        self.waiting.clear()
+        self.cache = self._new_cache()  # a failed call may have consumed the donated cache
+
+    # ---- driving ---------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 timeout: float | None = None) -> list[Completion]:
+        """Generate for every prompt (token id lists), batching them through the slots; returns Completions in
+        prompt order. Drives the steps itself unless the background thread runs."""
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        if self._thread is None:
+            while not all(r.finished for r in reqs):
+                self.step()
+        return [r.wait(timeout) for r in reqs]
+
+    def start(self) -> None:
+        """Run the step loop in a background daemon thread until `shutdown()`."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="k2jax-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the background thread; unfinished requests end with reason 'abort'."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        while not self._incoming.empty():
+            self.waiting.append(self._incoming.get())
+        for req in list(self.waiting) + [r for r in self.slots if r is not None]:
+            self._finish(req, FINISH_ABORT)
+        self.waiting.clear()
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._stop and not self.has_work:
+                    self._cv.wait(timeout=1.0)
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # keep serving: fail the requests in flight, start from a fresh cache
+                log.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+
+def _pow2_upto(n: int) -> list[int]:
+    """Powers of two below n, then n: the row buckets of a prefill call."""
+    return length_buckets(n, 1)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+# ---- model loading and placement ----------------------------------------------------------------------------------
+def make_mesh(tensor: int = 1, expert: int = 1, devices=None):
+    """A ('data', 'expert', 'tensor') mesh with Auto axes over all (or the given) devices; 'data' takes the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = tensor * expert
+    if tensor < 1 or expert < 1 or len(devices) % n:
+        raise ValueError(f"make_mesh: tensor={tensor} x expert={expert} must divide the {len(devices)} devices")
+    grid = np.array(devices).reshape(len(devices) // n, expert, tensor)
+    return jax.sharding.Mesh(grid, ("data", "expert", "tensor"))
+
+
+def shard_model(model, mesh):
+    """Place every variable of `model` on the NamedSharding its logical axis names give on `mesh` (in place)."""
+    state = nnx.state(model, nnx.Variable)
+
+    def place(var):
+        names = logical_names(var) or (None,) * var.get_value().ndim
+        sh = jax.sharding.NamedSharding(mesh, logical_to_mesh_spec(names, mesh, var.get_value().shape))
+        return var.replace(jax.device_put(var.get_value(), sh))
+
+    nnx.update(model, jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return model
+
+
+def load_model(path, *, dtype: str | None = None, mesh=None, config_overrides: dict | None = None):
+    """A KimiLinear from a Hugging Face folder (config.json + safetensors) or an orbax checkpoint written by
+    k2jax (train.py or `k2jax.checkpoint.save_params`). dtype: parameter and compute dtype (default: the
+    checkpoint's); mesh: place the parameters by their logical axes."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ValueError(f"no checkpoint at {str(path)!r}")
+    overrides = dict(config_overrides or {})
+    if (folder / "config.json").is_file():
+        from k2jax.hf import load_hf_checkpoint
+
+        if dtype is not None:
+            overrides.setdefault("dtype", dtype)
+        return load_hf_checkpoint(folder, dtype=dtype, mesh=mesh, config_overrides=overrides or None)
+    from k2jax import checkpoint as ckpt
+
+    params_dir = _params_dir(folder)
+    config = ckpt.saved_config(params_dir)
+    if dtype is not None:
+        overrides.update(param_dtype=dtype, dtype=dtype)
+    return ckpt.restore_params(config.replace(**overrides) if overrides else config, params_dir, mesh=mesh)
+
+
+def _params_dir(folder: Path) -> Path:
+    """The params checkpoint inside `folder`: itself, or the newest numbered step below it."""
+    if (folder / "params").exists():
+        return folder
+    steps = sorted((int(p.name), p) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    for _, step in reversed(steps):
+        if (step / "params").exists():
+            return step
+    raise ValueError(f"{folder}: neither a Hugging Face folder (config.json) nor a k2jax checkpoint (params/, or "
+                     f"numbered step folders holding params/)")

@@ -1,0 +1,153 @@
+"""Generate with a Kimi Linear / Kimi K2 model, or serve it over an OpenAI-compatible HTTP API.
+
+    python serve.py --checkpoint DIR --prompt "Once upon a time" [--prompt ...] [--max-tokens 64]
+    python serve.py --checkpoint DIR --prompts-file prompts.txt --slots 32      # one prompt per line
+    python serve.py --checkpoint DIR --http --port 8000                         # /v1/completions, /v1/chat/completions
+    python serve.py --config tiny --override vocab_size=264 --prompt "hi"      # random weights, byte tokenizer
+
+DIR is a Hugging Face folder (config.json + safetensors) or an orbax checkpoint written by train.py. The CLI is
+a thin layer over k2jax.engine (batching, caches, sampling) and k2jax.server (HTTP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model")
+    src.add_argument("--checkpoint", help="HF folder or orbax checkpoint directory")
+    src.add_argument("--config", help="build a randomly initialised model from this config (no --checkpoint)")
+    src.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                     help="config field override (YAML value), repeatable, e.g. vocab_size=264")
+    src.add_argument("--tokenizer", help="'byte', or a folder/file (default: the checkpoint folder if it has one, "
+                                         "else 'byte')")
+    src.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter and compute dtype")
+    src.add_argument("--int4-experts", action="store_true", help="serve the routed experts from INT4 weights")
+    src.add_argument("--tensor-parallel", type=int, default=1, help="devices on the 'tensor' mesh axis")
+    src.add_argument("--expert-parallel", type=int, default=1, help="devices on the 'expert' mesh axis")
+    src.add_argument("--seed-init", type=int, default=0, help="init seed with --config")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--slots", type=int, default=8, help="concurrent sequences (decode batch)")
+    eng.add_argument("--max-len", type=int, default=None, help="context per sequence (prompt + generated)")
+    eng.add_argument("--min-bucket", type=int, default=16, help="smallest prompt-length bucket")
+    eng.add_argument("--no-warmup", action="store_true", help="compile lazily instead of all buckets up front")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="a text file, one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    http = p.add_argument_group("http")
+    http.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API instead")
+    http.add_argument("--host", default="127.0.0.1")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--model-name", help="model id the API answers to (default: the checkpoint folder name)")
+    return p
+
+
+def _overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--override {item!r}: expected FIELD=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _build(args):
+    from flax import nnx
+
+    from k2jax import KimiLinear, load_config
+    from k2jax.engine import Engine, load_model, make_mesh, shard_model
+    from k2jax.tokenizer import load_tokenizer
+
+    mesh = make_mesh(args.tensor_parallel, args.expert_parallel) if args.tensor_parallel * args.expert_parallel > 1 \
+        else None
+    overrides = _overrides(args.override)
+    if args.checkpoint:
+        model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh, config_overrides=overrides)
+    elif args.config:
+        if args.dtype:
+            overrides.update(param_dtype=args.dtype, dtype=args.dtype)
+        model = KimiLinear(load_config(args.config, **overrides), rngs=nnx.Rngs(args.seed_init))
+        if mesh is not None:
+            shard_model(model, mesh)
+    else:
+        raise SystemExit("give --checkpoint DIR (or --config NAME for random weights)")
+    tok_src = args.tokenizer
+    if tok_src is None:
+        ck = Path(args.checkpoint) if args.checkpoint else None
+        has = ck is not None and any((ck / n).is_file() for n in ("tiktoken.model", "tokenizer.json"))
+        tok_src = str(ck) if has else "byte"
+    tokenizer = load_tokenizer(tok_src)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size} (with --config, add --override vocab_size={tokenizer.vocab_size})")
+    engine = Engine(model, tokenizer, num_slots=args.slots, max_len=args.max_len, min_bucket=args.min_bucket,
+                    int4_experts=args.int4_experts, mesh=mesh)
+    return engine, tokenizer
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    prompts = _prompts(args)
+    if not args.http and not prompts:
+        raise SystemExit("nothing to do: give --prompt, --prompts-file or --http")
+    from k2jax.engine import SamplingParams
+
+    engine, tokenizer = _build(args)
+    if not args.no_warmup:
+        print(f"warm-up: compiled {len(engine.buckets)} length buckets in {engine.warmup():.1f} s", file=sys.stderr)
+    if args.http:
+        from k2jax.server import make_server
+
+        name = args.model_name or Path(args.checkpoint or args.config).name
+        print(f"serving {name!r} on http://{args.host}:{args.port} (slots={engine.num_slots}, "
+              f"context={engine.max_len})", file=sys.stderr)
+        make_server(engine, tokenizer, name, args.host, args.port).run()
+        return 0
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p)
+           for p in prompts]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop,
+                            stop_token_ids=[tokenizer.special_id("<|im_end|>")] if args.chat else [])
+    try:
+        for i in ids:
+            engine.check_request(i, params)
+    except ValueError as e:
+        raise SystemExit(f"invalid request: {e}")
+    t0 = time.perf_counter()
+    outs = engine.generate(ids, params)
+    wall = time.perf_counter() - t0
+    for p, o in zip(prompts, outs):
+        print(f"=== {p!r} -> [{o.finish_reason}, {len(o.token_ids)} tokens, ttft {o.ttft_s * 1e3:.0f} ms]")
+        print(o.text)
+    n = sum(len(o.token_ids) for o in outs)
+    st = engine.stats
+    print(f"--- {len(outs)} prompts, {n} tokens in {wall:.2f} s: {n / wall:.1f} tok/s overall, decode "
+          f"{st['decode_tokens'] / max(st['decode_s'], 1e-9):.1f} tok/s over {st['decode_steps']} steps, "
+          f"mean ttft {1e3 * sum(o.ttft_s for o in outs) / len(outs):.0f} ms", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
