@@ -1,0 +1,70 @@
+"""Training throughput of a config on this machine: tokens/s and MFU against the machine's own matmul rate.
+
+    python bench/train_speed.py                                  # configs/default.yaml, its MQAR batch (~1 min)
+    python bench/train_speed.py --config tiny --batch 8 --seq-len 128 --steps 5
+    python bench/train_speed.py model.dtype=bfloat16             # any run-config override
+
+Runs the real training step (k2jax.train: forward, backward, AdamW, router-bias update) for --steps steps after
+one compile step, on MQAR batches of the given shape, with checkpoints and evaluation off. The reference rate is
+the best float32 n x n x n matmul (`k2jax.metrics.measure_matmul_flops`, n = --matmul-n) on the same devices;
+MFU = model FLOPs per token (k2jax.metrics.train_flops_per_token, formula in its docstring) x tokens/s / that
+rate. Times are medians over the measured steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="key=value run-config overrides")
+    p.add_argument("--config", default="default")
+    p.add_argument("--batch", type=int, help="global batch (default: the config's train.batch_size)")
+    p.add_argument("--seq-len", type=int, help="default: the config's train.seq_len")
+    p.add_argument("--steps", type=int, default=8, help="measured steps (after one compile step)")
+    p.add_argument("--matmul-n", type=int, default=1024)
+    args = p.parse_args(argv)
+
+    import jax
+
+    from k2jax.metrics import measure_matmul_flops, train_flops_per_token
+    from k2jax.model import count_params
+    from k2jax.train import train
+    from k2jax.train_config import load_run_config
+
+    extra = [f"train.steps={args.steps + 1}", "train.checkpoint_every=0", "train.eval_every=0",
+             "train.progress=false", "train.tensorboard=false", "train.resume=false", "train.mqar_min_kv_pairs=null"]
+    if args.batch:
+        extra.append(f"train.batch_size={args.batch}")
+    if args.seq_len:
+        extra.append(f"train.seq_len={args.seq_len}")
+    with tempfile.TemporaryDirectory() as tmp:
+        mcfg, tcfg = load_run_config(args.config, [*args.overrides, *extra, f"train.run_dir={tmp}"])
+        peak = measure_matmul_flops(args.matmul_n)
+        result = train(mcfg, tcfg.replace(peak_flops=peak))
+    steps = [m for m in result.metrics if not m.get("includes_compile")]
+    step_s = statistics.median(m["step_time"] for m in steps)
+    tok_s = tcfg.batch_size * tcfg.seq_len / step_s
+    fpt = train_flops_per_token(mcfg, tcfg.seq_len)
+    n = jax.device_count()
+    counts = count_params(mcfg)
+    print(f"config {mcfg.name}: {counts['total']:,} parameters ({counts['active']:,} active), layers "
+          f"{''.join('K' if t == 'kda' else 'M' for t in mcfg.layer_types)}, dtype {mcfg.dtype}, "
+          f"{n} {jax.devices()[0].platform} device(s)")
+    print(f"{'batch':>6} {'seq':>5} {'step s':>8} {'tokens/s':>10} {'FLOP/token':>11} {'model GFLOP/s':>14} "
+          f"{'matmul GFLOP/s':>15} {'MFU':>7}")
+    print(f"{tcfg.batch_size:>6} {tcfg.seq_len:>5} {step_s:>8.3f} {tok_s:>10.0f} {fpt:>11.3g} "
+          f"{fpt * tok_s / 1e9:>14.2f} {peak * n / 1e9:>15.2f} {fpt * tok_s / (peak * n):>7.2%}")
+    return {"step_s": step_s, "tokens_per_s": tok_s, "flops_per_token": fpt, "matmul_flops": peak * n,
+            "mfu": fpt * tok_s / (peak * n)}
+
+
+if __name__ == "__main__":
+    main()
