@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,6 +31,7 @@ from flax import nnx  # noqa: E402
 from k2jax import load_config  # noqa: E402
 from k2jax.moe import MoE  # noqa: E402
 from pallas_kernels.int4 import int4_matmul, quantize_int4  # noqa: E402
+from bench._timing import median_seconds  # noqa: E402
 
 SHAPES = [  # (label, M, K, N)
     ("decode", 1, 2048, 2048), ("decode", 8, 2048, 2048), ("decode", 64, 2048, 2048),
@@ -41,14 +41,8 @@ SHAPES = [  # (label, M, K, N)
 ]
 
 
-def _median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+def _ms(fn, *args, repeats: int) -> float:
+    return 1e3 * median_seconds(fn, *args, repeats=repeats)
 
 
 def run(repeats: int, impl: str):
@@ -61,8 +55,8 @@ def run(repeats: int, impl: str):
         x = jax.random.normal(kx, (M, K), jnp.float32).astype(jnp.bfloat16)
         qw = quantize_int4(w)
         wb = w.astype(jnp.bfloat16)
-        t_bf16 = _median_ms(bf16_mm, x, wb, repeats=repeats)
-        t_int4 = _median_ms(int4_mm, x, qw, repeats=repeats)
+        t_bf16 = _ms(bf16_mm, x, wb, repeats=repeats)
+        t_int4 = _ms(int4_mm, x, qw, repeats=repeats)
         rows.append((label, M, K, N, t_bf16, t_int4, wb.nbytes, qw.nbytes))
     return rows
 
@@ -110,8 +104,8 @@ def run_moe(repeats: int, experts: int, topk: int):
         x = jax.random.normal(jax.random.PRNGKey(M), (1, M, cfg.hidden_size), jnp.float32).astype(jnp.bfloat16)
         idx, _ = fm.gate(x.reshape(M, -1))
         touched = int(np.unique(np.asarray(idx)).size)
-        rows.append((label, M, touched, _median_ms(fwd, fm, x, repeats=repeats),
-                     _median_ms(fwd, qm, x, repeats=repeats), touched * per_expert_bf16, touched * per_expert_int4))
+        rows.append((label, M, touched, _ms(fwd, fm, x, repeats=repeats),
+                     _ms(fwd, qm, x, repeats=repeats), touched * per_expert_bf16, touched * per_expert_int4))
     return cfg, rows
 
 

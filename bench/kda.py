@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels.kda.dispatch import IMPLS, kda  # noqa: E402
+from bench._timing import median_seconds  # noqa: E402
 
 B, H, D, C = 1, 4, 128, 64
 BWD_FACTOR = 2.0
@@ -59,21 +58,10 @@ def build(impl: str):
     return jax.jit(fwd), jax.jit(jax.grad(loss))
 
 
-def time_call(fn, args, repeats: int) -> float:
-    """Median wall seconds of fn(*args) after one excluded compile+warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def matmul_gflops(n: int, repeats: int) -> float:
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-    t = time_call(jax.jit(jnp.dot), (a, b), repeats)
+    t = median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
     return 2 * n**3 / t / 1e9
 
 
@@ -104,12 +92,12 @@ def run(lengths, impls, repeats, ref_bwd_max, matmul_n):
                 print(rows[-1], flush=True)
                 continue
             f, fb = build(impl)
-            tf = time_call(f, args, repeats)
+            tf = median_seconds(f, *args, repeats=repeats)
             if impl == "reference" and T > ref_bwd_max:
                 tb = None
                 notes.append(f"reference fwd+bwd skipped at T={T} (> --ref-bwd-max {ref_bwd_max}): too slow on CPU.")
             else:
-                tb = time_call(fb, (args, cot), repeats)
+                tb = median_seconds(fb, args, cot, repeats=repeats)
             gb = None if tb is None else (1 + BWD_FACTOR) * flops / tb / 1e9
             rows.append((T, impl, tf, flops / tf / 1e9, tb, gb))
             print(_row(rows[-1]), flush=True)

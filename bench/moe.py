@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from k2jax import load_config  # noqa: E402
 from k2jax import moe  # noqa: E402
+from bench._timing import median_seconds  # noqa: E402
 
 SHAPES = {
     # name: (config overrides, tokens)
@@ -43,16 +42,6 @@ IMPLS = {
     "ragged": moe._experts_sorted,
     "ragged_xla": lambda *a: moe._experts_sorted(*a, gmm=moe._xla_ragged_dot),
 }
-
-
-def _median_ms(f, args, repeats):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
 
 
 def _case(cfg, tokens, dtype, seed=0):
@@ -86,8 +75,8 @@ def bench(shapes, impls, dtype, repeats, xla_tokens, large_tokens):
             loss = lambda x, w1, w3, w2, idx, w, impl=impl: jnp.sum(impl(x, idx, w, w1, w3, w2, dt) ** 2)
             bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
             scale = tokens / n
-            f_ms = _median_ms(fwd, (x, idx, w, w1, w3, w2), repeats) * scale
-            b_ms = _median_ms(bwd, (x, w1, w3, w2, idx, w), repeats) * scale
+            f_ms = 1e3 * median_seconds(fwd, x, idx, w, w1, w3, w2, repeats=repeats) * scale
+            b_ms = 1e3 * median_seconds(bwd, x, w1, w3, w2, idx, w, repeats=repeats) * scale
             mark = "*" if n != tokens else ""
             print(f"| {name} | {cfg.num_experts} | {cfg.num_experts_per_token} | {cfg.hidden_size} | "
                   f"{cfg.moe_intermediate_size} | {tokens} | {impl_name}{mark} | {f_ms:.1f} | {b_ms:.1f} |", flush=True)

@@ -204,8 +204,8 @@ def _absorbed_attention(attn, x, pos, ckv, kpe, mask, c_new, kpe_new):
     The softmax runs over the union of both score sets in float32.
     """
     dt = attn.dtype
-    q_nope, q_pe = attn._queries(x[:, None], pos[:, None])  # [S, 1, H, n], [S, 1, H, P]
-    w_uk, w_uv = attn._absorbed_weights()  # [H, n, R], [H, R, d_v]
+    q_nope, q_pe = attn.queries(x[:, None], pos[:, None])  # [S, 1, H, n], [S, 1, H, P]
+    w_uk, w_uv = attn.absorbed_weights()  # [H, n, R], [H, R, d_v]
     q_lat = jnp.einsum("hsn,hnr->hsr", jnp.swapaxes(q_nope[:, 0], 0, 1), w_uk, preferred_element_type=F32)
     q_lat = jnp.swapaxes(q_lat.astype(dt), 0, 1)  # [S, H, R]
     q_pe = q_pe[:, 0].astype(dt)  # [S, H, P]

@@ -107,8 +107,9 @@ class MultiHeadLatentAttention(nnx.Module):
         return jnp.broadcast_to(positions, (B, T))
 
     # ---- shared pieces ------------------------------------------------------------------------------------------
-    def _queries(self, x, positions):
-        """q_nope [B, T, H, n], q_pe [B, T, H, P] (rotated when RoPE is on)."""
+    def queries(self, x, positions):
+        """Per-head queries of x [B, T, hidden] (already layernormed) at int positions [B, T]: q_nope [B, T, H, n],
+        q_pe [B, T, H, P] (rotated when RoPE is on). Public for decoders that build their own attention."""
         B, T, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, T, self.num_heads, self.nope_dim + self.rope_dim)
@@ -145,7 +146,7 @@ class MultiHeadLatentAttention(nnx.Module):
             raise ValueError(f"MultiHeadLatentAttention: segment_ids must be int [B, T] = [{B}, {T}], "
                              f"got {segment_ids.dtype}{list(segment_ids.shape)}")
         positions = self._positions(positions, B, T)
-        q_nope, q_pe = self._queries(x, positions)
+        q_nope, q_pe = self.queries(x, positions)
         c, k_pe = self._latent(x, positions)
         kv = self.kv_b_proj(c).reshape(B, T, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
@@ -163,8 +164,9 @@ class MultiHeadLatentAttention(nnx.Module):
         c, k_pe = self._latent(x, self._positions(positions, B, T))
         return c, k_pe.astype(self.dtype)
 
-    def _absorbed_weights(self):
-        """W_UK [H, n, R] and W_UV [H, R, d_v] from kv_b_proj (kernel [R, H*(n + d_v)])."""
+    def absorbed_weights(self):
+        """W_UK [H, n, R] and W_UV [H, R, d_v] (compute dtype) split from kv_b_proj (kernel [R, H*(n + d_v)]):
+        the up-projections the absorbed form folds into the query and the output."""
         w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(self.kv_lora_rank, self.num_heads, -1)
         w_uk = jnp.transpose(w[..., :self.nope_dim], (1, 2, 0))
         w_uv = jnp.transpose(w[..., self.nope_dim:], (1, 0, 2))
@@ -183,8 +185,8 @@ class MultiHeadLatentAttention(nnx.Module):
         if kv_mask.shape != (B, Tq, S) or kv_mask.dtype != jnp.bool_:
             raise ValueError(f"MultiHeadLatentAttention.attend_latent: kv_mask must be bool [B, Tq, S] = "
                              f"[{B}, {Tq}, {S}], got {kv_mask.dtype}{list(kv_mask.shape)}")
-        q_nope, q_pe = self._queries(x_q, self._positions(q_positions, B, Tq, "q_positions"))
-        w_uk, w_uv = self._absorbed_weights()
+        q_nope, q_pe = self.queries(x_q, self._positions(q_positions, B, Tq, "q_positions"))
+        w_uk, w_uv = self.absorbed_weights()
         ckv, kpe = cache_ckv.astype(self.dtype), cache_kpe.astype(self.dtype)
         # Heads act as extra query rows against the one shared latent key/value (MQA): the cache is never
         # broadcast over heads.
