@@ -315,7 +315,13 @@ class _State:
         abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
         param_sh = nnx.split_state(self.var_shardings, *self.filters)[0]
         # Moments mirror their parameter's sharding; counts and other non-parameter leaves are replicated.
-        self.opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+        # Masked optimizers (Muon's AdamW part, weight-decay masks) hold MaskedNode where a parameter is not
+        # theirs: those stay MaskedNode (no array, no sharding).
+        def moment_sharding(leaf, sh):
+            value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+            return leaf if isinstance(value, optax.transforms.MaskedNode) else sh
+
+        self.opt_shardings = optax.tree_map_params(tx, moment_sharding, abstract_opt, param_sh,
                                                    transform_non_params=lambda _: replicated,
                                                    is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -224,6 +224,18 @@ def test_sigterm_saves_and_resume_onto_another_mesh_matches(reference, tmp_path)
                                [ref.losses[s] for s in range(1, STEPS + 1)], rtol=1e-5)
 
 
+def test_muon_run_trains_checkpoints_and_resumes_onto_another_mesh(tmp_path):
+    """Muon's state holds masked (AdamW-only / Muon-only) sub-trees: they must shard, save and restore too."""
+    muon = ("train.optimizer=muon", "train.checkpoint_every=0")
+    whole = train(*_configs(tmp_path / "whole", *muon, "train.steps=4"))
+    assert np.all(np.isfinite(list(whole.losses.values())))
+    first = train(*_configs(tmp_path / "split", *muon, "train.steps=4", "train.stop_at_step=2"))
+    assert first.step == 2
+    resumed = train(*_configs(tmp_path / "split", *muon, "train.steps=4", "train.mesh={fsdp: 2}"))
+    assert resumed.resumed_from == 2 and sorted(resumed.losses) == [3, 4]
+    np.testing.assert_allclose([resumed.losses[s] for s in (3, 4)], [whole.losses[s] for s in (3, 4)], rtol=1e-5)
+
+
 def test_nan_loss_stops_before_checkpointing(tmp_path):
     def poison(step, metrics, state):
         if step == 3:
