@@ -40,10 +40,10 @@ from k2jax.engine import Engine, SamplingParams  # noqa: E402
 # The context sweep's model: the 48B model's MLA latent (512 + 64), heads and widths scaled down so that a CPU runs
 # it; 4 layers, as 3 KDA + 1 MLA or 4 MLA; dense FFNs (the FFN costs the same in both and does not grow with the
 # context, so MoE would only add a constant).
-SWEEP = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=8, kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
-             kda_num_heads=8, kda_head_dim=64, num_experts=0, first_k_dense_replace=4, vocab_size=1024,
-             max_position_embeddings=65536)
+SWEEP = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, kda_layers=(1, 2, 3), full_attn_layers=(4,),
+             num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=512, qk_nope_head_dim=64,
+             qk_rope_head_dim=64, v_head_dim=64, kda_num_heads=8, kda_head_dim=64, num_experts=0,
+             first_k_dense_replace=4, vocab_size=1024, max_position_embeddings=65536)
 
 
 def all_mla(config):
