@@ -1,0 +1,19 @@
+"""Softmax attention for MLA (expanded and absorbed forms) in O(T) memory, each implementation beside the reference
+it is tested against. Layout [B, T, heads, D] (q [B, T, H, Dk], k [B, S, Hkv, Dk], v [B, S, Hkv, Dv]).
+
+- `attention_reference`: plain softmax attention, materialises [T, S]; ground truth.
+- `attention_blocked`: flash attention in XLA (online softmax over key blocks, custom_vjp recomputing blocks),
+  any backend; `attention_max_logit`: its max-logit pass alone; `visited_blocks`: which block pairs it computes.
+- `attention_splash`: JAX's Pallas TPU splash attention kernel; `attention_triton`: JAX's Pallas Triton (GPU) flash
+  attention kernel (both interpreted on CPU).
+- `attention`: dispatch (`impl="auto"`: splash on TPU, Triton on GPU where it fits, the XLA form elsewhere).
+"""
+
+from pallas_kernels.attention.blocked import attention_blocked, attention_max_logit, visited_blocks
+from pallas_kernels.attention.dispatch import IMPLS, attention
+from pallas_kernels.attention.reference import attention_reference
+from pallas_kernels.attention.splash import attention_splash
+from pallas_kernels.attention.triton import attention_triton
+
+__all__ = ["IMPLS", "attention", "attention_blocked", "attention_max_logit", "attention_reference",
+           "attention_splash", "attention_triton", "visited_blocks"]

@@ -1,0 +1,221 @@
+"""Attention ops against the plain softmax reference: blocked XLA form, splash and Triton kernels (interpreted on
+CPU), the dispatch, its TPU/GPU lowering, O(T) memory and block skipping.
+
+Tolerances are error ratios ||ref - x|| / ||ref||: float32 1e-5 (o, max_logit) and 1e-4 (gradients); bfloat16
+inputs 5e-3 (o) and 8e-3 (gradients), fla's bounds, against the float32 reference on the same rounded inputs.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.attention import (attention, attention_blocked, attention_max_logit, attention_reference,
+                                      attention_splash, attention_triton, visited_blocks)
+from tests.conftest import error_ratio
+from tests.pallas_kernels.test_kda_pallas import _jit, _lower
+
+
+def make_inputs(B, T, S, H, Hkv, Dk, Dv, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (B, T, H, Dk))
+    k = jax.random.normal(ks[1], (B, S, Hkv, Dk))
+    v = jax.random.normal(ks[2], (B, S, Hkv, Dv))
+    do = jax.random.normal(ks[3], (B, T, H, Dv))
+    return tuple(x.astype(dtype) for x in (q, k, v, do))
+
+
+def segments(lengths_per_row):
+    """int32 [B, sum(lengths)] from rows of (segment id, length) runs."""
+    return jnp.array([sum(([sid] * n for sid, n in row), []) for row in lengths_per_row], jnp.int32)
+
+
+def outputs_and_grads(fn, q, k, v, do, **kw):
+    """(o, max_logit, (dq, dk, dv)) of fn with the cotangent do, jitted."""
+    @_jit
+    def run(q, k, v, do):
+        (o, mx), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, return_max_logit=True, **kw), q, k, v)
+        return o, mx, vjp((do.astype(o.dtype), jnp.zeros_like(mx)))
+    return run(q, k, v, do)
+
+
+def check(fn, q, k, v, do, tol_o, tol_grads, **kw):
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    o_ref, mx_ref, g_ref = outputs_and_grads(attention_reference, f32(q), f32(k), f32(v), f32(do), **kw)
+    o, mx, g = outputs_and_grads(fn, q, k, v, do, **kw)
+    assert o.dtype == v.dtype and o.shape == o_ref.shape
+    assert error_ratio(o_ref, o) < tol_o
+    finite = np.isfinite(np.asarray(mx_ref))
+    assert np.array_equal(finite, np.isfinite(np.asarray(mx)))
+    assert error_ratio(np.asarray(mx_ref)[finite], np.asarray(mx)[finite]) < 1e-5
+    for name, a, b in zip(("dq", "dk", "dv"), g_ref, g):
+        assert b.dtype == q.dtype and np.isfinite(np.asarray(b, np.float32)).all(), name
+        assert error_ratio(a, b) < tol_grads, name
+
+
+# Row 0: leading padding, two segments, a padding gap; row 1: one segment then trailing padding.
+Q_SEG = segments([[(0, 3), (1, 20), (2, 11), (0, 2), (2, 1)], [(5, 30), (0, 7)]])  # T = 37
+# Keys of a cache continued by those queries (q_offset 16): S = 53 = 16 cached + 37.
+KV_SEG = segments([[(1, 10), (0, 3), (1, 23), (2, 17)], [(5, 46), (0, 7)]])
+
+CASES = {
+    # expanded MLA: Hkv == H, Dk != Dv, causal self-attention over packed segments with padding
+    "expanded_segments": dict(shape=(2, 37, 37, 4, 4, 24, 16), kw=dict(q_segment_ids=Q_SEG)),
+    # absorbed MLA: multi-query (Hkv = 1), a query chunk continuing a cache (S > T, q_offset > 0), kv segments
+    "absorbed_cache": dict(shape=(2, 37, 53, 4, 1, 40, 32),
+                           kw=dict(q_segment_ids=Q_SEG, kv_segment_ids=KV_SEG, q_offset=16)),
+    # grouped heads, non-causal, no segments
+    "grouped_noncausal": dict(shape=(1, 29, 45, 4, 2, 16, 24), kw=dict(causal=False)),
+    # a per-row offset (traced), causal: rows continue caches of different lengths; with blocks 16 / 8 the last
+    # positions of the query blocks (40, 56) are key-block starts, the edge of the causal loop bounds
+    "per_row_offset": dict(shape=(2, 21, 50, 2, 1, 16, 16), kw=dict(q_offset=jnp.array([25, 1]))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_blocked_float32_matches_reference(case):
+    B, T, S, H, Hkv, Dk, Dv = CASES[case]["shape"]
+    blocked = lambda *a, **kw: attention_blocked(*a, block_q=16, block_k=8, **kw)  # noqa: E731
+    check(blocked, *make_inputs(B, T, S, H, Hkv, Dk, Dv), 1e-5, 1e-4, **CASES[case]["kw"])
+
+
+def test_blocked_bfloat16_matches_reference():
+    q, k, v, do = make_inputs(2, 37, 53, 4, 1, 40, 32, dtype=jnp.bfloat16)
+    check(lambda *a, **kw: attention_blocked(*a, block_q=16, block_k=16, **kw), q, k, v, do, 5e-3, 8e-3,
+          **CASES["absorbed_cache"]["kw"])
+
+
+def test_auto_on_cpu_is_the_blocked_form():
+    q, k, v, do = make_inputs(2, 37, 37, 4, 4, 24, 16)
+    check(attention, q, k, v, do, 1e-5, 1e-4, q_segment_ids=Q_SEG)
+    text = jax.jit(lambda q, k, v: attention(q, k, v, q_segment_ids=Q_SEG)).lower(q, k, v).as_text()
+    assert "custom_call" not in text
+
+
+def test_padding_rows_give_zero_and_no_nan():
+    """Padding queries, and a query whose segment has no key at or before it, output 0; gradients stay finite
+    and padding keys get none."""
+    q, k, v, do = make_inputs(1, 12, 12, 2, 1, 8, 8)
+    q_seg = segments([[(0, 2), (3, 4), (4, 4), (0, 2)]])
+    kv_seg = segments([[(3, 6), (0, 2), (4, 4)]])  # segment 4's keys start at 8: query 6, 7 (segment 4) see none
+    for fn in (attention_reference, attention_blocked):
+        o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg), q, k, v)
+        dq, dk, dv = vjp(do)
+        dead = np.array([1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1], bool)
+        assert np.all(np.asarray(o)[0, dead] == 0) and np.all(np.abs(np.asarray(o)[0, ~dead]) > 0)
+        assert all(np.isfinite(np.asarray(g)).all() for g in (dq, dk, dv))
+        assert np.all(np.asarray(dq)[0, dead] == 0)
+        assert np.all(np.asarray(dk)[0, 6:8] == 0) and np.all(np.asarray(dv)[0, 6:8] == 0)
+
+
+def test_block_skipping_follows_causality_and_segments():
+    """Packed causal documents visit a block-diagonal band; every visible pair lies in a visited block."""
+    T, bq, bk = 64, 8, 16
+    seg = segments([[(1, 20), (2, 30), (3, 14)]])
+    q_pos = jnp.arange(T, dtype=jnp.int32).reshape(T // bq, 1, bq)  # chunk-major [nq, B, bq]
+    q_seg, k_seg = seg.reshape(T // bq, 1, bq), seg.reshape(T // bk, 1, bk)
+    visit = np.asarray(visited_blocks(q_pos, q_seg, k_seg, causal=True))
+    pos = np.arange(T)
+    ids = np.asarray(seg)[0]
+    visible = (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])
+    needed = visible.reshape(T // bq, bq, T // bk, bk).any(axis=(1, 3))
+    assert np.array_equal(visit, needed)  # exact here: segment ranges of these blocks overlap only where needed
+    causal_only = sum(min((bq * i + bq - 1) // bk + 1, T // bk) for i in range(T // bq))
+    assert visit.sum() == 13 and causal_only == 20
+    both_ways = np.asarray(visited_blocks(q_pos, q_seg, k_seg, causal=False))
+    assert both_ways.sum() > visit.sum() and not both_ways[0, 3] and not both_ways[7, 0]
+
+
+def test_memory_is_linear_in_sequence_length():
+    """XLA's own temp-buffer estimate of forward + backward at T = 4096 (one head): the reference holds [T, T]
+    float32 score matrices, the blocked form a few blocks."""
+    T = 4096
+    spec = lambda d: jax.ShapeDtypeStruct((1, T, 1, d), jnp.float32)  # noqa: E731
+    seg = jax.ShapeDtypeStruct((1, T), jnp.int32)
+
+    def temp_bytes(fn):
+        def fwd_bwd(q, k, v, s):
+            return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, q_segment_ids=s)), (0, 1, 2))(q, k, v)
+        compiled = jax.jit(fwd_bwd).lower(spec(48), spec(48), spec(32), seg).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    scores = T * T * 4
+    assert temp_bytes(attention_reference) >= scores
+    assert temp_bytes(attention_blocked) < scores / 8
+
+
+def test_max_logit_pass_alone():
+    q, k, v, _ = make_inputs(2, 37, 53, 4, 1, 40, 32)
+    kw = CASES["absorbed_cache"]["kw"]
+    _, ref = attention_reference(q, k, v, return_max_logit=True, **kw)
+    got = attention_max_logit(q, k, block_q=16, block_k=8, **kw)
+    assert got.shape == (2, 4) and error_ratio(ref, got) < 1e-6
+
+
+@pytest.mark.parametrize("kernel", ["splash", "triton"])
+def test_interpreted_kernels_match_reference(kernel):
+    """The kernel wrappers (scale, padding to blocks, segment ids, zeroed padding rows, v padding) on CPU."""
+    if kernel == "splash":  # absorbed MLA continuing a cache: splash's MQA form with a static causal offset
+        fn, args, kw = attention_splash, make_inputs(2, 37, 53, 4, 1, 40, 32), CASES["absorbed_cache"]["kw"]
+    else:  # expanded MLA self-attention over packed segments: Dv < Dk is padded for the kernel
+        fn, args, kw = attention_triton, make_inputs(2, 37, 37, 4, 4, 24, 16), CASES["expanded_segments"]["kw"]
+    q, k, v, do = args
+    o_ref, vjp_ref = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **kw), q, k, v)
+    o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kw), q, k, v)
+    assert error_ratio(o_ref, o) < 1e-5
+    for a, b in zip(vjp_ref(do), vjp(do)):
+        assert error_ratio(a, b) < 1e-4
+
+
+def _specs(B, T, S, H, Hkv, Dk, Dv):
+    s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    return s(B, T, H, Dk), s(B, S, Hkv, Dk), s(B, S, Hkv, Dv), s(B, T, dt=jnp.int32), s(B, S, dt=jnp.int32)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_auto_lowers_to_the_kernels(platform):
+    """Expanded MLA self-attention (H = Hkv, Dk 192, Dv 128, one segment array) lowers to splash on TPU (forward;
+    fused backward) and to Triton on GPU (forward; backward preprocess + kernel). Absorbed MLA (Hkv = 1, 576 / 512)
+    continuing a cache lowers to splash on TPU and falls back to the XLA form on GPU; a traced offset falls back on
+    both. max_logit, requested throughout, never changes the choice."""
+    def fwd_bwd(q_offset):
+        def run(q, k, v, q_seg, kv_seg=None):
+            def loss(q, k, v):
+                o, mx = attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=q_offset,
+                                  return_max_logit=True)
+                return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(mx), mx, 0.0))
+            return jax.grad(loss, (0, 1, 2))(q, k, v)
+        return run
+
+    def fwd(q, k, v, q_seg):
+        return attention(q, k, v, q_segment_ids=q_seg)
+
+    expanded = _specs(1, 200, 200, 4, 4, 192, 128)[:4]
+    kernels = {"tpu": (1, 2), "cuda": (1, 3)}[platform]
+    assert _lower(fwd, expanded, platform) == kernels[0]
+    assert _lower(fwd_bwd(0), expanded, platform) == kernels[1]
+    absorbed = _specs(1, 64, 200, 4, 1, 576, 512)
+    assert _lower(fwd_bwd(136), absorbed, platform) == {"tpu": 2, "cuda": 0}[platform]
+    assert _lower(fwd_bwd(jnp.array([136])), absorbed, platform) == 0
+
+
+def test_bad_arguments_raise():
+    q, k, v, _ = make_inputs(1, 8, 8, 4, 2, 8, 8)
+    with pytest.raises(ValueError, match="impl"):
+        attention(q, k, v, impl="cudnn")
+    with pytest.raises(ValueError, match="Hkv=3 must divide"):
+        attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2))
+    with pytest.raises(ValueError, match="kv_segment_ids was given without q_segment_ids"):
+        attention(q, k, v, kv_segment_ids=jnp.ones((1, 8), jnp.int32))
+    with pytest.raises(ValueError, match="kv_segment_ids is required"):
+        attention(q, k[:, :5], v[:, :5], q_segment_ids=jnp.ones((1, 8), jnp.int32))
+    with pytest.raises(ValueError, match="q_offset must be an int"):
+        attention(q, k, v, q_offset=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="block_k must be a positive int"):
+        attention_blocked(q, k, v, block_k=0)
+    with pytest.raises(ValueError, match="q_offset must be a Python int >= 0"):
+        attention_splash(q, k, v, q_offset=jnp.array(2))
+    with pytest.raises(ValueError, match="attention_triton: needs self-attention with equal head counts"):
+        attention_triton(q, k, v)
+    with pytest.raises(ValueError, match="v must be"):
+        attention_reference(q, k, v[:, :7])
