@@ -2,4 +2,6 @@
 
 - `pallas_kernels.kda`: Kimi Delta Attention (gated delta rule with channel-wise decay).
 - `pallas_kernels.int4`: INT4 weight-only quantization and matmul.
+- `pallas_kernels.attention`: softmax attention (MLA expanded and absorbed) in O(T) memory.
+- `pallas_kernels.cross_entropy`: lm_head + softmax cross-entropy without [N, V] logits.
 """

@@ -66,9 +66,9 @@ def attention_max_logit(q, k, *, scale=None, causal=True, q_segment_ids=None, kv
     """max over visible pairs of scale * q . k per (batch, head): float32 [B, H] (-inf where a head sees no key),
     with no gradient. The key-block loop of `attention_blocked` without the softmax and value products: what the
     kernel paths run beside a kernel that cannot report it. Shapes and masking as `attention_reference`."""
-    v = jnp.zeros(k.shape[:3] + (1,), k.dtype)  # a width-1 stand-in: only the shape is checked
+    # Values play no part: k stands in for v in the shape checks and its chunked copy is never used.
     shape, kv_segment_ids, q_offset, scale = check_attention_inputs(
-        q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale, op="attention_max_logit")
+        q, k, k, q_segment_ids, kv_segment_ids, q_offset, scale, op="attention_max_logit")
     bq = check_block(block_q, "block_q", op="attention_max_logit")
     bk = check_block(block_k, "block_k", op="attention_max_logit")
     B, T, S, Hkv, G = shape.B, shape.T, shape.S, shape.Hkv, shape.G
@@ -76,7 +76,7 @@ def attention_max_logit(q, k, *, scale=None, causal=True, q_segment_ids=None, kv
         return jnp.full((B, shape.H), -jnp.inf, _F32)
     bq, bk = min(bq, _round_up(T, 8)), min(bk, _round_up(S, 8))
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    qc, kc, _, q_pos, q_seg, k_seg = _chunk_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, shape, bq, bk)
+    qc, kc, _, q_pos, q_seg, k_seg = _chunk_inputs(q, k, k, q_segment_ids, kv_segment_ids, q_offset, shape, bq, bk)
     visit = visited_blocks(q_pos, q_seg, k_seg, causal=causal) if q_segment_ids is not None else None
     k_pos = jnp.arange(kc.shape[0] * bk, dtype=jnp.int32).reshape(-1, bk)
     q_last = jnp.max(q_pos, axis=(1, 2))
