@@ -69,6 +69,8 @@ CASES = {
     # a per-row offset (traced), causal: rows continue caches of different lengths; with blocks 16 / 8 the last
     # positions of the query blocks (40, 56) are key-block starts, the edge of the causal loop bounds
     "per_row_offset": dict(shape=(2, 21, 50, 2, 1, 16, 16), kw=dict(q_offset=jnp.array([25, 1]))),
+    # one decode token per row after caches of 49 and 30 keys (absorbed form)
+    "decode": dict(shape=(2, 1, 50, 4, 1, 40, 32), kw=dict(q_offset=jnp.array([49, 30]))),
 }
 
 
