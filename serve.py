@@ -3,10 +3,11 @@
     python serve.py --checkpoint DIR --prompt "Once upon a time" [--prompt ...] [--max-tokens 64]
     python serve.py --checkpoint DIR --prompts-file prompts.txt --slots 32      # one prompt per line
     python serve.py --checkpoint DIR --http --port 8000                         # /v1/completions, /v1/chat/completions
-    python serve.py --config tiny --override vocab_size=264 --prompt "hi"      # random weights, byte tokenizer
+    python serve.py --config default --prompt "hi"                             # random weights, byte tokenizer
 
 DIR is a Hugging Face folder (config.json + safetensors) or an orbax checkpoint written by train.py. The CLI is
-a thin layer over k2jax.engine (batching, caches, sampling) and k2jax.server (HTTP).
+a thin layer over k2jax.engine (batching, caches, sampling) and k2jax.server (HTTP). A model whose vocabulary is
+larger than the tokenizer's (padded embeddings) is served: ids the tokenizer cannot decode are never sampled.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from k2jax.server_limits import ServerLimits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     http.add_argument("--host", default="127.0.0.1")
     http.add_argument("--port", type=int, default=8000)
     http.add_argument("--model-name", help="model id the API answers to (default: the checkpoint folder name)")
+    d = ServerLimits()
+    http.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                      help="larger request bodies get 413 (default %(default)s)")
+    http.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                      help="requests queued behind busy slots before new ones get 429 (default %(default)s)")
+    http.add_argument("--request-timeout", type=float, default=d.request_timeout_s, metavar="SECONDS",
+                      help="a request still running after this is aborted with 504 (default %(default)s)")
+    http.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                      help="max_tokens of a chat request that names none (default %(default)s)")
     return p
 
 
@@ -92,9 +104,6 @@ def _build(args):
         has = ck is not None and any((ck / n).is_file() for n in ("tiktoken.model", "tokenizer.json"))
         tok_src = str(ck) if has else "byte"
     tokenizer = load_tokenizer(tok_src)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size} (with --config, add --override vocab_size={tokenizer.vocab_size})")
     engine = Engine(model, tokenizer, num_slots=args.slots, max_len=args.max_len, min_bucket=args.min_bucket,
                     int4_experts=args.int4_experts, mesh=mesh)
     return engine, tokenizer
@@ -112,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = _prompts(args)
     if not args.http and not prompts:
         raise SystemExit("nothing to do: give --prompt, --prompts-file or --http")
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting,
+                          request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens)
+    try:
+        limits.validate()
+    except ValueError as e:
+        raise SystemExit(str(e))
     from k2jax.engine import SamplingParams
 
     engine, tokenizer = _build(args)
@@ -123,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.model_name or Path(args.checkpoint or args.config).name
         print(f"serving {name!r} on http://{args.host}:{args.port} (slots={engine.num_slots}, "
               f"context={engine.max_len})", file=sys.stderr)
-        make_server(engine, tokenizer, name, args.host, args.port).run()
+        make_server(engine, tokenizer, name, args.host, args.port, limits).run()
         return 0
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p)
            for p in prompts]

@@ -6,6 +6,13 @@
 2. runs one jitted decode step for all slots (inactive slots are left unchanged), attending over a
    power-of-two `kv_len` bucket that covers the longest active sequence;
 3. applies stop rules (EOS / stop token ids, stop strings, max_tokens) and frees finished slots.
+A request's failure stays its own: admission builds the whole prefill batch before it takes any slot, a failing
+prefill call fails only the requests it admits, a failing decode call only the requests it decodes, and an error
+in one request's bookkeeping (a decode, a callback) only that request. Every submitted request reaches a finished
+state: if the engine thread itself dies, `error` says why, every pending request finishes with it and `submit`
+raises `EngineStoppedError`.
+Ids the tokenizer cannot decode (a model vocabulary padded beyond the tokenizer's) are never sampled: the jitted
+steps mask them (k2jax.sampling, `vocab_limit`).
 Prefill and decode each run as a read program (compute and sample) and a write program that takes the cache
 donated and updates it in place (k2jax.generate explains the split). A freed slot is reused by the next
 admission, which overwrites its whole state. Every jitted shape comes from the buckets, so after `warmup()` no
@@ -40,14 +47,22 @@ from k2jax.sharding import logical_names, logical_to_mesh_spec
 log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 256
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine's thread has died (see `Engine.error`): it accepts no more requests."""
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SamplingParams:
     """Per-request generation settings. max_tokens None means "up to the context limit"; temperature 0 is greedy;
-    top_k 0 and top_p 1 are off; seed None draws one; logprobs None is off, n >= 0 also returns the n most likely
-    alternatives (n <= 5); stop strings end the text before them; ignore_eos keeps going past EOS."""
+    top_k 0 and top_p 1 are off (a top_k above the vocabulary keeps every id); seed None draws one, any integer is
+    reduced mod 2**32; logprobs None is off, n >= 0 also returns the n most likely alternatives (n <= 5); stop
+    strings (at most 16) end the text before them; stop_token_ids (at most 256) end it after them; ignore_eos
+    keeps going past EOS."""
 
     max_tokens: int | None = 16
     temperature: float = 0.0
@@ -62,25 +77,33 @@ class SamplingParams:
     def validate(self) -> None:
         """ValueError naming the first invalid field."""
         def bad(field, allowed):
-            raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}")
+            shown = repr(getattr(self, field))
+            raise ValueError(f"{field}={shown[:100] + '...' if len(shown) > 100 else shown} is invalid: {allowed}")
 
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+        def is_number(x):
+            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "must be a positive integer")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
+        # Comparisons are False for NaN, so NaN fails each range check.
+        if not is_number(self.temperature) or not 0 <= self.temperature <= 100:
             bad("temperature", "must be a number in [0, 100]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be a non-negative integer (0 = off)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be a number in (0, 1]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and not is_int(self.seed):
             bad("seed", "must be an integer")
-        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", "must be a list of non-empty strings")
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
-            bad("stop_token_ids", "must be a list of token ids")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+        if (isinstance(self.stop, str) or not isinstance(self.stop, Sequence) or len(self.stop) > MAX_STOP_STRINGS
+                or any(not isinstance(s, str) or not s for s in self.stop)):
+            bad("stop", f"must be a list of at most {MAX_STOP_STRINGS} non-empty strings")
+        if (not isinstance(self.stop_token_ids, Sequence) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS
+                or any(not is_int(t) or t < 0 for t in self.stop_token_ids)):
+            bad("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or null")
 
 
@@ -124,11 +147,14 @@ class Completion:
 
 
 class Request:
-    """Engine-side state of one request (create through `Engine.submit`)."""
+    """Engine-side state of one request (create through `Engine.submit`). max_tokens, top_k, seed and stop_ids
+    are the effective values the engine uses (validated, clamped, the EOS ids added unless ignore_eos)."""
 
-    def __init__(self, request_id, prompt_ids, params: SamplingParams, max_tokens: int, seed: int, callback):
+    def __init__(self, request_id, prompt_ids, params: SamplingParams, *, max_tokens: int, top_k: int, seed: int,
+                 stop_ids: frozenset[int], callback):
         self.id, self.prompt_ids, self.params = request_id, list(prompt_ids), params
-        self.max_tokens, self.seed, self.callback = max_tokens, seed, callback
+        self.max_tokens, self.top_k, self.seed, self.stop_ids = max_tokens, top_k, seed, stop_ids
+        self.callback = callback
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.text, self.sent = "", 0  # text so far (stop-trimmed at the end) and how much of it was emitted
@@ -183,6 +209,9 @@ class Engine:
     `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel (k2jax.expert_parallel, dropless
     unless config.moe_capacity_factor), 'tensor' splits heads, and the cache's slots are sharded over
     'data'/'expert' and its KDA heads over 'tensor'. A scanned model (config.scan_layers) is unstacked.
+
+    vocab_limit: ids the engine may generate are [0, vocab_limit) = [0, min(model vocab, tokenizer.vocab_size))
+    (the model vocab without a tokenizer); error: None, or why the engine thread died.
     """
 
     def __init__(self, model, tokenizer=None, *, num_slots: int = 8, max_len: int | None = None,
@@ -205,6 +234,10 @@ class Engine:
             eos.add(tokenizer.eos_id)
         self.eos_token_ids = frozenset(int(e) for e in eos if e is not None)
         self._setup_model(model, int4_experts)
+        # Ids in [0, tokenizer.vocab_size) decode (byte, tiktoken and HF tokenizers alike); a model vocabulary
+        # padded beyond them must never produce the rest.
+        V = self.config.vocab_size
+        self.vocab_limit = V if tokenizer is None else min(V, int(tokenizer.vocab_size))
         self._cache_sharding = self._cache_shardings()
         self.cache = self._new_cache()
         self.compile_count = 0
@@ -221,11 +254,13 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
-        self._cv = threading.Condition()
+        self._cv = threading.Condition()  # guards _stop, error, _unfinished and the hand-over through _incoming
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.error: str | None = None
+        self._unfinished = 0
         self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "decode_steps": 0, "decode_tokens": 0,
-                      "decode_s": 0.0, "prefill_s": 0.0}
+                      "decode_s": 0.0, "prefill_s": 0.0, "finished": {}}
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _setup_model(self, model, int4_experts: bool):
@@ -268,6 +303,8 @@ class Engine:
         """Jitted (prefill, write_prefill, decode, write_decode): the reads sample too, the writes donate the
         cache (see k2jax.generate on why each step is two programs)."""
         graphdef, param_def = self.graphdef, self._param_def
+        # A static bound fixed per engine: no recompiles per request, and no mask at all when it is the full vocab.
+        limit = self.vocab_limit if self.vocab_limit < self.config.vocab_size else None
 
         def model_of(params):
             self.compile_count += 1  # runs only while tracing
@@ -275,11 +312,13 @@ class Engine:
 
         def prefill_fn(params, tokens, lengths, temp, top_k, top_p, seeds):
             entries, logits = gen.prefill_entries(model_of(params), tokens, lengths)
-            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)))
+            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
+                                   vocab_limit=limit)
 
         def decode_fn(params, cache, tokens, temp, top_k, top_p, seeds, counters, all_greedy, *, kv_len):
             entries, logits = gen.decode_entries(model_of(params), cache, tokens, kv_len=kv_len)
-            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy)
+            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy,
+                                   vocab_limit=limit)
 
         def write_prefill_fn(cache, entries, lengths, slots):
             self.compile_count += 1
@@ -332,11 +371,11 @@ class Engine:
         n, V = len(prompt_ids), self.config.vocab_size
         if n == 0:
             raise ValueError("the prompt is empty: at least one token is needed")
-        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < V for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, vocab_size={V})")
-        if n >= self.max_len:
+        if n >= self.max_len:  # before looking at the ids: an over-long prompt costs nothing more
             raise ValueError(f"the prompt has {n} tokens but the context is {self.max_len} tokens "
                              f"(at most {self.max_len - 1} prompt tokens, leaving room for one generated token)")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < V for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, vocab_size={V})")
         max_tokens = self.max_len - n if params.max_tokens is None else params.max_tokens
         if n + max_tokens > self.max_len:
             raise ValueError(f"max_tokens={max_tokens} plus the prompt's {n} tokens exceed the context of "
@@ -348,14 +387,21 @@ class Engine:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
                callback: Callable[[Event], None] | None = None, request_id: str | None = None) -> Request:
         """Queue a request (thread-safe). callback(Event) is called from the engine's thread after every step
-        that produced something for it. Raises ValueError for an invalid request before queueing it."""
+        that produced something for it. Raises ValueError for an invalid request before queueing it, and
+        EngineStoppedError once the engine thread has died."""
         params = params or SamplingParams()
         max_tokens = self.check_request(prompt_ids, params)
         seed = params.seed if params.seed is not None else random.getrandbits(32)
-        req = Request(request_id or f"req-{next(self._ids)}", [int(t) for t in prompt_ids], params, max_tokens,
-                      seed % 2 ** 32, callback)
-        self._incoming.put(req)
+        stop_ids = frozenset(int(t) for t in params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids)
+        req = Request(request_id or f"req-{next(self._ids)}", [int(t) for t in prompt_ids], params,
+                      max_tokens=max_tokens, top_k=min(int(params.top_k), self.config.vocab_size),
+                      seed=int(seed) % 2 ** 32, stop_ids=stop_ids, callback=callback)
         with self._cv:
+            if self.error is not None:
+                raise EngineStoppedError(self.error)
+            self._unfinished += 1
+            self._incoming.put(req)
             self._cv.notify()
         return req
 
@@ -369,11 +415,33 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting) or not self._incoming.empty() or any(s is not None for s in self.slots)
 
+    @property
+    def num_active(self) -> int:
+        """Requests holding a slot."""
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Submitted requests not finished yet, holding a slot or waiting for one (thread-safe)."""
+        with self._cv:
+            return self._unfinished
+
+    @property
+    def num_waiting(self) -> int:
+        """Submitted requests that neither hold a slot nor finished yet (thread-safe)."""
+        with self._cv:
+            return max(0, self._unfinished - self.num_active)
+
+    @property
+    def running(self) -> bool:
+        """True while the background thread is alive and the engine has not died."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
     # ---- the step --------------------------------------------------------------------------------------------
     def step(self) -> None:
-        """Admit waiting requests into free slots (prefill), then decode one token for every active slot."""
-        while not self._incoming.empty():
-            self.waiting.append(self._incoming.get())
+        """Admit waiting requests into free slots (prefill), then decode one token for every active slot. A failed
+        prefill or decode call finishes only the requests in it (reason 'error'), never raises for them."""
+        self._take_incoming()
         for req in [r for r in self.waiting if r.aborted]:
             self.waiting.remove(req)
             self._finish(req, FINISH_ABORT)
@@ -384,37 +452,66 @@ class Engine:
         if any(r is not None for r in self.slots):
             self._decode_step()
 
-    def _admit(self):
-        free = [i for i, r in enumerate(self.slots) if r is None]
-        group = [self.waiting.popleft()]
+    def _take_incoming(self):
+        while True:
+            try:
+                self.waiting.append(self._incoming.get_nowait())
+            except queue.Empty:
+                return
+
+    def _next_group(self, num_free: int) -> tuple[list[Request], int]:
+        """The waiting requests (from the front, not removed) one prefill call takes, and their length bucket."""
+        group = [self.waiting[0]]
         T = _bucket(len(group[0].prompt_ids), self.buckets)
-        while self.waiting and len(group) < min(len(free), self.max_prefill_batch):
-            T2 = max(T, _bucket(len(self.waiting[0].prompt_ids), self.buckets))
+        while len(group) < min(len(self.waiting), num_free, self.max_prefill_batch):
+            T2 = max(T, _bucket(len(self.waiting[len(group)].prompt_ids), self.buckets))
             if _bucket(len(group) + 1, _pow2_upto(self.max_prefill_batch)) * T2 > self.max_prefill_tokens:
                 break
-            group.append(self.waiting.popleft())
+            group.append(self.waiting[len(group)])
             T = T2
+        return group, T
+
+    def _prefill_batch(self, group: list[Request], free: list[int], T: int):
+        """Host arrays of one prefill call: (tokens [r, T], lengths [r], slots [r], temp, top_k, top_p, seeds)."""
         r = _bucket(len(group), _pow2_upto(self.max_prefill_batch))
         tokens = np.zeros((r, T), np.int32)
         lengths = np.zeros(r, np.int32)
         # Padding rows (length 0, left unchanged) need distinct slots too: any the real rows do not use.
         spare = [i for i in range(self.num_slots) if i not in free[:len(group)]]
         slots = np.array(free[:len(group)] + spare[:r - len(group)], np.int32)
-        temp, top_k, top_p, seeds = np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32), \
-            np.zeros(r, np.uint32)
-        for i, (req, s) in enumerate(zip(group, free)):
+        temp, top_k, top_p = np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32)
+        seeds = np.zeros(r, np.uint32)
+        for i, req in enumerate(group):
             n = len(req.prompt_ids)
             tokens[i, :n], lengths[i] = req.prompt_ids, n
-            p = req.params
-            temp[i], top_k[i], top_p[i], seeds[i] = p.temperature, p.top_k, p.top_p, req.seed
-            req.slot, self.slots[s] = s, req
-            self._temp[s], self._top_k[s], self._top_p[s], self._seed[s] = temp[i], top_k[i], top_p[i], seeds[i]
-            self._len[s] = n
+            temp[i], top_k[i], top_p[i], seeds[i] = req.params.temperature, req.top_k, req.params.top_p, req.seed
+        return tokens, lengths, slots, temp, top_k, top_p, seeds
+
+    def _admit(self):
+        """Prefill the next group of waiting requests into free slots. The whole call is prepared and run before
+        any slot is taken; if it fails, only the group's requests fail (and leave the queue)."""
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        group, T = self._next_group(len(free))
         t0 = time.perf_counter()
-        out = self._prefill(tokens, lengths, slots, temp, top_k, top_p, seeds)
+        try:
+            tokens, lengths, slots, temp, top_k, top_p, seeds = self._prefill_batch(group, free, T)
+            out = self._prefill(tokens, lengths, slots, temp, top_k, top_p, seeds)
+        except Exception as e:
+            log.exception("prefill of %d request(s) failed", len(group))
+            for req in group:
+                self.waiting.popleft()
+                self._finish(req, FINISH_ERROR, error=f"prefill failed: {type(e).__name__}: {e}")
+            self._recover_cache(e)
+            return
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += int(lengths.sum())
         self.stats["prefill_s"] += time.perf_counter() - t0
+        for i, req in enumerate(group):
+            s = int(slots[i])
+            self.waiting.popleft()
+            req.slot, self.slots[s] = s, req
+            self._temp[s], self._top_k[s], self._top_p[s], self._seed[s] = temp[i], top_k[i], top_p[i], seeds[i]
+            self._len[s] = lengths[i]
         for i, req in enumerate(group):
             self._accept(req, out, i)
 
@@ -424,7 +521,14 @@ class Engine:
         counters = np.array([len(r.token_ids) if r is not None else 0 for r in self.slots], np.int32)
         all_greedy = np.bool_((self._temp[active] == 0).all())
         t0 = time.perf_counter()
-        out = self._decode(kv_len, active, counters, all_greedy)
+        try:
+            out = self._decode(kv_len, active, counters, all_greedy)
+        except Exception as e:
+            log.exception("decode step failed")
+            for req in [r for r in self.slots if r is not None]:
+                self._finish(req, FINISH_ERROR, error=f"decode failed: {type(e).__name__}: {e}")
+            self._recover_cache(e)
+            return
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += int(active.sum())
         self.stats["decode_s"] += time.perf_counter() - t0
@@ -433,8 +537,27 @@ class Engine:
             if req is not None:
                 self._accept(req, out, s)
 
+    def _recover_cache(self, e: Exception):
+        """After a failed call: if it consumed the donated cache, the active requests' states are gone with it;
+        they fail and a fresh cache replaces it. (An intact cache is kept: the other slots carry on.)"""
+        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
+            return
+        for req in [r for r in self.slots if r is not None]:
+            self._finish(req, FINISH_ERROR, error=f"the decode cache was lost when a call failed: "
+                                                  f"{type(e).__name__}: {e}")
+        self.cache = self._new_cache()
+
     # ---- per-token bookkeeping --------------------------------------------------------------------------------
     def _accept(self, req: Request, out, row: int):
+        """Take the token sampled for `req` (row `row` of `out`); an error here fails this request only."""
+        try:
+            self._take_token(req, out, row)
+        except Exception as e:
+            log.exception("request %s failed", req.id)
+            if not req.finished:
+                self._finish(req, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+
+    def _take_token(self, req: Request, out, row: int):
         tok = int(out.tokens[row])
         now = time.perf_counter()
         if req.t_first is None:
@@ -442,14 +565,15 @@ class Engine:
         lp = None
         if req.params.logprobs is not None:
             n = req.params.logprobs
-            lp = TokenLogprob(tok, float(out.logprob[row]),
-                              [(int(i), float(v)) for i, v in zip(out.top_ids[row][:n], out.top_logprobs[row][:n])])
+            # -inf alternatives are ids the engine may not generate (only when fewer than n ids are allowed).
+            top = [(int(i), float(v)) for i, v in zip(out.top_ids[row][:n], out.top_logprobs[row][:n])
+                   if np.isfinite(v)]
+            lp = TokenLogprob(tok, float(out.logprob[row]), top)
             req.logprobs.append(lp)
         req.token_ids.append(tok)
         self._last[req.slot] = tok
-        stop_ids = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.eos_token_ids)
         reason = None
-        if tok in stop_ids:
+        if tok in req.stop_ids:
             reason = FINISH_STOP
         elif len(req.token_ids) >= req.max_tokens:
             reason = FINISH_LENGTH
@@ -483,18 +607,26 @@ class Engine:
             log.exception("callback of request %s failed", req.id)
 
     def _finish(self, req: Request, reason: str, *, emitted: bool = False, error: str | None = None):
+        """End `req` (once; later calls do nothing): free its slot, send the final event unless `emitted`."""
+        if req.finished:
+            return
         req.finish_reason, req.error, req.t_done = reason, error, time.perf_counter()
         if req.slot is not None and self.slots[req.slot] is req:
             self.slots[req.slot] = None
+        with self._cv:
+            self._unfinished -= 1
+        finished = self.stats["finished"]
+        finished[reason] = finished.get(reason, 0) + 1
         if not emitted and req.callback is not None:
             self._call(req, Event(req.id, [], "", [], True, reason, error))
         req._done.set()
 
-    def _fail_all(self, message: str):
+    def _finish_everything(self, reason: str, error: str | None = None):
+        """Finish every queued, waiting and active request."""
+        self._take_incoming()
         for req in list(self.waiting) + [r for r in self.slots if r is not None]:
-            self._finish(req, FINISH_ERROR, error=message)
+            self._finish(req, reason, error=error)
         self.waiting.clear()
-        self.cache = self._new_cache()  # a failed call may have consumed the donated cache
 
     # ---- driving ---------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -525,24 +657,29 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        while not self._incoming.empty():
-            self.waiting.append(self._incoming.get())
-        for req in list(self.waiting) + [r for r in self.slots if r is not None]:
-            self._finish(req, FINISH_ABORT)
-        self.waiting.clear()
+        self._finish_everything(FINISH_ABORT)
 
     def _loop(self):
-        while True:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self.has_work:
+                        self._cv.wait(timeout=1.0)
+                    if self._stop:
+                        return
+                try:
+                    self.step()
+                except Exception as e:
+                    # step() confines request failures itself, so this is a fault of the engine's own
+                    # bookkeeping: return to a known state (nothing in flight, a fresh cache) and keep serving.
+                    log.exception("engine step failed")
+                    self._finish_everything(FINISH_ERROR, f"engine step failed: {type(e).__name__}: {e}")
+                    self.cache = self._new_cache()
+        except BaseException as e:  # the thread ends here: nothing may be left waiting on it
+            log.exception("the engine thread died")
             with self._cv:
-                while not self._stop and not self.has_work:
-                    self._cv.wait(timeout=1.0)
-                if self._stop:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # keep serving: fail the requests in flight, start from a fresh cache
-                log.exception("engine step failed")
-                self._fail_all(f"{type(e).__name__}: {e}")
+                self.error = f"the engine stopped: {type(e).__name__}: {e}"
+            self._finish_everything(FINISH_ERROR, self.error)
 
 
 def _pow2_upto(n: int) -> list[int]:

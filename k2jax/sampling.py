@@ -8,6 +8,11 @@ Order of operations (as in HF `generate` and vLLM): logits / temperature, keep t
 keep the smallest prefix (by decreasing probability) whose mass reaches top_p, sample. temperature 0 is greedy
 (argmax of the raw logits, ties to the lower id). Logprobs are of the raw model distribution (temperature 1,
 no truncation), as the OpenAI API reports them.
+
+`vocab_limit` (a static int) restricts every choice to ids below it: the logits of ids >= vocab_limit are set to
+-inf before anything else, so greedy, sampled and logprob alternatives alike never name them, and logprobs are
+then of the model's distribution renormalised over ids [0, vocab_limit). The engine uses it when its model has
+more ids (padded embeddings) than its tokenizer can decode.
 """
 
 from __future__ import annotations
@@ -53,16 +58,23 @@ def _truncated_logits(logits, temperature, top_k, top_p):
     return jnp.where(keep, srt, -jnp.inf), order
 
 
-def sample(logits, temperature, top_k, top_p, keys, *, all_greedy=False,
+def sample(logits, temperature, top_k, top_p, keys, *, all_greedy=False, vocab_limit: int | None = None,
            num_top_logprobs: int = MAX_TOP_LOGPROBS) -> SampleOutput:
     """Choose one token per row.
 
     logits: float [B, V]; temperature: f32 [B] (0 = greedy); top_k: int32 [B] (0 = off); top_p: f32 [B] in
     (0, 1] (1 = off); keys: [B] PRNG keys (`row_keys`). all_greedy: True skips the sort when every row is
-    greedy; a traced bool decides at run time (one compiled program serves both cases). Returns a SampleOutput
-    with the raw-distribution log-probabilities of the choice and the top `num_top_logprobs` alternatives.
+    greedy; a traced bool decides at run time (one compiled program serves both cases). vocab_limit: a static
+    int; ids >= vocab_limit are never chosen nor listed (None, or >= V: no mask and no cost). Returns a
+    SampleOutput with the log-probabilities of the choice and the top `num_top_logprobs` alternatives (one beyond
+    the allowed ids, possible only when vocab_limit < num_top_logprobs, has logprob -inf).
     """
     logits = logits.astype(jnp.float32)
+    V = logits.shape[-1]
+    if vocab_limit is not None and vocab_limit < V:
+        if vocab_limit < 1:
+            raise ValueError(f"sample: vocab_limit must be >= 1, got {vocab_limit}")
+        logits = jnp.where(jnp.arange(V, dtype=jnp.int32)[None, :] < vocab_limit, logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def general():

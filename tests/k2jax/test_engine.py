@@ -1,5 +1,7 @@
-"""The serving engine: continuous batching, stop rules, no recompilation after warm-up, model loading, a mesh."""
+"""The serving engine: continuous batching, stop rules, no recompilation after warm-up, model loading, a mesh, and
+failures that stay with the request that caused them."""
 
+import dataclasses
 import threading
 
 import jax
@@ -9,7 +11,7 @@ import pytest
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
-from k2jax.engine import Engine, SamplingParams, load_model, make_mesh, shard_model
+from k2jax.engine import Engine, EngineStoppedError, SamplingParams, load_model, make_mesh, shard_model
 from k2jax.tokenizer import ByteTokenizer
 
 MAX_LEN = 32
@@ -22,11 +24,12 @@ def serving_config(**overrides):
     return load_config("tiny", **{**base, **overrides})
 
 
-def tiny_engine(model=None, **kw):
-    """Engine over the serving config: 4 slots, context 32, buckets 16 and 32, prefill rows 1 and 2 (16 tokens)."""
+def tiny_engine(model=None, with_tokenizer=True, **kw):
+    """Engine over the serving config: 4 slots, context 32, buckets 16 and 32, prefill rows 1 and 2 (16 tokens),
+    the byte tokenizer unless with_tokenizer is False."""
     model = model if model is not None else KimiLinear(serving_config(), rngs=nnx.Rngs(0))
     opts = dict(num_slots=4, max_len=MAX_LEN, min_bucket=16, max_prefill_batch=2, max_prefill_tokens=32)
-    return Engine(model, ByteTokenizer(), **{**opts, **kw})
+    return Engine(model, ByteTokenizer() if with_tokenizer else None, **{**opts, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +140,14 @@ def test_stop_token_stop_string_and_max_tokens(engine):
     ([9], SamplingParams(top_p=0.0), "top_p"),
     ([9], SamplingParams(temperature=-1.0), "temperature"),
     ([9], SamplingParams(logprobs=6), "logprobs"),
+    ([9], SamplingParams(top_k=-1), "top_k"),
+    ([9], SamplingParams(top_k=2.5), "top_k"),
+    ([9], SamplingParams(temperature=float("nan")), "temperature"),
+    ([9], SamplingParams(top_p=float("nan")), "top_p"),
+    ([9], SamplingParams(seed="7"), "seed"),
+    ([9], SamplingParams(stop=["x"] * 17), "stop"),
+    ([9], SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
+    ([9], SamplingParams(stop_token_ids=list(range(257))), "stop_token_ids"),
 ])
 def test_invalid_requests_are_rejected(engine, prompt, params, match):
     with pytest.raises(ValueError, match=match):
@@ -147,12 +158,21 @@ def test_invalid_requests_are_rejected(engine, prompt, params, match):
 def test_background_thread_abort_and_reuse(engine):
     engine.start()
     try:
-        got_first = threading.Event()
+        got_first, aborted = threading.Event(), threading.Event()
+
+        def hold_after_first_token(ev):
+            # The engine thread waits here until the test has asked for the abort: it cannot run to max_tokens
+            # first, so a do-nothing abort fails the assertions below.
+            got_first.set()
+            aborted.wait(30)
+
         h = engine.submit(_prompt(9, 4), SamplingParams(max_tokens=27, ignore_eos=True),
-                          callback=lambda ev: got_first.set())
+                          callback=hold_after_first_token)
         assert got_first.wait(30)
         engine.abort(h)
-        assert h.wait(30).finish_reason in ("abort", "length")
+        aborted.set()
+        out = h.wait(30)
+        assert out.finish_reason == "abort" and 1 <= len(out.token_ids) <= 3
         outs = engine.generate([_prompt(10, 5)] * 5, SamplingParams(max_tokens=3, ignore_eos=True), timeout=60)
         assert [len(o.token_ids) for o in outs] == [3] * 5 and len({tuple(o.token_ids) for o in outs}) == 1
     finally:
@@ -199,3 +219,129 @@ def test_load_model_from_orbax_and_hf(engine, tmp_path):
             np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
     with pytest.raises(ValueError, match="neither"):
         load_model(tmp_path)
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_sampled():
+    """A model vocabulary padded beyond the tokenizer's (512 ids, the byte tokenizer decodes 264): greedy, sampled
+    and logprob alternatives never name an id >= 264; greedy is the argmax over [0, 264) and logprobs are the
+    model's distribution renormalised over those ids. The mask costs no compile per request."""
+    model = KimiLinear(serving_config(vocab_size=512), rngs=nnx.Rngs(0))
+    kernel = model.lm_head.kernel  # [hidden, vocab]
+    kernel[...] = kernel[...].at[:, 264:].multiply(30.0)  # the undecodable ids become the model's favourites
+    full = _full_logits_fn(model)
+    prompt = _prompt(14, 5)
+    assert int(np.argmax(full(prompt)[len(prompt) - 1])) >= 264  # unmasked, greedy would pick one at once
+    assert tiny_engine(model, with_tokenizer=False).vocab_limit == 512  # no tokenizer: nothing to mask
+
+    eng = tiny_engine(model)
+    assert eng.vocab_limit == 264
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=5)
+    out = eng.generate([prompt], greedy)[0]
+    assert out.finish_reason == "length", out.error
+    seq = list(prompt)
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        logits = full(seq)[len(seq) - 1]
+        assert tok == int(np.argmax(logits[:264]))
+        ref = np.asarray(jax.nn.log_softmax(logits[:264]))
+        assert abs(lp.logprob - ref[tok]) < 1e-4
+        assert [i for i, _ in lp.top] == list(np.argsort(-ref, kind="stable")[:5])
+        seq.append(tok)
+    c0 = eng.compile_count
+    sampled = [SamplingParams(max_tokens=6, temperature=t, top_k=k, seed=s, ignore_eos=True, logprobs=5)
+               for t, k, s in ((1.0, 0, 1), (2.0, 400, 2), (0.7, 50, 3))]
+    outs = [eng.generate([prompt], sp)[0] for sp in sampled]  # one at a time: the shapes compiled above
+    assert eng.compile_count == c0, "the vocabulary mask recompiled per request"
+    for o in outs:
+        assert o.finish_reason == "length", o.error
+        assert all(t < 264 for t in o.token_ids)
+        assert all(i < 264 for lp in o.logprobs for i, _ in lp.top) and all(len(lp.top) == 5 for lp in o.logprobs)
+        assert eng.tokenizer.decode(o.token_ids) == o.text
+
+
+def test_huge_top_k_is_clamped_and_breaks_nobody(engine):
+    """top_k beyond the vocabulary (even beyond int32) means every id: same output as top_k 0, and it does not
+    break the admission of the requests around it."""
+    sampled = SamplingParams(max_tokens=5, temperature=1.0, seed=11, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=8, ignore_eos=True)
+    ref_sampled = engine.generate([_prompt(15, 4)], sampled)[0].token_ids
+    ref_greedy = engine.generate([_prompt(16, 6)], greedy)[0].token_ids
+    running = engine.submit(_prompt(16, 6), greedy)
+    engine.step()
+    huge = [engine.submit(_prompt(15, 4), dataclasses.replace(sampled, top_k=k)) for k in (2 ** 31, 10 ** 30)]
+    while engine.has_work:
+        engine.step()
+    assert running.wait(0).token_ids == ref_greedy
+    assert [h.wait(0).token_ids for h in huge] == [ref_sampled, ref_sampled]
+
+
+def test_a_failing_prefill_fails_only_its_requests(engine, monkeypatch):
+    """A prefill call that raises fails the requests it was admitting, and only them: a request already decoding
+    carries on unchanged, nothing hangs, and the next requests are served."""
+    greedy = SamplingParams(max_tokens=8, ignore_eos=True)
+    ref = engine.generate([_prompt(17, 5)], greedy)[0].token_ids
+    real = engine._prefill
+    poison = 263
+
+    def prefill(tokens, *args):
+        if (tokens == poison).any():
+            raise RuntimeError("injected prefill failure")
+        return real(tokens, *args)
+
+    monkeypatch.setattr(engine, "_prefill", prefill)
+    running = engine.submit(_prompt(17, 5), greedy)
+    engine.step()
+    bad = engine.submit([poison, 9, 10], greedy)
+    engine.step()
+    assert bad.wait(0).finish_reason == "error" and "injected prefill failure" in bad.wait(0).error
+    later = engine.submit(_prompt(17, 5), greedy)
+    while engine.has_work:
+        engine.step()
+    assert running.wait(0).token_ids == ref and later.wait(0).token_ids == ref
+    assert engine.num_unfinished == 0 and engine.num_waiting == 0
+
+
+def test_a_failing_decode_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
+    """A decode call that raises fails the requests it was decoding (every active one); if it consumed the
+    donated cache, a fresh one replaces it and the next requests get the same output as before."""
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    ref = engine.generate([_prompt(18, 7)], greedy)[0].token_ids
+    real = engine._decode
+
+    def decode_once_broken(*args, **kwargs):
+        monkeypatch.setattr(engine, "_decode", real)
+        for leaf in jax.tree.leaves(engine.cache):  # as a call that failed after taking the donated cache
+            leaf.delete()
+        raise RuntimeError("injected decode failure")
+
+    monkeypatch.setattr(engine, "_decode", decode_once_broken)
+    hs = [engine.submit(_prompt(18, 7), greedy) for _ in range(2)]
+    while engine.has_work:
+        engine.step()
+    assert all(h.wait(0).finish_reason == "error" and "injected decode failure" in h.wait(0).error for h in hs)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(engine.cache))
+    assert engine.generate([_prompt(18, 7)] * 2, greedy)[1].token_ids == ref
+
+
+def test_a_dead_engine_thread_finishes_every_request_with_its_error():
+    """If the engine thread dies, no request waits forever: pending ones finish with the reason, `error` says it,
+    and submit refuses new ones."""
+    eng = tiny_engine()  # never steps for real: nothing is compiled
+
+    class Fatal(BaseException):
+        pass
+
+    def step():
+        raise Fatal("injected")
+
+    eng.step = step
+    eng.start()
+    try:
+        h = eng.submit([9, 10], SamplingParams(max_tokens=3))
+        out = h.wait(30)
+        assert out.finish_reason == "error" and "Fatal: injected" in out.error
+        assert not eng.running and "Fatal: injected" in eng.error
+        with pytest.raises(EngineStoppedError, match="injected"):
+            eng.submit([9, 10], SamplingParams(max_tokens=3))
+        assert eng.num_unfinished == 0
+    finally:
+        eng.shutdown()
