@@ -191,11 +191,10 @@ class StreamParser:
                     return out
                 self.state = _CONTENT if marker == THINK_CLOSE else _SECTION
             elif self.state == _CONTENT:
-                marker = self._text_until(out, self._content, _SECTION_BEGINS + (TURN_END,), final)
-                if marker is None:
-                    return out
-                if marker != TURN_END:
+                if self._content_step(out, final):
                     self.state = _SECTION
+                else:
+                    return out
             elif self.state == _SECTION:
                 if not self._section_step(out, final):
                     return out
@@ -205,6 +204,23 @@ class StreamParser:
             elif self.state == _CALL_ARGS:
                 if not self._call_args_step(out, final):
                     return out
+
+    def _content_step(self, out: list, final: bool) -> bool:
+        """Content up to a section marker (True when one was consumed); a trailing <|im_end|> is dropped."""
+        i, marker = _first_marker(self.buf, _SECTION_BEGINS)
+        if marker is not None:
+            self._content(out, self._consume(i))
+            self._consume(len(marker))
+            return True
+        if final:
+            text = self._consume(len(self.buf))
+            self._content(out, text[:-len(TURN_END)] if text.endswith(TURN_END) else text)
+            return False
+        keep = _held_back(self.buf, _SECTION_BEGINS + (TURN_END,))
+        if self.buf.endswith(TURN_END):  # the turn may end here: hold it until we know
+            keep = max(keep, len(TURN_END))
+        self._content(out, self._consume(len(self.buf) - keep))
+        return False
 
     def _section_step(self, out: list, final: bool) -> bool:
         """Between calls: whitespace is dropped, a call or the section end is taken, other text is content."""
