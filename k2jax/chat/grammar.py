@@ -136,13 +136,15 @@ def _reasoning_rules(thinking: str, special_tokens) -> tuple[str, list[str]]:
         raise ValueError(f"thinking={thinking!r} is invalid: one of {THINKING_MODES}")
     if thinking == "none":
         return "", []
-    close = _marker(THINK_CLOSE, special_tokens)
-    # Reasoning text may not contain the closing marker when that is plain text.
-    text = ("REASONING_TEXT: /(?s:.*)/" if THINK_CLOSE in special_tokens
-            else r"REASONING_TEXT: /(?s:.*)/ & ~/(?s:.*)<\/think>(?s:.*)/")
+    if THINK_CLOSE in special_tokens:
+        body = f"REASONING_TEXT {THINK_CLOSE}"
+        text = "REASONING_TEXT: /(?s:.*)/"
+    else:  # one lexeme: text that ends at the first "</think>" (a greedy text lexeme would swallow the marker)
+        body = "REASONING_TEXT"
+        text = r"REASONING_TEXT: /(?s:.*)<\/think>/ & ~/(?s:.*)<\/think>(?s:.+)/"
     if thinking == "open":
-        return "reasoning ", [f"reasoning: REASONING_TEXT {close}", text]
-    return "reasoning? ", [f"reasoning: {_marker(THINK_OPEN, special_tokens)} REASONING_TEXT {close}", text]
+        return "reasoning ", [f"reasoning: {body}", text]
+    return "reasoning? ", [f"reasoning: {_marker(THINK_OPEN, special_tokens)} {body}", text]
 
 
 def _section_rules(tools: dict[str, dict], parallel: bool, special_tokens, lenient: bool) -> list[str]:
@@ -218,7 +220,10 @@ def _ll_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int]):
                   for i in range(tokenizer.vocab_size)]
     else:
         raise ValueError(f"constrained decoding supports ByteTokenizer, KimiTokenizer and HFTokenizer, not {kind}")
-    adapter = _VocabAdapter(tokens, sorted(by_id), tokenizer.encode,
+    # Ids past the tokenizer (the model's padding) become special tokens no grammar names, so never allowed.
+    padding = list(range(len(tokens), vocab_size))
+    tokens += [f"<|k2jax_padding_{i}|>".encode() for i in padding]
+    adapter = _VocabAdapter(tokens, sorted(by_id) + padding, tokenizer.encode,
                             stop_ids[0] if stop_ids else tokenizer.eos_id, tokenizer.bos_id)
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(adapter), n_vocab=vocab_size, eos_token=stop_ids)
 
@@ -243,6 +248,8 @@ class GrammarTokenizer:
         self.words = (vocab_size + 31) // 32
         self.special_tokens = frozenset(tokenizer.specials)
         self.ll = _ll_tokenizer(tokenizer, vocab_size, stops)
+        if self.ll.vocab_size != vocab_size:  # the masks must be exactly W words wide
+            raise ValueError(f"the grammar engine sees {self.ll.vocab_size} tokens, the model {vocab_size}")
 
     def grammar(self, **request) -> str | None:
         """request_grammar(...) with this vocabulary's special tokens."""
@@ -263,7 +270,7 @@ class GrammarMatcher:
     def __init__(self, grammar_tokenizer: GrammarTokenizer, grammar: str):
         self.gt = grammar_tokenizer
         self.ll = llguidance.LLMatcher(grammar_tokenizer.ll, grammar, log_level=0)
-        self.num_accepted = 0
+        self.num_accepted, self.ended = 0, False
         if self.ll.is_error():
             raise ValueError(f"invalid grammar: {self.ll.get_error()}")
 
@@ -286,6 +293,7 @@ class GrammarMatcher:
         """Advance by the sampled token; False (and `error` set) if the grammar does not allow it."""
         ok = self.ll.consume_token(int(token_id))
         self.num_accepted += ok
+        self.ended = self.ended or (ok and int(token_id) in self.gt.stop_token_ids)
         return ok
 
     def is_accepting(self) -> bool:
@@ -293,8 +301,8 @@ class GrammarMatcher:
         return self.ll.is_accepting()
 
     def is_terminated(self) -> bool:
-        """Whether no further token can be accepted (a stop token was accepted, or the matcher failed)."""
-        return self.ll.is_stopped()
+        """Whether the request's output is over: a stop token was accepted, or the matcher failed."""
+        return self.ended or self.ll.is_error()
 
 
 class BatchBitmask:
