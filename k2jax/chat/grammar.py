@@ -204,8 +204,7 @@ class _VocabAdapter:
 def _ll_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int]):
     """llguidance's view of a k2jax tokenizer (ByteTokenizer, KimiTokenizer or HFTokenizer)."""
     kind = type(tokenizer).__name__
-    specials = dict(tokenizer.specials)
-    by_id = {i: name for name, i in specials.items()}
+    by_id = {i: name for name, i in tokenizer.specials.items() if i < vocab_size}
     if kind == "HFTokenizer":
         # tokenizers' own JSON holds the vocabulary and its byte mapping; llguidance reads it directly.
         return llguidance.LLTokenizer(tokenizer._tok.to_str(), n_vocab=vocab_size, eos_token=stop_ids)
@@ -214,10 +213,10 @@ def _ll_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int]):
         # tokenizer module is next changed.
         enc = tokenizer._enc
         tokens = [by_id[i].encode() if i in by_id else enc.decode_single_token_bytes(i)
-                  for i in range(tokenizer.vocab_size)]
+                  for i in range(min(tokenizer.vocab_size, vocab_size))]
     elif kind == "ByteTokenizer":
         tokens = [by_id[i].encode() if i in by_id else bytes([i - tokenizer.offset])
-                  for i in range(tokenizer.vocab_size)]
+                  for i in range(min(tokenizer.vocab_size, vocab_size))]
     else:
         raise ValueError(f"constrained decoding supports ByteTokenizer, KimiTokenizer and HFTokenizer, not {kind}")
     # Ids past the tokenizer (the model's padding) become special tokens no grammar names, so never allowed.
@@ -231,15 +230,19 @@ def _ll_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int]):
 class GrammarTokenizer:
     """A tokenizer prepared for constrained decoding (build once per model: about a second at 163,840 tokens).
 
-    tokenizer: a k2jax tokenizer; vocab_size: the model's logits width (>= the tokenizer's; ids beyond it are never
-    allowed); stop_token_ids: the ids that end a turn (the engine's EOS set), the only ones allowed once a grammar is
+    tokenizer: a k2jax tokenizer; vocab_size: the model's logits width (ids past the tokenizer are never allowed;
+    the tokenizer may be wider only by special tokens); stop_token_ids: the ids that end a turn (the engine's EOS set), the only ones allowed once a grammar is
     complete.
     """
 
     def __init__(self, tokenizer, vocab_size: int | None = None, stop_token_ids: Sequence[int] | None = None):
         vocab_size = tokenizer.vocab_size if vocab_size is None else int(vocab_size)
-        if vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        # Kimi's tokenizer names 258 special ids after its BPE ranks while the model has 256 of them: ids the
+        # model cannot produce may only be unused special tokens.
+        special_ids = set(tokenizer.specials.values())
+        if any(i not in special_ids for i in range(vocab_size, tokenizer.vocab_size)):
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} and "
+                             f"cuts off ordinary tokens")
         stops = [int(t) for t in (stop_token_ids if stop_token_ids is not None else [tokenizer.eos_id])
                  if t is not None]
         if not stops or any(not 0 <= t < vocab_size for t in stops):

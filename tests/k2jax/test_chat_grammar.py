@@ -244,8 +244,11 @@ def test_lenient_accepts_unimplemented_keywords(tokenizers):
 
 def test_grammar_tokenizer_and_batch_errors(tokenizers):
     tok = tokenizers["byte"]
-    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+    with pytest.raises(ValueError, match="cuts off ordinary tokens"):
         GrammarTokenizer(tok, 100)
+    kimi = tokenizers["kimi"]  # like Kimi's: 258 special ids after the ranks, a model with 2 fewer logits
+    narrow = GrammarTokenizer(kimi, kimi.vocab_size - 2, [kimi.special_id("<|im_end|>")])
+    assert narrow.words == (kimi.vocab_size - 2 + 31) // 32
     with pytest.raises(ValueError, match="stop_token_ids"):
         GrammarTokenizer(tok, None, [999])
     gt = _grammar_tokenizer(tok)
