@@ -126,9 +126,10 @@ def make_source(mcfg: ModelConfig, tcfg: TrainConfig, process_index: int = 0, pr
     from k2jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tcfg.tokenizer)
-    if tok.vocab_size > mcfg.vocab_size:
-        raise ConfigError(f"tokenizer {tcfg.tokenizer!r} has {tok.vocab_size} ids but model.vocab_size is "
-                          f"{mcfg.vocab_size}")
+    try:
+        tok.check_fits_model(mcfg.vocab_size)
+    except ValueError as e:
+        raise ConfigError(f"train.tokenizer {tcfg.tokenizer!r} does not fit model.vocab_size: {e}") from None
     return data.TextSource(tcfg.data, tok, tcfg.seq_len, tcfg.batch_size, text_field=tcfg.text_field,
                            seed=tcfg.seed, process_index=process_index, process_count=process_count)
 
