@@ -362,6 +362,9 @@ class HFTokenizer(BaseTokenizer):
         self._tok = Tokenizer.from_file(str(tokenizer_json))
         # Special-token strings in text become ordinary tokens; BaseTokenizer.encode splits them out itself when
         # allow_special=True.
+        if not hasattr(self._tok, "encode_special_tokens"):
+            raise ValueError(f"{tokenizer_json}: the installed `tokenizers` is too old to encode special-token strings "
+                             f"as text (Tokenizer.encode_special_tokens); pip install 'tokenizers>=0.20'")
         self._tok.encode_special_tokens = True
         added = self._tok.get_added_tokens_decoder()
         self.specials = {t.content: i for i, t in added.items() if t.special}
