@@ -104,6 +104,11 @@ def _build(args):
         has = ck is not None and any((ck / n).is_file() for n in ("tiktoken.model", "tokenizer.json"))
         tok_src = str(ck) if has else "byte"
     tokenizer = load_tokenizer(tok_src)
+    try:
+        tokenizer.check_fits_model(model.config.vocab_size)
+    except ValueError as e:
+        hint = f" (with --config, add --override vocab_size={tokenizer.vocab_size})" if args.config else ""
+        raise SystemExit(f"the tokenizer {tok_src!r} does not fit the model: {e}{hint}")
     engine = Engine(model, tokenizer, num_slots=args.slots, max_len=args.max_len, min_bucket=args.min_bucket,
                     int4_experts=args.int4_experts, mesh=mesh)
     return engine, tokenizer

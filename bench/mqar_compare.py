@@ -45,8 +45,7 @@ def run_one(config: str, name: str, overrides: list[str], minutes: float, target
     extra = _variant_overrides(name, base_model.num_hidden_layers)
     with tempfile.TemporaryDirectory() as tmp:
         mcfg, tcfg = load_run_config(config, [*overrides, *extra, f"train.run_dir={tmp}", "train.checkpoint_every=0",
-                                              f"train.eval_every={eval_every}", f"train.stop_at_accuracy={target}",
-                                              "train.resume=false"])
+                                              f"train.eval_every={eval_every}", f"train.stop_at_accuracy={target}"])
         t0 = time.perf_counter()
 
         def budget(step, metrics, state):

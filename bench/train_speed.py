@@ -40,7 +40,7 @@ def main(argv=None):
     from k2jax.train_config import load_run_config
 
     extra = [f"train.steps={args.steps + 1}", "train.checkpoint_every=0", "train.eval_every=0",
-             "train.progress=false", "train.tensorboard=false", "train.resume=false", "train.mqar_min_kv_pairs=null"]
+             "train.progress=false", "train.tensorboard=false", "train.mqar_min_kv_pairs=null"]
     if args.batch:
         extra.append(f"train.batch_size={args.batch}")
     if args.seq_len:

@@ -2,10 +2,15 @@
 tokenizer for embedded demos, behind one interface, plus Kimi's chat format.
 
 Common interface: `encode(text, add_bos=False, allow_special=False) -> list[int]`, `decode(ids) -> str`,
-`bos_id` / `eos_id` / `pad_id` (int or None), `vocab_size`, `special_id(token)`,
-`apply_chat_template(messages, add_generation_prompt=True) -> list[int]` and `render_chat(...) -> str`.
-`encode` treats special-token strings in `text` as plain text unless `allow_special=True` (HF's Kimi tokenizer
-allows them by default; we do not, so user text cannot forge a turn marker).
+`bos_id` / `eos_id` / `pad_id` (int or None), `vocab_size`, `special_id(token)`, `plain_ids()`,
+`check_fits_model(vocab_size)`, `apply_chat_template(messages, add_generation_prompt=True) -> list[int]` and
+`render_chat(...) -> str`. `encode` treats special-token strings in `text` as plain text unless
+`allow_special=True` (HF's Kimi tokenizer allows them by default; we do not, so user text cannot forge a turn
+marker), for every tokenizer class.
+
+`vocab_size` counts every id the tokenizer knows, reserved ones included; a model may be smaller (real Kimi
+folders: 163,584 ranks + 258 reserved special ids = 163,842 ids, model vocabulary 163,840). What must fit the model
+is what `check_fits_model` checks: the ids `encode` produces from text and the named special tokens k2jax uses.
 
 Kimi tokenizer (source: `tokenization_kimi.py` shipped with moonshotai/Kimi-Linear-48B-A3B-Instruct and
 Kimi-K2-Instruct, class `TikTokenTokenizer`):
@@ -150,7 +155,39 @@ class BaseTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of ids this tokenizer knows (its largest id + 1), reserved special ids included."""
         raise NotImplementedError
+
+    def plain_ids(self) -> Sequence[int]:
+        """Every id that `encode(text)` (special tokens not allowed) can produce, ascending."""
+        raise NotImplementedError
+
+    def _used_specials(self) -> list[tuple[str, int]]:
+        """(label, id) of the special tokens k2jax emits: BOS, EOS, PAD and the chat markers this vocabulary has."""
+        names = {i: name for name, i in self.specials.items()}
+        used = [(f"{role} {names.get(i, '')}".rstrip(), i)
+                for role, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)) if i is not None]
+        return used + [(name, self.specials[name]) for name in CHAT_TOKENS if name in self.specials]
+
+    def check_fits_model(self, vocab_size: int) -> None:
+        """ValueError unless everything this tokenizer feeds a model of `vocab_size` ids lies in [0, vocab_size):
+        the ids `encode` produces from text and the named special tokens k2jax emits (BOS, EOS, PAD, chat
+        markers). Reserved special ids beyond the model that nothing emits are allowed (Kimi's tiktoken.model
+        reserves 258 ids after its ranks, two more than Kimi's 163,840-id models have); text that spells one out
+        under `allow_special=True` still encodes to it, and the engine rejects such a prompt. The error names the
+        offending ids and tokens."""
+        problems = []
+        ids = self.plain_ids()
+        outside = [i for i in ids if not 0 <= i < vocab_size]
+        if outside:
+            problems.append(f"{len(outside)} of the {len(ids)} ids that encode() produces from text lie outside it "
+                            f"(ids {_id_ranges(outside)})")
+        bad = [f"{label}={i}" for label, i in self._used_specials() if not 0 <= i < vocab_size]
+        if bad:
+            problems.append(f"special tokens that k2jax emits lie outside it: {', '.join(bad)}")
+        if problems:
+            raise ValueError(f"{type(self).__name__} ({self.vocab_size} ids) does not fit a model with vocab_size="
+                             f"{vocab_size} (ids 0..{vocab_size - 1}): " + "; ".join(problems))
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         ids = [int(i) for i in ids]
@@ -173,6 +210,18 @@ class BaseTokenizer:
         return "".join(text for _, text in chat_segments(messages, add_generation_prompt, default_system))
 
 
+def _id_ranges(ids: Sequence[int], limit: int = 5) -> str:
+    """'3..7, 9, 12..20' for sorted ids (at most `limit` ranges, then '...')."""
+    ranges: list[list[int]] = []
+    for i in ids:
+        if ranges and i == ranges[-1][1] + 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+    text = [f"{a}..{b}" if b > a else str(a) for a, b in ranges[:limit]]
+    return ", ".join(text) + (", ..." if len(ranges) > limit else "")
+
+
 # ---- byte tokenizer --------------------------------------------------------------------------------------------------
 class ByteTokenizer(BaseTokenizer):
     """UTF-8 bytes as tokens, for demos without a vocabulary file. Ids: 0 [PAD], 1 [BOS], 2 [EOS], 3..7 the chat
@@ -189,6 +238,9 @@ class ByteTokenizer(BaseTokenizer):
     @property
     def vocab_size(self) -> int:
         return self.offset + 256
+
+    def plain_ids(self) -> Sequence[int]:
+        return range(self.offset, self.offset + 256)
 
     def _encode_plain(self, text: str) -> list[int]:
         return [self.offset + b for b in text.encode("utf-8")]
@@ -265,7 +317,7 @@ class KimiTokenizer(BaseTokenizer):
             if content is None or not str(key).isdigit():
                 raise ValueError(f"tokenizer_config.json: bad added_tokens_decoder entry {key!r}: {value!r}")
             named[int(key)] = content
-        base = len(ranks)
+        base = self.num_ranks = len(ranks)
         self.specials = {named.get(i, f"<|reserved_token_{i}|>"): i
                          for i in range(base, base + KIMI_NUM_RESERVED_SPECIAL_TOKENS + 2)}
         self._enc = tiktoken.Encoding(name=Path(bpe_file).name, pat_str=KIMI_PAT_STR, mergeable_ranks=ranks,
@@ -277,6 +329,9 @@ class KimiTokenizer(BaseTokenizer):
     @property
     def vocab_size(self) -> int:
         return self._enc.n_vocab
+
+    def plain_ids(self) -> Sequence[int]:
+        return range(self.num_ranks)
 
     def _encode_plain(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -294,8 +349,9 @@ class KimiTokenizer(BaseTokenizer):
 class HFTokenizer(BaseTokenizer):
     """A Hugging Face `tokenizer.json`, through the `tokenizers` package (an optional dependency).
 
-    Note: `tokenizers` always matches added special tokens in the text, so `allow_special=False` cannot be
-    honoured for them (the other tokenizers honour it)."""
+    `specials` are the added tokens marked special; with `allow_special=False` their strings in the text are
+    tokenised as ordinary text (`tokenizers`' `encode_special_tokens` mode), so user text cannot forge them.
+    Added tokens not marked special are ordinary vocabulary and always match."""
 
     def __init__(self, tokenizer_json: str | os.PathLike, tokenizer_config: dict | None = None):
         try:
@@ -304,7 +360,17 @@ class HFTokenizer(BaseTokenizer):
             raise ValueError(f"{tokenizer_json}: reading a tokenizer.json needs the `tokenizers` package, which is "
                              f"not installed (pip install tokenizers)") from None
         self._tok = Tokenizer.from_file(str(tokenizer_json))
-        self.specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        # Special-token strings in text become ordinary tokens; BaseTokenizer.encode splits them out itself when
+        # allow_special=True.
+        if not hasattr(self._tok, "encode_special_tokens"):
+            raise ValueError(f"{tokenizer_json}: the installed `tokenizers` is too old to encode special-token strings "
+                             f"as text (Tokenizer.encode_special_tokens); pip install 'tokenizers>=0.20'")
+        self._tok.encode_special_tokens = True
+        added = self._tok.get_added_tokens_decoder()
+        self.specials = {t.content: i for i, t in added.items() if t.special}
+        special_ids = set(self.specials.values())
+        text_ids = set(self._tok.get_vocab(with_added_tokens=False).values()) - special_ids
+        self._plain_ids = sorted(text_ids | {i for i, t in added.items() if not t.special})
         cfg = tokenizer_config or {}
         for attr, key in (("bos_id", "bos_token"), ("eos_id", "eos_token"), ("pad_id", "pad_token")):
             name = _token_content(cfg.get(key))
@@ -313,6 +379,9 @@ class HFTokenizer(BaseTokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def plain_ids(self) -> Sequence[int]:
+        return self._plain_ids
 
     def _encode_plain(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)

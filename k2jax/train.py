@@ -6,12 +6,17 @@ by its number of loss tokens (so accumulation changes nothing but memory), plus 
 balance loss. Gradients are clipped and applied by the optax optimizer to the nnx.Param variables only; then every
 router's `e_score_correction_bias` (RouterBias) moves by `model.moe_bias_update_rate` against its layer's expert
 load over the global batch (aux-loss-free balancing). A step whose loss or gradient norm is not finite leaves the
-state unchanged, and the run stops with TrainingDiverged before anything is checkpointed.
+state unchanged, and the run stops with TrainingDiverged before anything is checkpointed; before each checkpoint
+the whole state (parameters, biases, optimizer state) is checked for NaN / inf too.
 
 Around it: a mesh (`train.mesh`, default every device on `data`), parameters created directly in their shardings,
 the data source (MQAR or text, each host loading its rows), orbax checkpoints every `checkpoint_every` steps and at
-the end (resumed automatically from the newest readable one, onto any mesh), SIGTERM / SIGINT handling (save, then
-return), evaluation, and metrics (JSONL + TensorBoard + a tqdm bar). Multi-host: `jax.distributed` is initialised
+the end, SIGTERM / SIGINT handling (save, then return), evaluation, and metrics (JSONL + TensorBoard + a tqdm bar).
+Resuming (`_restore_or_init`): a run continues from the newest readable checkpoint of its run directory, onto any
+mesh, after comparing that checkpoint's model config, optimizer and array shapes with its own: a mismatch stops the
+run with CheckpointMismatch and changes nothing. A checkpoint is set aside (renamed corrupt-<step>-<time>/) only
+when its own files are unreadable; a run directory holding only such checkpoints needs train.fresh=true to start
+over. Process 0 takes these decisions for every process. Multi-host: `jax.distributed` is initialised
 from the train config or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables.
 """
 
@@ -37,7 +42,8 @@ from k2jax.train_config import TrainConfig, load_run_config
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; nothing after the last good step was saved."""
+    """The loss, the gradient norm or (checked before each checkpoint) the updated state became NaN or infinite;
+    nothing after the last good step was saved."""
 
 
 @dataclasses.dataclass
@@ -126,9 +132,10 @@ def make_source(mcfg: ModelConfig, tcfg: TrainConfig, process_index: int = 0, pr
     from k2jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tcfg.tokenizer)
-    if tok.vocab_size > mcfg.vocab_size:
-        raise ConfigError(f"tokenizer {tcfg.tokenizer!r} has {tok.vocab_size} ids but model.vocab_size is "
-                          f"{mcfg.vocab_size}")
+    try:
+        tok.check_fits_model(mcfg.vocab_size)
+    except ValueError as e:
+        raise ConfigError(f"train.tokenizer {tcfg.tokenizer!r} does not fit model.vocab_size: {e}") from None
     return data.TextSource(tcfg.data, tok, tcfg.seq_len, tcfg.batch_size, text_field=tcfg.text_field,
                            seed=tcfg.seed, process_index=process_index, process_count=process_count)
 
@@ -274,6 +281,15 @@ def _make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedul
     return jax.jit(step)
 
 
+def _finite_leaves(tree):
+    """A bool per array of `tree`: every element finite (always True for integer arrays)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                        else jnp.bool_(True), tree)
+
+
 def _make_eval_step(graphdef):
     import jax
 
@@ -408,15 +424,15 @@ class _StopSignals:
         return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _gather_states(state: dict) -> list:
-    """Every process's data-iterator state (JSON), in process order."""
+def _allgather_json(obj) -> list:
+    """Every process's JSON-serialisable `obj`, in process order (a collective: every process must call it)."""
     import jax
 
     if jax.process_count() == 1:
-        return [state]
+        return [obj]
     from jax.experimental import multihost_utils
 
-    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:raw.size] = raw
@@ -468,14 +484,18 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     mesh = build_mesh(tcfg)
     _check_batch(tcfg, mesh)
     tx, schedule = make_optimizer(tcfg)
+    if tcfg.run_dir is None:
+        tcfg = tcfg.replace(run_dir=str(Path("runs") / mcfg.name))
     run_dir = Path(tcfg.run_dir)
     # The model is built (abstractly and for real) outside `set_mesh`: under an active mesh nnx would read the
     # logical axis names as mesh axes. Its shardings come from k2jax.sharding instead.
     st = _State(mcfg, tcfg, mesh, tx)
     ckpt = TrainCheckpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoints)
-    writer = MetricsWriter(run_dir, enabled=pid == 0, tensorboard=tcfg.tensorboard)
+    writer = None
     try:
-        state, start, data_states = _restore_or_init(st, ckpt, tcfg)
+        # Before anything is written to run_dir: a run that refuses to resume there leaves it as it was.
+        state, start, data_states = _restore_or_init(st, ckpt, mcfg, tcfg)
+        writer = MetricsWriter(run_dir, enabled=pid == 0, tensorboard=tcfg.tensorboard)
         if data_states is not None:
             _resume_data(source, data_states, start, pid, nproc)
         loop = _Loop(mcfg, tcfg, st, ckpt, writer, source, mesh, schedule, start, callbacks)
@@ -484,19 +504,174 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
         with jax.set_mesh(mesh):
             return loop.run(state)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
 
 
-def _restore_or_init(st: _State, ckpt, tcfg: TrainConfig):
-    """(state, start step, saved data states or None) from the newest readable checkpoint, or fresh."""
-    if tcfg.resume and ckpt.steps():
-        target_vars, target_opt = st.checkpoint_targets()
-        found = ckpt.restore_latest(variables=target_vars, opt_state=target_opt)
-        if found is not None:
-            step, pure_vars, opt, meta = found
-            return st.from_checkpoint(pure_vars, opt), step, meta.get("data")
-    return st.fresh(), 0, None
+# ---- resuming --------------------------------------------------------------------------------------------------------
+# Model fields that may differ between the invocations of one run: they change how the saved parameters are computed
+# (precision, kernels, memory) or were initialised, not what they are.
+RESUMABLE_MODEL_FIELDS = frozenset({"name", "dtype", "kda_impl", "kda_chunk_size", "moe_impl", "moe_ep_impl",
+                                    "moe_capacity_factor", "remat", "initializer_range", "max_position_embeddings",
+                                    "moe_bias_update_rate"})
+
+
+def checkpoint_differences(saved, mcfg: ModelConfig, tcfg: TrainConfig, targets) -> list[str]:
+    """Why the checkpoint `saved` (a k2jax.checkpoint.SavedStep) cannot continue this run, one line per reason:
+    model fields outside RESUMABLE_MODEL_FIELDS, the optimizer, gradient clipping switched on or off, and, when no
+    field explains it, the arrays (paths, shapes, dtypes) against `targets` = (variables, optimizer state).
+    Empty when it can."""
+    from k2jax.checkpoint import array_differences, flat_arrays, jsonable
+    from k2jax.config import from_dict
+
+    ours = jsonable(mcfg.to_dict())
+    try:  # fields added to ModelConfig since the checkpoint was written take their defaults
+        theirs = jsonable(from_dict(dict(saved.config), source=str(saved.directory / "config")).to_dict())
+    except (ConfigError, TypeError, ValueError) as e:
+        return [f"the saved model config is not readable by this version of k2jax: {e}"]
+    diffs = [f"model.{k}: saved {theirs.get(k)!r}, this run {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+             if k not in RESUMABLE_MODEL_FIELDS and theirs.get(k) != ours.get(k)]
+    saved_train = saved.meta.get("train_config") or {}
+    if saved_train.get("optimizer", tcfg.optimizer) != tcfg.optimizer:
+        diffs.append(f"train.optimizer: saved {saved_train['optimizer']!r}, this run {tcfg.optimizer!r}")
+    clip = saved_train.get("grad_clip", tcfg.grad_clip)
+    if (clip > 0) != (tcfg.grad_clip > 0):
+        diffs.append(f"train.grad_clip: saved {clip}, this run {tcfg.grad_clip} (clipping is on in one and off in "
+                     f"the other, so the optimizer states differ)")
+    if not diffs:
+        for item, target in zip(("params", "opt"), targets):
+            diffs += [f"{item}/{d}" for d in array_differences(saved.arrays[item], flat_arrays(target))]
+    return diffs
+
+
+def _plan_resume(st: _State, ckpt, mcfg: ModelConfig, tcfg: TrainConfig) -> dict:
+    """What to do with the run directory's checkpoints, as JSON (decided by process 0, see `_decided_once`):
+    {'action': 'fresh', 'archive': None or where the previous run goes},
+    {'action': 'restore', 'step': s, 'set_aside': [[step, reason], ...]},
+    {'action': 'refuse', 'set_aside': [...], 'message': str} or {'action': 'mismatch', 'message': str}.
+    Only reads: unreadable steps are listed in 'set_aside' for the caller, who sets them aside unless the answer
+    is 'mismatch'."""
+    from k2jax.checkpoint import CheckpointCorrupt
+
+    run_dir = Path(tcfg.run_dir)
+    steps, aside = ckpt.steps(), ckpt.set_aside_dirs()
+    if tcfg.fresh or not (steps or aside):
+        archive = None
+        if steps or aside:
+            archive = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            while archive.exists():  # two fresh starts within a second
+                archive = archive.with_name(archive.name + "-1")
+        return {"action": "fresh", "archive": archive and str(archive), "set_aside": []}
+    unreadable = []
+    for step in reversed(steps):
+        try:
+            saved = ckpt.read_step(step)
+        except CheckpointCorrupt as e:
+            unreadable.append([step, e.reason])
+            continue
+        diffs = checkpoint_differences(saved, mcfg, tcfg, st.checkpoint_targets())
+        if diffs:
+            return {"action": "mismatch", "message": (
+                f"run directory {run_dir} holds the checkpoints of another run: its newest readable checkpoint "
+                f"(step {step}) differs from this run in\n  " + "\n  ".join(diffs) + "\nNothing was changed. Resume "
+                f"it with the settings it was saved with, give this run another directory (train.run_dir=DIR or "
+                f"--run-dir DIR), or start this run from step 0 in {run_dir} with train.fresh=true (its checkpoints "
+                f"and metrics are then moved to {run_dir}/replaced-<time>/, not deleted)")}
+        return {"action": "restore", "step": step, "set_aside": unreadable}
+    names = [f"{step} (set aside now)" for step, _ in unreadable] + [p.name for p in aside]
+    return {"action": "refuse", "set_aside": unreadable, "message": (
+        f"run directory {run_dir} holds no readable checkpoint, only unreadable ones: {', '.join(names)} in "
+        f"{ckpt.directory} (each with a reason.txt). Not starting from step 0 over them: pass train.fresh=true to do "
+        f"so (they and the metrics are moved to {run_dir}/replaced-<time>/), or give this run another directory")}
+
+
+def _decided_once(decide: Callable[[], dict]) -> dict:
+    """`decide()` run on process 0 only and its answer given to every process, so that all take the same
+    decision. An exception on process 0 is raised there and reported to the others as a RuntimeError."""
+    import jax
+
+    if jax.process_count() == 1:
+        return decide()
+    plan = None
+    if jax.process_index() == 0:
+        try:
+            plan = decide()
+        except BaseException as e:
+            _allgather_json({"action": "failed", "message": f"{type(e).__name__}: {e}"})
+            raise
+    plan = _allgather_json(plan)[0]
+    if plan["action"] == "failed":
+        raise RuntimeError(f"process 0 could not read the checkpoints: {plan['message']}")
+    return plan
+
+
+def _restore_everywhere(ckpt, step: int, targets):
+    """Restore `step` on every process -> ((variables, opt_state, meta), None), or (None, reason) when any
+    process found its files unreadable. Any other error on any process is raised on every process (the step is
+    left as it is)."""
+    from k2jax.checkpoint import CheckpointCorrupt
+
+    restored = error = None
+    try:
+        restored = ckpt.restore(step, variables=targets[0], opt_state=targets[1])
+        outcome = {}
+    except CheckpointCorrupt as e:
+        outcome = {"corrupt": e.reason}
+    except BaseException as e:  # noqa: BLE001 - the other processes must hear of it before this one raises
+        error, outcome = e, {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    outcomes = _allgather_json(outcome)
+    if error is not None:
+        raise error
+    failed = [f"process {i}: {o['error']}" for i, o in enumerate(outcomes) if "error" in o]
+    if failed:
+        raise RuntimeError(f"restoring {ckpt.directory / str(step)} failed on another process ({'; '.join(failed)}); "
+                           f"it was left as it is")
+    corrupt = [(i, o["corrupt"]) for i, o in enumerate(outcomes) if "corrupt" in o]
+    if corrupt:
+        return None, "; ".join(r if len(outcomes) == 1 else f"process {i}: {r}" for i, r in corrupt)
+    return restored, None
+
+
+def _archive_run(run_dir: Path, archive: Path, ckpt) -> None:
+    """train.fresh over an existing run: move its checkpoints, metrics.jsonl and tensorboard/ to `archive`
+    (process 0; every process calls this)."""
+    import jax
+
+    if jax.process_index() == 0:
+        archive.mkdir(parents=True)
+        for name in ("metrics.jsonl", "tensorboard"):
+            if (run_dir / name).exists():
+                (run_dir / name).rename(archive / name)
+        warnings.warn(f"train.fresh: starting {run_dir} from step 0; its previous checkpoints and metrics are in "
+                      f"{archive}")
+    ckpt.move_all(archive / "checkpoints")
+
+
+def _restore_or_init(st: _State, ckpt, mcfg: ModelConfig, tcfg: TrainConfig):
+    """(state, start step, saved data states or None): the newest readable checkpoint of the run directory, or a
+    fresh state when it has none (or train.fresh). Raises CheckpointMismatch (nothing changed) when that checkpoint
+    belongs to another model or optimizer, and ConfigError when only unreadable checkpoints are left. A step is
+    set aside only when its own files are unreadable; every process takes the same decisions."""
+    from k2jax.checkpoint import CheckpointMismatch
+
+    while True:
+        plan = _decided_once(lambda: _plan_resume(st, ckpt, mcfg, tcfg))
+        if plan["action"] == "mismatch":
+            raise CheckpointMismatch(plan["message"])
+        for step, reason in plan["set_aside"]:
+            ckpt.set_aside(step, reason)
+        if plan["action"] == "refuse":
+            raise ConfigError(plan["message"])
+        if plan["action"] == "fresh":
+            if plan["archive"]:
+                _archive_run(Path(tcfg.run_dir), Path(plan["archive"]), ckpt)
+            return st.fresh(), 0, None
+        restored, reason = _restore_everywhere(ckpt, plan["step"], st.checkpoint_targets())
+        if restored is not None:
+            pure_vars, opt, meta = restored
+            return st.from_checkpoint(pure_vars, opt), plan["step"], meta.get("data")
+        ckpt.set_aside(plan["step"], reason)  # and decide again among the older steps
 
 
 def _resume_data(source, states: list, step: int, pid: int, nproc: int) -> None:
@@ -518,10 +693,26 @@ class _Loop:
         self.peak = self.flops_per_token = None
         self.last_saved = start
 
+    def _check_finite(self, state, step: int) -> None:
+        """TrainingDiverged when an array of `state` (parameters, router biases, optimizer state) holds NaN or inf:
+        an update can poison the state although its loss and gradient norm were finite."""
+        import jax
+
+        finite_fn = _cached(_cache_key("finite", self.mcfg, self.tcfg), lambda: jax.jit(_finite_leaves))
+        flags = jax.tree_util.tree_flatten_with_path(jax.device_get(finite_fn(state)))[0]
+        bad = [jax.tree_util.keystr(path) for path, ok in flags if not ok]
+        if bad:
+            raise TrainingDiverged(
+                f"step {step}: after the update, {len(bad)} arrays of the training state hold NaN or inf "
+                f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): step {step} was not checkpointed, and "
+                f"nothing after step {self.last_saved} was. Lower train.learning_rate (now "
+                f"{self.tcfg.learning_rate}) or keep train.grad_clip > 0; rerunning resumes from the last checkpoint.")
+
     def _save(self, state, step: int, wait: bool = False) -> None:
         import jax
 
-        data_states = _gather_states(self.source.get_state())
+        self._check_finite(state, step)
+        data_states = _allgather_json(self.source.get_state())
         variables, opt = self.st.to_checkpoint(state)
         meta = {"step": step, "seed": self.tcfg.seed, "process_count": jax.process_count(), "data": data_states,
                 "train_config": self.tcfg.to_dict()}

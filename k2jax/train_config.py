@@ -44,7 +44,7 @@ class TrainConfig:
     seq_len: int = 256
     grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide evenly)
     seed: int = 0
-    run_dir: str = "runs/default"  # metrics.jsonl, tensorboard/, checkpoints/
+    run_dir: str | None = None  # metrics.jsonl, tensorboard/, checkpoints/; None: runs/<config file stem>
     # Optimizer.
     optimizer: str = "adamw"  # "adamw" | "muon" (optax.contrib.muon on matrices, AdamW on the rest)
     learning_rate: float = 3e-3
@@ -75,7 +75,10 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps; 0 = only at the end and on SIGTERM / SIGINT
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
-    resume: bool = True  # continue from the latest checkpoint in run_dir when there is one
+    fresh: bool = False  # start from step 0 although run_dir holds checkpoints: they, metrics.jsonl and
+    #                      tensorboard/ are moved to run_dir/replaced-<time>/ (never deleted). Without it a run
+    #                      resumes from the newest readable checkpoint of run_dir, and refuses to start when that
+    #                      checkpoint belongs to another model or optimizer, or when run_dir holds only set-aside ones
     stop_at_step: int | None = None  # end this invocation after this step (checkpointed); the schedule still
     #                                  runs to `steps`, so a later invocation continues the same run
     # Metrics.
@@ -142,12 +145,14 @@ def _validate(c: TrainConfig) -> None:
     for f, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
         if getattr(c, f) not in allowed:
             _fail(f, getattr(c, f), f"must be one of {allowed}")
-    for f in ("moe_bias_update", "async_checkpoints", "resume", "tensorboard", "progress", "mqar_random_fill"):
+    for f in ("moe_bias_update", "async_checkpoints", "fresh", "tensorboard", "progress", "mqar_random_fill"):
         if not isinstance(getattr(c, f), bool):
             _fail(f, getattr(c, f), "must be true or false")
     for f in ("data", "text_field", "tokenizer", "run_dir"):
         if not isinstance(getattr(c, f), str) or not getattr(c, f):
-            _fail(f, getattr(c, f), "must be a non-empty string")
+            if f == "run_dir" and c.run_dir is None:
+                continue
+            _fail(f, getattr(c, f), "must be a non-empty string" + (" or null" if f == "run_dir" else ""))
     if c.batch_size % c.grad_accum_steps:
         _fail("grad_accum_steps", c.grad_accum_steps, f"must divide batch_size={c.batch_size}")
     if c.stop_at_accuracy is not None and (not _is_num(c.stop_at_accuracy) or not 0 < c.stop_at_accuracy <= 1):
@@ -294,6 +299,8 @@ def load_run_config(config: str | os.PathLike = "default", overrides: Sequence[s
     """Load a run config (a configs/ name or a YAML path) and apply `key=value` overrides.
 
     Returns (ModelConfig, TrainConfig), both validated; raises ConfigError naming the file, field and value.
+    Unless the file or an override sets train.run_dir, it is `runs/<file stem>` (configs/tiny.yaml -> runs/tiny),
+    so that two config files never share a run directory by default.
     """
     path = _resolve_path(config)
     if path.suffix == ".json" or path.is_dir():
@@ -312,6 +319,7 @@ def load_run_config(config: str | os.PathLike = "default", overrides: Sequence[s
     if unknown:
         raise ConfigError(f"{path}: unknown train field(s) {unknown}; known: {sorted(train_field_names())}")
     train_part = {k: _coerce(v, None, k) for k, v in train_part.items()}
+    train_part.setdefault("run_dir", str(Path("runs") / (path.stem if path.is_file() else path.name)))
     try:
         train_cfg = TrainConfig(**{**train_part, **train_changes})
     except ConfigError as e:

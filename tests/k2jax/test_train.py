@@ -1,16 +1,18 @@
 """Training: config loading and overrides, schedules, optimizers, and the loop's guarantees (resume after a kill or
-SIGTERM onto another mesh, NaN stop, corrupt checkpoint fallback, gradient accumulation, bf16, two processes).
+SIGTERM onto another mesh, NaN stop, corrupt checkpoint fallback, no checkpoint lost to a mismatch or a transient
+error, gradient accumulation, bf16, two processes).
 
 Every run trains configs/tiny.yaml on a small MQAR task. The step is compiled once per configuration and reused
 by the later runs of this module (k2jax.train caches its jitted steps)."""
 
+import base64
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 import jax
@@ -32,6 +34,15 @@ BASE = ["train.batch_size=4", "train.seq_len=32", "train.mqar_num_kv_pairs=4", f
 
 def _configs(run_dir, *extra):
     return load_run_config("tiny", BASE + [f"train.run_dir={run_dir}", "train.mesh={data: 1}", *extra])
+
+
+def _steps(checkpoints):
+    return sorted(int(p.name) for p in Path(checkpoints).iterdir() if p.name.isdigit())
+
+
+def _tree(path):
+    """Every file and folder under `path` with its size and modification time: equal trees = nothing touched."""
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +70,18 @@ def test_overrides_address_model_and_train_fields(tmp_path):
     path.write_text("model: tiny\ntrain:\n  steps: 3\n  learning_rate: 2e-4\n")
     mcfg, tcfg = load_run_config(str(path), ["train.steps=5"])
     assert mcfg.hidden_size == 64 and tcfg.steps == 5 and tcfg.learning_rate == 2e-4
+
+
+def test_each_config_file_gets_its_own_run_dir(tmp_path):
+    assert load_run_config("default")[1].run_dir == "runs/default"
+    assert load_run_config("tiny")[1].run_dir == "runs/tiny"
+    assert load_run_config(str(ROOT / "configs" / "tiny.yaml"))[1].run_dir == "runs/tiny"
+    path = tmp_path / "exp7.yaml"
+    path.write_text("model: tiny\ntrain:\n  steps: 3\n")
+    assert load_run_config(str(path))[1].run_dir == "runs/exp7"
+    assert load_run_config("tiny", ["train.run_dir=elsewhere"])[1].run_dir == "elsewhere"
+    path.write_text("model: tiny\ntrain:\n  run_dir: mine\n")
+    assert load_run_config(str(path))[1].run_dir == "mine"
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -247,17 +270,167 @@ def test_nan_loss_stops_before_checkpointing(tmp_path):
     assert saved == [2]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
+@pytest.mark.parametrize("part", ["params", "opt"])
+def test_poisoned_update_on_a_checkpoint_step_is_not_saved(tmp_path, part):
+    """Step 4's update leaves NaN in the state while its loss and gradient norm were finite; step 4 is a
+    checkpoint step: the run must stop before writing it."""
+    def poison(step, metrics, state):
+        if step == 4:
+            nan = lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+            return {**state, part: jax.tree.map(nan, state[part])}
+
+    with pytest.raises(TrainingDiverged, match=rf"step 4: after the update, \d+ arrays of the training state hold "
+                                               rf"NaN or inf \(\['{part}'\].*nothing after step 2 was"):
+        train(*_configs(tmp_path), callbacks=[poison])
+    assert _steps(tmp_path / "checkpoints") == [2]
+
+
+def _truncate_largest_array_file(step_dir):
+    """Cut the largest array data file of the optimizer state in half: the step's configs and array metadata still
+    read, its arrays do not."""
+    data = max((f for f in (step_dir / "opt").rglob("*") if f.is_file() and f.parent.name == "d"),
+               key=lambda f: f.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", ["metadata", "array data"])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, damage):
     ref, run_dir = reference
     shutil.copytree(run_dir / "checkpoints", tmp_path / "checkpoints")
-    for f in (tmp_path / "checkpoints" / "6" / "params").rglob("*"):
-        if f.is_file():
-            f.write_bytes(b"garbage")
+    if damage == "metadata":
+        for f in (tmp_path / "checkpoints" / "6" / "params").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"garbage")
+    else:
+        _truncate_largest_array_file(tmp_path / "checkpoints" / "6")
     mcfg, tcfg = _configs(tmp_path)
     with pytest.warns(UserWarning, match="checkpoints/6 is unreadable"):
         resumed = train(mcfg, tcfg.replace(steps=STEPS))
     assert resumed.resumed_from == 4 and sorted(resumed.losses) == [5, 6]
     np.testing.assert_allclose([resumed.losses[s] for s in (5, 6)], [ref.losses[s] for s in (5, 6)], rtol=1e-6)
+    (aside,) = (tmp_path / "checkpoints").glob("corrupt-6-*")
+    reason = (aside / "reason.txt").read_text()
+    assert ("JSONDecodeError" if damage == "metadata" else "OUT_OF_RANGE") in reason
+
+
+# ---- resuming refuses what would lose a checkpoint ------------------------------------------------------------------
+@pytest.mark.parametrize("change, named", [
+    (["model.hidden_size=32"], "model.hidden_size: saved 64, this run 32"),
+    (["model.num_hidden_layers=3", "model.full_attn_layers=[3]", "model.kda_layers=[1, 2]"],
+     "model.num_hidden_layers: saved 4, this run 3"),
+    (["train.optimizer=muon"], "train.optimizer: saved 'adamw', this run 'muon'"),
+    (["train.grad_clip=0"], "train.grad_clip: saved 1.0, this run 0"),
+])
+def test_mismatched_checkpoint_stops_the_run_and_changes_nothing(reference, tmp_path, capsys, change, named):
+    _, ref_dir = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    before = _tree(run_dir)
+    assert main(["--config", "tiny", *BASE, f"train.run_dir={run_dir}", "train.mesh={data: 1}", *change]) == 2
+    err = capsys.readouterr().err
+    assert f"run directory {run_dir} holds the checkpoints of another run" in err and "(step 6)" in err
+    assert named in err and "train.fresh=true" in err
+    assert _tree(run_dir) == before
+
+
+def test_execution_settings_may_change_on_resume(reference, tmp_path):
+    """Compute dtype, kernels and remat change how the saved parameters are used, not what they are."""
+    _, ref_dir = reference
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    result = train(*_configs(tmp_path, "model.dtype=bfloat16", "model.kda_impl=chunk", "model.remat=full",
+                             "model.name=renamed"))
+    assert result.resumed_from == STEPS and result.losses == {}
+
+
+def test_array_differences_name_paths_shapes_and_dtypes():
+    from k2jax.checkpoint import array_differences, flat_arrays
+
+    saved = flat_arrays({"a": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": [jax.ShapeDtypeStruct((4,), jnp.int32)]})
+    assert saved == {"a": ((2, 3), "float32"), "b/0": ((4,), "int32")}
+    wanted = flat_arrays({"a": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16), "c": jax.ShapeDtypeStruct((1,), jnp.int32)})
+    assert array_differences(saved, wanted) == ["b/0: in the checkpoint, not in this run",
+                                                "c: in this run, not in the checkpoint",
+                                                "a: saved shape (2, 3) float32, this run (2, 3) bfloat16"]
+    assert array_differences(saved, saved) == []
+
+
+@pytest.mark.parametrize("error", [
+    OSError(5, "Input/output error"), MemoryError("host memory exhausted"),
+    ValueError('UNKNOWN: Error reading local file "{step}/params/d/x": Input/output error'),
+    ValueError('RESOURCE_EXHAUSTED: Error reading "a.w/0.0" in OCDBT database at local file "{step}/params/"'),
+])
+def test_transient_restore_errors_propagate_and_set_nothing_aside(reference, tmp_path, monkeypatch, error):
+    import orbax.checkpoint as ocp
+
+    _, ref_dir = reference
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    error.args = tuple(str(a).replace("{step}", str(tmp_path / "checkpoints" / "6")) for a in error.args)
+
+    def failing_restore(self, step, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+    before = _tree(tmp_path)
+    with pytest.raises(type(error)):
+        train(*_configs(tmp_path))
+    assert _tree(tmp_path) == before
+
+
+def test_only_unreadable_checkpoints_refuse_to_start_over(reference, tmp_path, capsys):
+    _, ref_dir = reference
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    for step in (2, 4, 6):
+        (tmp_path / "checkpoints" / str(step) / "train" / "metadata").write_text('{"step": ')
+    with pytest.warns(UserWarning, match="is unreadable"), pytest.raises(ConfigError, match="no readable checkpoint"):
+        train(*_configs(tmp_path))
+    aside = sorted((tmp_path / "checkpoints").iterdir())
+    assert [p.name.split("-")[:2] for p in aside] == [["corrupt", "2"], ["corrupt", "4"], ["corrupt", "6"]]
+    assert all("JSONDecodeError" in (p / "reason.txt").read_text() for p in aside)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # Asked again, it still refuses and touches nothing.
+    before = _tree(tmp_path)
+    assert main(["--config", "tiny", *BASE, f"train.run_dir={tmp_path}", "train.mesh={data: 1}"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt-2-" in err and "train.fresh=true" in err and _tree(tmp_path) == before
+
+
+def test_fresh_moves_the_previous_run_aside_and_starts_at_step_0(reference, tmp_path):
+    ref, ref_dir = reference
+    shutil.copytree(ref_dir, tmp_path, dirs_exist_ok=True)
+    with pytest.warns(UserWarning, match="train.fresh: starting"):
+        result = train(*_configs(tmp_path, "train.fresh=true", "train.stop_at_step=2"))
+    assert result.resumed_from is None and sorted(result.losses) == [1, 2]
+    np.testing.assert_allclose([result.losses[s] for s in (1, 2)], [ref.losses[s] for s in (1, 2)], rtol=1e-6)
+    (archive,) = tmp_path.glob("replaced-*")
+    assert _steps(archive / "checkpoints") == [2, 4, 6] and (archive / "tensorboard").is_dir()
+    assert len((archive / "metrics.jsonl").read_text().splitlines()) > STEPS
+    assert _steps(tmp_path / "checkpoints") == [2]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
+
+
+def test_text_training_accepts_a_tokenizer_with_reserved_ids_beyond_the_model(tmp_path):
+    """Like a real Kimi folder: the named specials fit the model, two reserved ids after them do not exist there."""
+    from k2jax.train import make_source
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hello"]
+    (folder / "tiktoken.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
+                                                   for r, t in enumerate(tokens)))
+    base = len(tokens)
+    named = {base: "[BOS]", base + 1: "[EOS]", base + 2: "<|im_end|>", base + 255: "[PAD]"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": {str(i): {"content": c} for i, c in named.items()},
+        "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]"}))
+    (tmp_path / "a.txt").write_text("hello hello world\n" * 50)
+    mcfg, tcfg = load_run_config("tiny", [f"train.data={tmp_path / 'a.txt'}", f"train.tokenizer={folder}",
+                                          f"model.vocab_size={base + 256}", "train.seq_len=16", "train.batch_size=2"])
+    source = make_source(mcfg, tcfg)
+    assert int(np.max(next(source)["tokens"])) < base + 256
+    with pytest.raises(ConfigError, match=rf"does not fit model.vocab_size.*pad \[PAD\]={base + 255}"):
+        make_source(mcfg.replace(vocab_size=base + 255), tcfg)
 
 
 def test_gradient_accumulation_matches_the_full_batch(reference, tmp_path):
@@ -281,7 +454,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(run_dir, extra, timeout):
+def _run_two_processes(run_dir, extra, timeout, expect_code=0):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen(
@@ -295,17 +468,31 @@ def _run_two_processes(run_dir, extra, timeout):
             if p.poll() is None:
                 p.kill()
     for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+        assert p.returncode == expect_code, out[-3000:]
     return outs
 
 
 def test_two_processes_train_checkpoint_resume_and_match_one_process(reference, tmp_path):
+    """Two processes save steps 2 and 3; step 3 is then damaged: both set it aside and resume from step 2."""
     ref, _ = reference
     _run_two_processes(tmp_path, ["train.stop_at_step=3"], timeout=420)
-    assert (tmp_path / "checkpoints" / "3").is_dir()
-    _run_two_processes(tmp_path, [], timeout=240)
+    assert _steps(tmp_path / "checkpoints") == [2, 3]
+    (tmp_path / "checkpoints" / "3" / "train" / "metadata").write_text("{")
+    outs = _run_two_processes(tmp_path, [], timeout=240)
+    assert len(list((tmp_path / "checkpoints").glob("corrupt-3-*"))) == 1
+    assert all("completed at step 6" in out for out in outs)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = {x["step"]: x["loss"] for x in lines if x["kind"] == "train"}
     assert sorted(losses) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
                                [ref.losses[s] for s in range(1, STEPS + 1)], rtol=1e-4)
+
+
+def test_two_processes_refuse_a_mismatched_checkpoint_together(reference, tmp_path):
+    _, ref_dir = reference
+    shutil.copytree(ref_dir, tmp_path, dirs_exist_ok=True)
+    before = _tree(tmp_path)
+    outs = _run_two_processes(tmp_path, ["train.optimizer=muon"], timeout=240, expect_code=2)
+    for out in outs:
+        assert "holds the checkpoints of another run" in out and "train.optimizer: saved 'adamw'" in out
+    assert _tree(tmp_path) == before
