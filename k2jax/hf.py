@@ -497,6 +497,8 @@ def hf_config_dict(config: ModelConfig, format: str = REMOTE_CODE) -> dict:
         # `quantization` is written as quantization_config (packed experts) or not at all (QAT is a training setting)
         if field in _RUNTIME_FIELDS or field == "quantization" or getattr(back, field) == getattr(c, field):
             continue
+        if field == "rope_scaling" and _yarn_math(back.rope_scaling) == _yarn_math(c.rope_scaling):
+            continue  # the same YaRN, spelled with its defaults filled in
         if format == TRANSFORMERS and field not in _IMPLEMENTATION_FIELDS:
             family = "KimiLinear" if c.kda_layers is not None else "DeepseekV3"
             raise ValueError(f"format='transformers': transformers' {family} cannot express {field} = "
@@ -505,6 +507,15 @@ def hf_config_dict(config: ModelConfig, format: str = REMOTE_CODE) -> dict:
         value = getattr(c, field)
         hf[field] = list(value) if isinstance(value, tuple) else value
     return hf
+
+
+def _yarn_math(rope_scaling: dict | None) -> tuple | None:
+    """What a rope_scaling dict computes with (its defaults filled in), for comparing two spellings."""
+    if rope_scaling is None:
+        return None
+    rs = rope_scaling
+    return (float(rs["factor"]), int(rs["original_max_position_embeddings"]), float(rs.get("beta_fast") or 32.0),
+            float(rs.get("beta_slow") or 1.0), float(rs.get("mscale_all_dim") or 0.0), yarn_attention_factor(rs))
 
 
 def _common_keys(c: ModelConfig) -> dict:
@@ -552,7 +563,7 @@ def _remote_k2(c: ModelConfig) -> dict:
 def _transformers_equivalent(c: ModelConfig) -> ModelConfig:
     """`c` with the settings that cannot change the outputs put in the form transformers' classes imply: the MoE
     schedule as (first MoE layer, frequency), group-limited routing on when it selects every group anyway, RoPE
-    settings at their defaults when MLA is NoPE."""
+    settings at their defaults when MLA is NoPE, KDA settings at their defaults when there is no KDA layer."""
     sparse = [c.is_moe_layer(i) for i in range(c.num_hidden_layers)]
     first, freq = moe_schedule(sparse)
     if c.kda_layers is None and all(s == (i >= first) for i, s in enumerate(sparse)):
@@ -561,9 +572,12 @@ def _transformers_equivalent(c: ModelConfig) -> ModelConfig:
         c = c.replace(first_k_dense_replace=first, moe_layer_freq=freq)
     if c.num_expert_group <= c.topk_group:
         c = c.replace(use_grouped_topk=True)  # every group is selected: the same routing
+    defaults = ModelConfig()
     if c.mla_use_nope:
-        defaults = ModelConfig()
         c = c.replace(rope_theta=defaults.rope_theta, rope_scaling=None, rope_interleave=True)
+    if not c.kda_layers:
+        c = c.replace(kda_num_heads=defaults.kda_num_heads, kda_head_dim=defaults.kda_head_dim,
+                      short_conv_kernel_size=defaults.short_conv_kernel_size)
     return c
 
 
