@@ -200,6 +200,19 @@ _NATIVE_FIXED = {
 # Keys whose presence means transformers 5's native class wrote the file (the remote-code classes have no such keys).
 _NATIVE_KEYS = {"kimi_linear": ("layer_types", "mlp_layer_types"), "deepseek_v3": ("rope_parameters", "rope_interleave")}
 
+# Fields a config.json must set: the families' own defaults differ from k2jax's (the released 48B values) and from
+# each other, so k2jax guesses none of them (always / with routed experts / with RoPE MLA / for the remote Kimi code).
+_REQUIRED = {
+    "always": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+               "v_head_dim", "rms_norm_eps"),
+    "experts": ("moe_intermediate_size", "num_experts_per_token", "num_shared_experts", "routed_scaling_factor",
+                "moe_renormalize", "num_expert_group", "topk_group", "first_k_dense_replace"),
+    "rope": ("rope_theta",),
+    "remote_kimi": ("mla_use_nope",),
+}
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
 _LAYER_TYPES = ("linear_attention", "full_attention")  # transformers' Kimi-Linear layer_types values
 _MLP_LAYER_TYPES = ("dense", "sparse")
 _LINEAR_ATTN_CONFIG = {"kda_layers": "kda_layers", "full_attn_layers": "full_attn_layers",
@@ -270,11 +283,14 @@ def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelC
             raise ConfigError(f"{source}: {spelled[field]} = {out[field]!r} and {key} = {value!r} are two spellings "
                               f"of {field} with different values")
         out[field], spelled[field] = value, key
-    if isinstance(out.get("eos_token_id"), list):  # transformers allows several; generation settings, not math
+    for key in _TOKEN_IDS:  # not Kimi's ids when a file leaves them out: they do not change the math
+        out.setdefault(key, None)
+    if isinstance(out["eos_token_id"], list):  # transformers allows several: generation settings, not math
         out["eos_token_id"] = out["eos_token_id"][0] if out["eos_token_id"] else None
     if out.get("num_experts") is None:
         out["num_experts"] = 0
-    out.update(_rope_fields(hf, out, source))
+    out.update(_rope_fields(hf, out, source, transformers_rules=(family, convention) == ("deepseek_v3",
+                                                                                        TRANSFORMERS)))
     if family == "kimi_linear":
         out.update(_kimi_layer_fields(hf, out, source))
         # The remote code takes the routing weights from the bias-corrected scores (an aliasing quirk,
@@ -292,7 +308,8 @@ def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelC
                     f"transformers ({'/'.join(_NATIVE_KEYS[family])} present), whose {family} code ignores that key "
                     f"and computes with {value!r}; k2jax cannot tell which of the two trained these weights")
             out[field] = value
-    _require(out, source)
+    _require(out, source, remote_kimi=family == "kimi_linear" and convention == REMOTE_CODE,
+             rope=not out.get("mla_use_nope", True))
     for k, v in list(out.items()):
         if isinstance(v, list):
             out[k] = tuple(v)
@@ -309,30 +326,27 @@ def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelC
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _require(out: dict, source: str) -> None:
-    """Math-changing fields k2jax does not default: the families' own defaults differ from k2jax's and from each
-    other, so a guess could be silently wrong (a wrong shape would fail against the tensors instead)."""
-    need = ["rms_norm_eps"]
-    if out.get("num_experts"):
-        need += ["num_experts_per_token", "routed_scaling_factor", "moe_renormalize", "num_expert_group",
-                 "topk_group"]
-    if not out.get("mla_use_nope", True):
-        need.append("rope_theta")
+def _require(out: dict, source: str, *, remote_kimi: bool = False, rope: bool = False) -> None:
+    """ConfigError listing the _REQUIRED fields `out` lacks (experts: when num_experts > 0)."""
+    need = list(_REQUIRED["always"]) + list(_REQUIRED["experts"] if out.get("num_experts") else ())
+    need += list(_REQUIRED["remote_kimi"] if remote_kimi else ()) + list(_REQUIRED["rope"] if rope else ())
     missing = [f for f in need if f not in out]
     if missing:
         raise ConfigError(f"{source}: config.json does not set {missing}; k2jax does not guess these (their defaults "
-                          "differ between the Kimi-Linear and DeepSeek-V3 codes)")
+                          "differ between the Kimi-Linear and DeepSeek-V3 codes and the released models)")
 
 
-def _rope_fields(hf: dict, out: dict, source: str) -> dict:
-    """rope_theta / rope_scaling from `rope_scaling` (remote code) or `rope_parameters` (transformers 5)."""
+def _rope_fields(hf: dict, out: dict, source: str, transformers_rules: bool) -> dict:
+    """rope_theta / rope_scaling from `rope_parameters` (transformers 5), or from `rope_scaling` read by
+    transformers' DeepSeek-V3 (`transformers_rules`: it converts the old key with its own rules); a remote-code
+    `rope_scaling` stays as it is (the field means the released code's rules)."""
     rp, rs = hf.get("rope_parameters"), hf.get("rope_scaling")
-    if rp is None:
-        return {}
-    if rs is not None:
+    if rp is not None and rs is not None:
         raise ConfigError(f"{source}: both rope_scaling = {rs!r} and rope_parameters = {rp!r} are set; "
                           "k2jax does not pick one")
-    theta, scaling = _rope_from_parameters(rp, out.get("max_position_embeddings"), source)
+    if rp is None and (rs is None or not transformers_rules):
+        return {}
+    theta, scaling = _rope_from_parameters(rp if rp is not None else rs, out.get("max_position_embeddings"), source)
     fields = {"rope_scaling": scaling}
     if theta is not None:
         if "rope_theta" in out and out["rope_theta"] != theta:
@@ -510,12 +524,14 @@ def hf_config_dict(config: ModelConfig, format: str = REMOTE_CODE) -> dict:
 
 
 def _yarn_math(rope_scaling: dict | None) -> tuple | None:
-    """What a rope_scaling dict computes with (its defaults filled in), for comparing two spellings."""
+    """What a rope_scaling dict computes with in k2jax.rope (absent or null keys take the DeepSeek-V3 defaults), for
+    comparing two spellings of one YaRN."""
     if rope_scaling is None:
         return None
-    rs = rope_scaling
-    return (float(rs["factor"]), int(rs["original_max_position_embeddings"]), float(rs.get("beta_fast") or 32.0),
-            float(rs.get("beta_slow") or 1.0), float(rs.get("mscale_all_dim") or 0.0), yarn_attention_factor(rs))
+    rs = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 0.0} | {
+        k: v for k, v in rope_scaling.items() if v is not None}
+    return (float(rs["factor"]), int(rs["original_max_position_embeddings"]), float(rs["beta_fast"]),
+            float(rs["beta_slow"]), float(rs["mscale_all_dim"]), yarn_attention_factor(rope_scaling))
 
 
 def _common_keys(c: ModelConfig) -> dict:
@@ -604,9 +620,10 @@ def _transformers_deepseek(c: ModelConfig) -> dict:
     else:
         rs = c.rope_scaling
         rope = {"rope_type": "yarn", "rope_theta": c.rope_theta, "factor": float(rs["factor"]),
-                "original_max_position_embeddings": rs["original_max_position_embeddings"],
-                "beta_fast": float(rs.get("beta_fast") or 32.0), "beta_slow": float(rs.get("beta_slow") or 1.0)}
-        rope.update({k: rs[k] for k in ("mscale", "mscale_all_dim") if rs.get(k) is not None})
+                "original_max_position_embeddings": rs["original_max_position_embeddings"]}
+        # As stored; a 0 that transformers would replace by its default fails the round-trip check of the caller.
+        rope.update({k: rs[k] for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+                     if rs.get(k) is not None})
         ours = yarn_attention_factor(rs)
         if transformers_attention_factor(rope, rope["factor"]) != ours:
             rope["attention_factor"] = ours

@@ -530,6 +530,14 @@ def test_rope_parameters_follow_transformers_rules():
     assert implied.rope_scaling["factor"] == 4.0 and implied.rope_scaling["attention_factor"] == 1.25
     assert read({"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 64},
                 rope_interleave=False).rope_interleave is False
+    # transformers' DeepSeek-V3 reads an old-style rope_scaling with the same rules.
+    old_key = {k: v for k, v in TRANSFORMERS_DEEPSEEK.items() if k != "rope_parameters"} | {
+        "rope_theta": 1e4, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                            "mscale": 0.707}}
+    assert config_from_hf(old_key).rope_scaling["attention_factor"] == pytest.approx(yarn_get_mscale(4.0))
+    # ... while the released code's rope_scaling keeps the released rule: m(4, 0.707) / m(4, 0).
+    remote = config_from_hf(hf_config_dict(_k2_tiny().replace(rope_scaling=old_key["rope_scaling"])))
+    assert "attention_factor" not in remote.rope_scaling
 
 
 def _mutated(base, change):
@@ -569,6 +577,8 @@ _YARN = TRANSFORMERS_DEEPSEEK["rope_parameters"]
                                      "head_dim": 16, "short_conv_kernel_size": 4}}, "describe different layers"),
     ("kimi", {"rms_norm_eps": _DROP}, "does not set ['rms_norm_eps']"),
     ("deepseek", {"routed_scaling_factor": _DROP}, "does not set ['routed_scaling_factor']"),
+    ("deepseek", {"q_lora_rank": _DROP, "rope_parameters": {"rope_type": "default"}},
+     "does not set ['q_lora_rank', 'rope_theta']"),
     ("kimi", {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}},
      "quantization_config.quant_method = 'fp8' is not supported"),
 ])
@@ -583,6 +593,8 @@ def test_load_config_reads_null_token_ids_and_quantization_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TRANSFORMERS_DEEPSEEK | {"bos_token_id": None}))
     cfg = load_config(tmp_path)
     assert (cfg.bos_token_id, cfg.pad_token_id, cfg.eos_token_id) == (None, None, 2)
+    no_ids = {k: v for k, v in TRANSFORMERS_DEEPSEEK.items() if not k.endswith("_token_id")}
+    assert config_from_hf(no_ids).pad_token_id is None  # not Kimi's 163839, which a 256-token vocabulary lacks
     q = {"experts": "int4", "group_size": 32, "scale_dtype": "bfloat16", "qat": False}
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(_k2_tiny()) | {
         "quantization_config": compressed_tensors_config(q)}))
