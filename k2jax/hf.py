@@ -172,6 +172,8 @@ _INERT = {
     "use_cache": "whether transformers keeps a cache while generating; the outputs are the same",
     "head_dim": "derived: transformers sets it to qk_rope_head_dim; the remote Kimi-Linear code does not use it",
     "qk_head_dim": "derived: qk_nope_head_dim + qk_rope_head_dim",
+    "num_key_value_heads": "MLA gives every query head its own key and value (kv_b_proj); transformers' DeepseekV3 "
+                           "writes 128 by default and its SDPA path ignores it (k2jax sets num_attention_heads)",
     "attention_dropout": "dropout is off at inference, and k2jax trains without attention dropout",
     "pretraining_tp": "the tensor-parallel degree of pretraining; the forward pass does not use it",
     "ep_size": "the expert-parallel degree of the remote DeepSeek-V3 code; the outputs are the same",
@@ -204,8 +206,7 @@ _NATIVE_KEYS = {"kimi_linear": ("layer_types", "mlp_layer_types"), "deepseek_v3"
 # each other, so k2jax guesses none of them (always / with routed experts / with RoPE MLA / for the remote Kimi code).
 _REQUIRED = {
     "always": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-               "v_head_dim", "rms_norm_eps"),
+               "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rms_norm_eps"),
     "experts": ("moe_intermediate_size", "num_experts_per_token", "num_shared_experts", "routed_scaling_factor",
                 "moe_renormalize", "num_expert_group", "topk_group", "first_k_dense_replace"),
     "rope": ("rope_theta",),
@@ -277,12 +278,13 @@ def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelC
     spelled: dict[str, str] = {}  # field -> the key it was read from
     for key, value in hf.items():
         field = _SPELLINGS.get(key, key)
-        if field not in fields:
+        if field not in fields or key in _INERT:
             continue
         if field in out and out[field] != value:
             raise ConfigError(f"{source}: {spelled[field]} = {out[field]!r} and {key} = {value!r} are two spellings "
                               f"of {field} with different values")
         out[field], spelled[field] = value, key
+    out["num_key_value_heads"] = out.get("num_attention_heads")  # MLA: one key / value per query head
     for key in _TOKEN_IDS:  # not Kimi's ids when a file leaves them out: they do not change the math
         out.setdefault(key, None)
     if isinstance(out["eos_token_id"], list):  # transformers allows several: generation settings, not math

@@ -116,7 +116,7 @@ def deepseek_v3(request):
     rope, interleave = DSV3_ROPE[request.param]
     config = transformers.DeepseekV3Config(
         vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+        num_attention_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,  # num_key_value_heads: 128
         qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
         first_k_dense_replace=1, rope_parameters=dict(rope), rope_interleave=interleave, max_position_embeddings=32,
         pad_token_id=None)
@@ -131,6 +131,7 @@ def test_deepseek_v3_saved_by_transformers_loads_with_the_same_logits(deepseek_v
     hf = json.loads((tmp_path / "config.json").read_text())
     assert "rope_parameters" in hf and "rope_scaling" not in hf and hf["pad_token_id"] is None
     assert hf["num_nextn_predict_layers"] == 1  # transformers' default, with no MTP tensors in the files
+    assert hf["num_key_value_heads"] == 128  # transformers' default too, unused by its MLA
     loaded = load_hf_checkpoint(tmp_path)
     c = loaded.config
     assert c.q_lora_rank == 24 and c.rope_scaling["type"] == "yarn" and c.num_expert_group == 4
