@@ -200,7 +200,8 @@ _NATIVE_FIXED = {
                     "mla_latent_norm_eps": 1e-6},
 }
 # Keys whose presence means transformers 5's native class wrote the file (the remote-code classes have no such keys).
-_NATIVE_KEYS = {"kimi_linear": ("layer_types", "mlp_layer_types"), "deepseek_v3": ("rope_parameters", "rope_interleave")}
+_NATIVE_KEYS = {"kimi_linear": ("layer_types", "mlp_layer_types"),
+                "deepseek_v3": ("rope_parameters", "rope_interleave")}
 
 # Fields a config.json must set: the families' own defaults differ from k2jax's (the released 48B values) and from
 # each other, so k2jax guesses none of them (always / with routed experts / with RoPE MLA / for the remote Kimi code).

@@ -86,7 +86,8 @@ def _yarn_params(rope_scaling: dict) -> dict:
 
 def yarn_attention_factor(rope_scaling: dict) -> float:
     """The cos/sin scale of a YaRN `rope_scaling` dict: its `attention_factor` if given, else
-    m(factor, mscale) / m(factor, mscale_all_dim) with the released DeepSeek-V3 defaults (mscale 1, mscale_all_dim 0)."""
+    m(factor, mscale) / m(factor, mscale_all_dim) with the released DeepSeek-V3 defaults (mscale 1,
+    mscale_all_dim 0)."""
     if rope_scaling.get("attention_factor") is not None:
         return float(rope_scaling["attention_factor"])
     p = _yarn_params(rope_scaling)
