@@ -2,7 +2,8 @@
 
 The field names follow the Hugging Face Kimi-Linear `config.json` where one exists, so that a reader can compare
 the two side by side. `load_config` accepts a `configs/` name, a YAML file of these fields, or an HF
-`config.json` (Kimi-Linear, or DeepSeek-V3 / Kimi-K2 style).
+`config.json` (Kimi-Linear, DeepSeek-V3 or Kimi-K2; both the released remote-code keys and transformers 5's native
+keys), which `k2jax.hf.config_from_hf` translates.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import yaml
 CONFIG_DIR = Path(os.environ.get("K2JAX_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# `attention_factor` (transformers' name) is the cos/sin scale when given; without it YaRN derives the scale from
+# mscale / mscale_all_dim as the released DeepSeek-V3 code does (k2jax.rope).
 _ROPE_SCALING_KEYS = {
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-    "mscale_all_dim",
+    "mscale_all_dim", "attention_factor",
 }
 
 
@@ -53,6 +56,9 @@ class ModelConfig:
     mla_latent_norm_eps: float = 1e-6  # HF KimiRMSNorm default for kv_a_layernorm (and q_a_layernorm in K2)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    # RoPE channel pairs of q_pe / k_pe: (2j, 2j+1) as the released DeepSeek-V3 / K2 weights (True), or (j, j + P/2)
+    # (transformers' DeepSeek-V3 with `rope_interleave: false`). The rotated output is in half layout either way.
+    rope_interleave: bool = True
     max_position_embeddings: int = 1048576
     # KDA. Layer lists are 1-based, as in HF `linear_attn_config`; None means "no KDA layers" (all MLA).
     kda_layers: tuple[int, ...] | None = (1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26)
@@ -75,10 +81,10 @@ class ModelConfig:
     moe_layer_freq: int = 1
     moe_router_weights_from_biased_scores: bool = True  # HF in-place aliasing quirk; False = vLLM / DeepSeek-V3
     moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step (DeepSeek-V3 gamma)
-    # Special tokens.
-    bos_token_id: int = 163584
-    eos_token_id: int = 163586
-    pad_token_id: int = 163839
+    # Special tokens (null = none; transformers writes pad_token_id: null).
+    bos_token_id: int | None = 163584
+    eos_token_id: int | None = 163586
+    pad_token_id: int | None = 163839
     # Numerics and implementation choices.
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls; states, gates, softmax, router, norms stay fp32
@@ -180,13 +186,13 @@ def _validate(c: ModelConfig) -> None:
     if not isinstance(c.moe_bias_update_rate, (int, float)) or c.moe_bias_update_rate < 0:
         _fail("moe_bias_update_rate", c.moe_bias_update_rate, "must be a non-negative number")
     for f in ("tie_word_embeddings", "mla_use_nope", "moe_renormalize", "use_grouped_topk",
-              "moe_router_weights_from_biased_scores"):
+              "moe_router_weights_from_biased_scores", "rope_interleave"):
         if not isinstance(getattr(c, f), bool):
             _fail(f, getattr(c, f), "must be true or false")
     for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(c, f)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < c.vocab_size):
-            _fail(f, v, f"must be a token id in [0, vocab_size={c.vocab_size})")
+            _fail(f, v, f"must be null or a token id in [0, vocab_size={c.vocab_size})")
     for f in ("param_dtype", "dtype"):
         if getattr(c, f) not in _DTYPES:
             _fail(f, getattr(c, f), f"must be one of {_DTYPES}")
@@ -227,6 +233,9 @@ def _validate(c: ModelConfig) -> None:
             _fail("rope_scaling.factor", c.rope_scaling.get("factor"), "must be a number >= 1")
         if "original_max_position_embeddings" not in c.rope_scaling:
             _fail("rope_scaling", c.rope_scaling, "yarn needs original_max_position_embeddings")
+        af = c.rope_scaling.get("attention_factor")
+        if af is not None and (isinstance(af, bool) or not isinstance(af, (int, float)) or not af > 0):
+            _fail("rope_scaling.attention_factor", af, "must be null or a positive number (the cos/sin scale)")
 
     # Layer schedule (1-based lists).
     L = c.num_hidden_layers
@@ -331,80 +340,9 @@ def from_dict(d: dict, *, source: str = "<dict>") -> ModelConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
-# HF config.json keys that differ in name from ours (DeepSeek-V3 / Kimi-K2 spellings included).
-_HF_RENAMES = {
-    "n_routed_experts": "num_experts",
-    "num_experts_per_tok": "num_experts_per_token",
-    "n_shared_experts": "num_shared_experts",
-    "n_group": "num_expert_group",
-    "norm_topk_prob": "moe_renormalize",
-    "scoring_func": "moe_router_activation_func",
-}
-# HF keys that do not change the math (or are handled elsewhere), accepted and dropped.
-_HF_IGNORED = {
-    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "head_dim", "hidden_act", "model_max_length", "num_nextn_predict_layers", "attention_bias", "attention_dropout",
-    "ep_size", "topk_method", "aux_loss_alpha", "seq_aux", "pretraining_tp", "quantization_config", "_name_or_path",
-    "rope_interleave", "initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-    "linear_attn_config", "num_nextn_predict_layers", "moe_layer_freq",
-}
-_HF_MODEL_TYPES = ("kimi_linear", "deepseek_v3", "kimi_k2")
-
-
-def from_hf_dict(hf: dict, *, source: str = "config.json") -> ModelConfig:
-    """Translate an HF `config.json` (Kimi-Linear, DeepSeek-V3 or Kimi-K2) into a ModelConfig."""
-    model_type = hf.get("model_type")
-    if model_type not in _HF_MODEL_TYPES:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; expected one of {_HF_MODEL_TYPES}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-    if hf.get("num_nextn_predict_layers", 0):
-        pass  # MTP heads are not part of the causal LM forward; their weights are skipped by the loader.
-    out: dict[str, Any] = {"name": str(hf.get("_name_or_path") or model_type)}
-    names = field_names()
-    for k, v in hf.items():
-        k2 = _HF_RENAMES.get(k, k)
-        if k2 in names and k2 != "name" and k not in _HF_IGNORED:
-            out[k2] = v
-    # The checkpoint's storage dtype (`torch_dtype`, newer `dtype`) sets both parameter and compute dtype, as
-    # HF runs the model in the dtype it was saved in.
-    storage = hf.get("torch_dtype") or hf.get("dtype")
-    if storage in _DTYPES:
-        out["param_dtype"] = out["dtype"] = storage
-    for k in ("initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-              "moe_layer_freq"):
-        if k in hf and hf[k] is not None:
-            out[k] = hf[k]
-    if "eos_token_id" in out and isinstance(out["eos_token_id"], list):
-        out["eos_token_id"] = out["eos_token_id"][0]
-    if out.get("num_experts") is None:
-        out["num_experts"] = 0
-    lac = hf.get("linear_attn_config")
-    if lac:
-        out["kda_layers"] = tuple(lac.get("kda_layers") or ())
-        out["full_attn_layers"] = tuple(lac.get("full_attn_layers") or ())
-        out["kda_num_heads"] = lac.get("num_heads", out.get("num_attention_heads", 32))
-        out["kda_head_dim"] = lac.get("head_dim", 128)
-        out["short_conv_kernel_size"] = lac.get("short_conv_kernel_size", 4)
-    else:
-        out["kda_layers"] = None
-        out["full_attn_layers"] = None
-    if model_type != "kimi_linear":
-        # DeepSeek-V3 / K2: RoPE MLA, weights from the unbiased scores (no aliasing quirk in that code).
-        out.setdefault("mla_use_nope", False)
-        out.setdefault("moe_router_weights_from_biased_scores", False)
-        out.setdefault("mla_latent_norm_eps", 1e-6)
-    for k in list(out):
-        if isinstance(out[k], list):
-            out[k] = tuple(out[k])
-    try:
-        return ModelConfig(**out)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
 def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfig:
-    """Load a config: a `configs/` name ("tiny"), a YAML path, or an HF `config.json`; then apply `overrides`.
+    """Load a config: a `configs/` name ("tiny"), a YAML path, or an HF `config.json` (or a folder holding one),
+    translated by `k2jax.hf.config_from_hf` (its `quantization_config` included); then apply `overrides`.
 
     Raises ConfigError naming the field, the value and what is allowed.
     """
@@ -424,7 +362,10 @@ def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfi
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not valid JSON: {e}") from None
-        cfg = from_hf_dict(d, source=str(p))
+        # Imported here because k2jax.hf imports this module (and jax); YAML configs never need it.
+        from k2jax.hf import config_from_hf
+
+        cfg = config_from_hf(d, source=str(p))
     else:
         try:
             d = yaml.safe_load(text) or {}

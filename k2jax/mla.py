@@ -70,6 +70,7 @@ class MultiHeadLatentAttention(nnx.Module):
         self.num_heads, self.nope_dim, self.rope_dim = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
         self.v_dim, self.kv_lora_rank, self.hidden_size = c.v_head_dim, c.kv_lora_rank, c.hidden_size
         self.use_rope = not c.mla_use_nope
+        self.rope_interleave = c.rope_interleave
         self.dtype = jnp.dtype(c.dtype)
         self.scale = softmax_scale(c)
         inv_freq, self.rope_mscale = rope_frequencies(c) if self.use_rope else ((), 1.0)
@@ -115,7 +116,7 @@ class MultiHeadLatentAttention(nnx.Module):
         q = q.reshape(B, T, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q[..., :self.nope_dim], q[..., self.nope_dim:]
         if self.use_rope:
-            q_pe = apply_rope(q_pe, positions, self.inv_freq, self.rope_mscale)
+            q_pe = apply_rope(q_pe, positions, self.inv_freq, self.rope_mscale, self.rope_interleave)
         return q_nope, q_pe
 
     def _latent(self, x, positions):
@@ -124,7 +125,8 @@ class MultiHeadLatentAttention(nnx.Module):
         c_kv, k_pe = kv_a[..., :self.kv_lora_rank], kv_a[..., self.kv_lora_rank:]
         c = self.kv_a_layernorm(c_kv).astype(self.dtype)
         if self.use_rope:
-            k_pe = apply_rope(k_pe[:, :, None, :], positions, self.inv_freq, self.rope_mscale)[:, :, 0, :]
+            k_pe = apply_rope(k_pe[:, :, None, :], positions, self.inv_freq, self.rope_mscale,
+                              self.rope_interleave)[:, :, 0, :]
         return c, k_pe
 
     def _attend(self, q, k, v, mask):

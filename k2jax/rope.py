@@ -15,7 +15,9 @@ Semantics follow the DeepSeek-V3 Hugging Face code:
   ``d(n) = R * ln(L0 / (2 pi n)) / (2 ln theta)`` is the index whose wavelength fits ``n`` times into ``L0``
   (``high`` gets +0.001 when ``low == high``). Fast (low-index) frequencies are kept, slow ones interpolated.
 * Attention scale on cos/sin. YaRN multiplies cos and sin (hence both rotated q_pe and k_pe) by
-  ``m(s, mscale) / m(s, mscale_all_dim)`` with ``m(s, a) = 0.1 a ln(s) + 1`` for ``s > 1`` (else 1).
+  ``m(s, mscale) / m(s, mscale_all_dim)`` with ``m(s, a) = 0.1 a ln(s) + 1`` for ``s > 1`` (else 1), or by
+  ``rope_scaling.attention_factor`` when that is given (transformers' explicit form; k2jax.hf fills it in when
+  transformers' own rule for a `rope_parameters` dict differs from this one).
 * Softmax scale. ``qk_head_dim ** -0.5``, times ``m(s, mscale_all_dim) ** 2`` when rope_scaling is set and
   ``mscale_all_dim`` is non-zero (this applies to the whole q.k score, the no-position part included).
   For Kimi K2 (mscale = mscale_all_dim = 1, s = 32) the cos/sin scale is 1.0 and the softmax scale is
@@ -32,6 +34,15 @@ same thing in one step and returns the result in that **half layout**:
 
 so rotated q_pe / k_pe (and a latent k_pe cache) are bit-for-bit in HF's order. Dot products q_pe . k_pe are the
 same in either layout, since both sides get the same permutation.
+
+transformers' DeepSeek-V3 does exactly this when `rope_interleave` is true (its default, `apply_rotary_pos_emb_
+interleave`). With `rope_interleave: false` it applies `rotate_half` to the channels as stored, i.e. the pairs are
+``(j, j + R/2)``: `apply_rope(..., interleaved=False)` (config field `rope_interleave`) computes
+
+    out[j]       = (x[j]       cos(a_j) - x[j + R/2] sin(a_j)) * mscale
+    out[j + R/2] = (x[j + R/2] cos(a_j) + x[j]       sin(a_j)) * mscale
+
+which is the same formula with the pair members taken from the two halves instead of even/odd channels.
 """
 
 from __future__ import annotations
@@ -73,10 +84,21 @@ def _yarn_params(rope_scaling: dict) -> dict:
     return p
 
 
+def yarn_attention_factor(rope_scaling: dict) -> float:
+    """The cos/sin scale of a YaRN `rope_scaling` dict: its `attention_factor` if given, else
+    m(factor, mscale) / m(factor, mscale_all_dim) with the released DeepSeek-V3 defaults (mscale 1,
+    mscale_all_dim 0)."""
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    p = _yarn_params(rope_scaling)
+    return yarn_get_mscale(p["factor"], p["mscale"]) / yarn_get_mscale(p["factor"], p["mscale_all_dim"])
+
+
 def rope_frequencies(config) -> tuple[np.ndarray, float]:
     """(inv_freq [qk_rope_head_dim / 2] float32, attention_scale) for `config` (plain RoPE or YaRN).
 
-    attention_scale multiplies cos and sin (1.0 without scaling, m(s, mscale) / m(s, mscale_all_dim) with YaRN).
+    attention_scale multiplies cos and sin (1.0 without scaling; with YaRN rope_scaling.attention_factor if given,
+    else m(s, mscale) / m(s, mscale_all_dim)).
     Computed in float64 on the host and rounded once to float32.
     """
     dim, base = int(config.qk_rope_head_dim), float(config.rope_theta)
@@ -93,8 +115,7 @@ def rope_frequencies(config) -> tuple[np.ndarray, float]:
         high += 0.001  # as HF: avoid a zero-width ramp
     ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
     inv_freq = inv_freq / s * ramp + inv_freq * (1.0 - ramp)
-    scale = yarn_get_mscale(s, p["mscale"]) / yarn_get_mscale(s, p["mscale_all_dim"])
-    return inv_freq.astype(np.float32), float(scale)
+    return inv_freq.astype(np.float32), yarn_attention_factor(config.rope_scaling)
 
 
 def softmax_scale(config) -> float:
@@ -107,12 +128,13 @@ def softmax_scale(config) -> float:
     return scale
 
 
-def apply_rope(x, positions, inv_freq, mscale: float = 1.0):
-    """Rotate interleaved channel pairs of x and return them in HF's half layout (see the module docstring).
+def apply_rope(x, positions, inv_freq, mscale: float = 1.0, interleaved: bool = True):
+    """Rotate channel pairs of x and return them in HF's half layout (see the module docstring).
 
-    x: [..., T, H, R] (checkpoint channel order: pairs (2j, 2j+1)); positions: int [T] or [..., T] matching the
-    dims of x before H (e.g. [B, T] for x [B, T, H, R]); inv_freq: [R/2]. Returns x's shape and dtype, computed in
-    float32 (angles are positions * inv_freq in float32, as HF).
+    x: [..., T, H, R] in checkpoint channel order: pairs (2j, 2j+1) when `interleaved` (the released DeepSeek-V3 /
+    K2 layout), else (j, j + R/2) (transformers' `rope_interleave: false`); positions: int [T] or [..., T] matching
+    the dims of x before H (e.g. [B, T] for x [B, T, H, R]); inv_freq: [R/2]. Returns x's shape and dtype, computed
+    in float32 (angles are positions * inv_freq in float32, as HF).
     """
     inv_freq = jnp.asarray(inv_freq, jnp.float32)
     positions = jnp.asarray(positions)
@@ -131,6 +153,7 @@ def apply_rope(x, positions, inv_freq, mscale: float = 1.0):
     cos = (jnp.cos(angles) * mscale)[..., None, :]  # broadcast over heads
     sin = (jnp.sin(angles) * mscale)[..., None, :]
     xf = x.astype(jnp.float32)
-    even, odd = xf[..., 0::2], xf[..., 1::2]
-    out = jnp.concatenate([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    half = x.shape[-1] // 2
+    first, second = (xf[..., 0::2], xf[..., 1::2]) if interleaved else (xf[..., :half], xf[..., half:])
+    out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return out.astype(x.dtype)

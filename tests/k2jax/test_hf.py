@@ -1,10 +1,13 @@
 """HF checkpoint interop. The checkpoints are written here by a hand-made writer that follows kimi_linear.md §6
-name by name (not k2jax.hf's mapping), then loaded and compared parameter by parameter and through logits."""
+name by name (not k2jax.hf's mapping), then loaded and compared parameter by parameter and through logits.
+transformers 5's conventions are checked here without torch (config.json as transformers writes it, its tensor
+names renamed by hand); test_hf_transformers.py compares against transformers' own models."""
 
 import json
 import logging
 import os
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +22,10 @@ from k2jax import KimiLinear, load_config
 from k2jax.checkpoint import restore_params, save_params
 from k2jax.config import ConfigError
 from k2jax.convert import main as convert_main
-from k2jax.hf import CheckpointError, hf_config_dict, load_hf_checkpoint, save_hf_checkpoint
+from k2jax.hf import (CheckpointError, config_from_hf, hf_config_dict, load_hf_checkpoint, save_hf_checkpoint,
+                      transformers_attention_factor)
+from k2jax.quantize import compressed_tensors_config
+from k2jax.rope import yarn_get_mscale
 from k2jax.sharding import logical_to_mesh_spec
 from tests.conftest import error_ratio
 
@@ -437,3 +443,265 @@ def test_convert_cli_round_trip(hybrid_folder, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert convert_main(["orbax-to-hf", "--orbax", str(orbax_dir), "--out", str(hf_dir)]) == 2  # exists
     assert os.listdir(tmp_path) and not (tmp_path / "x").exists()
+
+
+# ---- transformers 5's conventions, without torch ---------------------------------------------------------------------
+def _hybrid_mid_mla():
+    """The tiny hybrid with its MLA layer mid-stack and transformers' routing rule (weights from the plain scores)."""
+    return load_config("tiny").replace(kda_layers=(1, 3, 4), full_attn_layers=(2,),
+                                       moe_router_weights_from_biased_scores=False, pad_token_id=None)
+
+
+# What transformers 5.24 writes for _hybrid_mid_mla() (KimiLinearForCausalLM(...).save_pretrained, copied verbatim).
+TRANSFORMERS_KIMI = {
+    "architectures": ["KimiLinearForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "dtype": "float32", "eos_token_id": 2, "head_dim": 8, "hidden_act": "silu", "hidden_size": 64,
+    "initializer_range": 0.02, "intermediate_size": 128, "kv_lora_rank": 16,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    "linear_conv_kernel_dim": 4, "linear_head_dim": 16, "linear_num_heads": 2,
+    "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"], "model_max_length": 4096, "model_type": "kimi_linear",
+    "moe_intermediate_size": 32, "moe_renormalize": True, "num_attention_heads": 2, "num_expert_group": 4,
+    "num_experts": 8, "num_experts_per_token": 2, "num_hidden_layers": 4, "num_key_value_heads": 2,
+    "num_shared_experts": 1, "output_router_logits": False, "pad_token_id": None, "pretraining_tp": 1,
+    "q_lora_rank": None, "qk_head_dim": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "rms_norm_eps": 1e-05,
+    "routed_scaling_factor": 2.446, "tie_word_embeddings": False, "topk_group": 2, "transformers_version": "5.24.0",
+    "use_cache": True, "v_head_dim": 16, "vocab_size": 256,
+}
+# ... and for _k2_tiny() as DeepseekV3ForCausalLM (pad_token_id null, num_nextn_predict_layers its default 1).
+TRANSFORMERS_DEEPSEEK = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "dtype": "float32", "eos_token_id": 2, "first_k_dense_replace": 1, "head_dim": 8, "hidden_act": "silu",
+    "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 128, "kv_lora_rank": 16,
+    "max_position_embeddings": 4096, "model_type": "deepseek_v3", "moe_intermediate_size": 32, "n_group": 4,
+    "n_routed_experts": 8, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 2,
+    "num_experts_per_tok": 2, "num_hidden_layers": 4, "num_key_value_heads": 2, "num_nextn_predict_layers": 1,
+    "output_router_logits": False, "pad_token_id": None, "pretraining_tp": 1, "q_lora_rank": 16, "qk_head_dim": 24,
+    "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "rms_norm_eps": 1e-05, "rope_interleave": True,
+    "rope_parameters": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                        "original_max_position_embeddings": 64, "rope_theta": 10000.0, "rope_type": "yarn"},
+    "routed_scaling_factor": 2.446, "tie_word_embeddings": False, "topk_group": 2, "transformers_version": "5.24.0",
+    "use_cache": True, "v_head_dim": 16, "vocab_size": 256,
+}
+
+
+def _same_model(config, expected):
+    """config equals expected up to name and what does not change the model: kda_chunk_size, which a transformers
+    config.json does not carry, the KDA settings of a model without KDA layers, and the pad token."""
+    e = expected
+    keep = dict(name=e.name, pad_token_id=e.pad_token_id, kda_chunk_size=e.kda_chunk_size)
+    if not e.kda_layers:
+        keep.update(kda_num_heads=e.kda_num_heads, kda_head_dim=e.kda_head_dim,
+                    short_conv_kernel_size=e.short_conv_kernel_size)
+    return config.replace(**keep) == e
+
+
+def test_transformers_config_json_reads_as_transformers_computes():
+    kimi = config_from_hf(TRANSFORMERS_KIMI)
+    assert _same_model(kimi, _hybrid_mid_mla())
+    assert (kimi.kda_layers, kimi.full_attn_layers, kimi.first_k_dense_replace, kimi.moe_layer_freq) == \
+        ((1, 3, 4), (2,), 1, 1)
+    assert kimi.pad_token_id is None and kimi.max_position_embeddings == 4096
+    assert not kimi.moe_router_weights_from_biased_scores  # transformers' KimiLinear: weights from plain scores
+    remote = config_from_hf(hf_config_dict(_hybrid_mid_mla().replace(moe_router_weights_from_biased_scores=True)))
+    assert remote.moe_router_weights_from_biased_scores  # the released code's rule, from the released keys
+    k2 = config_from_hf(TRANSFORMERS_DEEPSEEK)
+    assert _same_model(k2, _k2_tiny())
+    assert k2.rope_scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                               "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    assert k2.pad_token_id is None and k2.rope_interleave and k2.mla_use_nope is False
+
+
+def test_rope_parameters_follow_transformers_rules():
+    def read(rope, **extra):
+        return config_from_hf(TRANSFORMERS_DEEPSEEK | {"rope_parameters": rope} | extra)
+
+    plain = read({"rope_type": "default", "rope_theta": 50000.0})
+    assert plain.rope_scaling is None and plain.rope_theta == 50000.0
+    # transformers: m(f, mscale) / m(f, mscale_all_dim) only when both are set, else m(f, 1); the remote code's
+    # rule gives m(f, 0.707) here, so k2jax records transformers' value.
+    one = read({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64,
+                "mscale": 0.707, "beta_fast": 0, "beta_slow": None})
+    assert one.rope_scaling["attention_factor"] == pytest.approx(yarn_get_mscale(4.0))
+    assert (one.rope_scaling["beta_fast"], one.rope_scaling["beta_slow"]) == (32.0, 1.0)  # 0 / null: defaults
+    assert transformers_attention_factor({"mscale": 0.707}, 4.0) == yarn_get_mscale(4.0, 1.0)
+    # factor left out: max_position_embeddings / original_max_position_embeddings; explicit attention_factor kept.
+    implied = read({"rope_type": "yarn", "rope_theta": 1e4, "original_max_position_embeddings": 1024,
+                    "attention_factor": 1.25})
+    assert implied.rope_scaling["factor"] == 4.0 and implied.rope_scaling["attention_factor"] == 1.25
+    assert read({"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 64},
+                rope_interleave=False).rope_interleave is False
+    # transformers' DeepSeek-V3 reads an old-style rope_scaling with the same rules.
+    old_key = {k: v for k, v in TRANSFORMERS_DEEPSEEK.items() if k != "rope_parameters"} | {
+        "rope_theta": 1e4, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                            "mscale": 0.707}}
+    assert config_from_hf(old_key).rope_scaling["attention_factor"] == pytest.approx(yarn_get_mscale(4.0))
+    # ... while the released code's rope_scaling keeps the released rule: m(4, 0.707) / m(4, 0).
+    remote = config_from_hf(hf_config_dict(_k2_tiny().replace(rope_scaling=old_key["rope_scaling"])))
+    assert "attention_factor" not in remote.rope_scaling
+
+
+def _mutated(base, change):
+    out = json.loads(json.dumps(base))
+    for key, value in change.items():
+        if value is _DROP:
+            out.pop(key)
+        else:
+            out[key] = value
+    return out
+
+
+_DROP = object()
+_YARN = TRANSFORMERS_DEEPSEEK["rope_parameters"]
+
+
+@pytest.mark.parametrize("base, change, message", [
+    ("kimi", {"sliding_window": 128}, "unknown config.json key(s) ['sliding_window']"),
+    ("kimi", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
+    ("kimi", {"attention_bias": True}, "attention_bias = True is not supported"),
+    ("deepseek", {"topk_method": "greedy"}, "topk_method = 'greedy' is not supported"),
+    ("deepseek", {"rope_parameters": {**_YARN, "rope_type": "longrope"}}, "rope_type = 'longrope' is not supported"),
+    ("deepseek", {"rope_parameters": {**_YARN, "truncate": False}}, "truncate = False is not supported"),
+    ("deepseek", {"rope_parameters": {**_YARN, "partial_rotary_factor": 0.5}}, "partial_rotary_factor = 0.5"),
+    ("deepseek", {"rope_parameters": {**_YARN, "low_freq_factor": 1.0}}, "unknown keys ['low_freq_factor']"),
+    ("deepseek", {"rope_scaling": {"type": "yarn", "factor": 2.0}}, "both rope_scaling"),
+    ("deepseek", {"rope_theta": 5e4}, "rope_theta = 50000.0 and rope_parameters.rope_theta = 10000.0 differ"),
+    ("deepseek", {"moe_layer_freq": 2}, "moe_layer_freq = 2, but this config.json was written by transformers"),
+    ("deepseek", {"scoring_func": "softmax"}, "scoring_func = 'softmax', but this config.json was written"),
+    ("kimi", {"mla_use_nope": False}, "mla_use_nope = False, but this config.json was written by transformers"),
+    ("kimi", {"moe_router_activation_func": "softmax"}, "moe_router_activation_func = 'softmax', but"),
+    ("kimi", {"num_local_experts": 16}, "num_experts = 8 and num_local_experts = 16 are two spellings"),
+    ("kimi", {"layer_types": ["linear_attention"] * 3}, "layer_types = "),
+    ("kimi", {"mlp_layer_types": ["dense", "sparse", "dense", "sparse"]}, "has no k2jax equivalent"),
+    ("kimi", {"first_k_dense_replace": 2}, "place the MoE layers differently"),
+    ("kimi", {"linear_attn_config": {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2,
+                                     "head_dim": 16, "short_conv_kernel_size": 4}}, "describe different layers"),
+    ("kimi", {"rms_norm_eps": _DROP}, "does not set ['rms_norm_eps']"),
+    ("deepseek", {"routed_scaling_factor": _DROP}, "does not set ['routed_scaling_factor']"),
+    ("deepseek", {"q_lora_rank": _DROP, "rope_parameters": {"rope_type": "default"}},
+     "does not set ['q_lora_rank', 'rope_theta']"),
+    ("kimi", {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}},
+     "quantization_config.quant_method = 'fp8' is not supported"),
+])
+def test_config_keys_that_change_the_math_are_never_ignored(base, change, message):
+    hf = _mutated({"kimi": TRANSFORMERS_KIMI, "deepseek": TRANSFORMERS_DEEPSEEK}[base], change)
+    with pytest.raises(ConfigError) as info:
+        config_from_hf(hf, source="the/config.json")
+    assert message in str(info.value) and "the/config.json" in str(info.value)
+
+
+def test_load_config_reads_null_token_ids_and_quantization_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TRANSFORMERS_DEEPSEEK | {"bos_token_id": None}))
+    cfg = load_config(tmp_path)
+    assert (cfg.bos_token_id, cfg.pad_token_id, cfg.eos_token_id) == (None, None, 2)
+    no_ids = {k: v for k, v in TRANSFORMERS_DEEPSEEK.items() if not k.endswith("_token_id")}
+    assert config_from_hf(no_ids).pad_token_id is None  # not Kimi's 163839, which a 256-token vocabulary lacks
+    q = {"experts": "int4", "group_size": 32, "scale_dtype": "bfloat16", "qat": False}
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(_k2_tiny()) | {
+        "quantization_config": compressed_tensors_config(q)}))
+    assert load_config(tmp_path / "config.json").quantization == q
+
+
+def _transformers_names(tensors, config):
+    """The names transformers' save_pretrained writes for Kimi-Linear: the dense MLP under block_sparse_moe."""
+    dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
+    return {re.sub(rf"^model\.layers\.({'|'.join(map(str, dense))})\.mlp\.", r"model.layers.\1.block_sparse_moe.", n): v
+            for n, v in tensors.items()}
+
+
+def _fused(tensors, config, scheme):
+    """transformers' in-memory names (save_pretrained(..., save_original_format=False)), fused by hand: q/k/v convs
+    stacked into conv1d, the KDA gate under forget_gate, experts stacked into gate_up_proj [E, 2I, hidden] and
+    down_proj [E, hidden, I], every MoE under mlp."""
+    gate, up, down = ("w1", "w3", "w2") if scheme == "kimi" else ("gate_proj", "up_proj", "down_proj")
+    out = {}
+    for name, value in tensors.items():
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        name = re.sub(r"\.self_attn\.(f_a_proj|f_b_proj|dt_bias|A_log)", r".self_attn.forget_gate.\1", name)
+        if not re.search(r"\.(q|k|v)_conv1d\.|\.experts\.\d+\.", name):
+            out[name] = value
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if f"{p}self_attn.q_conv1d.weight" in tensors:
+            out[f"{p}self_attn.conv1d.weight"] = np.concatenate(
+                [tensors[f"{p}self_attn.{n}_conv1d.weight"] for n in "qkv"], axis=0)
+        if config.is_moe_layer(i):
+            m, E = p + ("block_sparse_moe." if scheme == "kimi" else "mlp."), config.num_experts
+            out[f"{p}mlp.experts.gate_up_proj"] = np.stack([np.concatenate(
+                [tensors[f"{m}experts.{e}.{gate}.weight"], tensors[f"{m}experts.{e}.{up}.weight"]]) for e in range(E)])
+            out[f"{p}mlp.experts.down_proj"] = np.stack([tensors[f"{m}experts.{e}.{down}.weight"] for e in range(E)])
+    return out
+
+
+@pytest.mark.parametrize("naming", ["transformers-saved", "transformers-fused"])
+def test_transformers_tensor_names_load_every_param(naming, tmp_path):
+    model = _randomized(_hybrid_mid_mla(), 4)
+    tensors = hand_written_hf_tensors(model, "kimi")
+    tensors = _transformers_names(tensors, model.config) if naming == "transformers-saved" else \
+        _fused(tensors, model.config, "kimi")
+    assert ("model.layers.0.block_sparse_moe.up_proj.weight" in tensors) == (naming == "transformers-saved")
+    folder = write_hf_folder(tmp_path / naming, model.config, tensors,
+                             hf_config=TRANSFORMERS_KIMI | {"kda_chunk_size": 16})
+    loaded = load_hf_checkpoint(folder)
+    assert loaded.config.replace(name="tiny") == model.config
+    assert_same_params(model, loaded)
+
+
+def test_fused_deepseek_experts_load_every_param(k2, tmp_path):
+    folder = write_hf_folder(tmp_path / "fused", k2.config, _fused(hand_written_hf_tensors(k2, "deepseek"), k2.config,
+                                                                    "deepseek"), shards=2)
+    assert_same_params(k2, load_hf_checkpoint(folder))
+
+
+def test_save_transformers_format_names_and_refusals(tmp_path):
+    model = _randomized(_hybrid_mid_mla(), 5)
+    out = save_hf_checkpoint(model, tmp_path / "t", format="transformers")
+    hf = json.loads((out / "config.json").read_text())
+    derived = ("head_dim", "qk_head_dim", "output_router_logits", "pretraining_tp", "transformers_version")
+    assert {k: hf.get(k) for k in TRANSFORMERS_KIMI if k not in derived} == \
+        {k: v for k, v in TRANSFORMERS_KIMI.items() if k not in derived}
+    assert "auto_map" not in hf and "linear_attn_config" not in hf
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+        assert set(f.keys()) == set(_transformers_names(hand_written_hf_tensors(model, "kimi"), model.config))
+    assert_same_params(model, load_hf_checkpoint(out))
+    # What transformers' classes cannot compute is refused before anything is written.
+    for config, field in ((_hybrid_mid_mla().replace(mla_latent_norm_eps=1e-5), "mla_latent_norm_eps"),
+                          (_hybrid_mid_mla().replace(tie_word_embeddings=True), "tie_word_embeddings"),
+                          (_hybrid_mid_mla().replace(moe_router_activation_func="softmax"),
+                           "moe_router_activation_func"),
+                          (_hybrid_mid_mla().replace(num_expert_group=4, topk_group=2, use_grouped_topk=False),
+                           "use_grouped_topk"),
+                          (_k2_tiny().replace(moe_layer_freq=2), "moe_layer_freq")):
+        with pytest.raises(ValueError, match=field):
+            hf_config_dict(config, format="transformers")
+    biased = _randomized(_hybrid_mid_mla().replace(moe_router_weights_from_biased_scores=True), 5)
+    with pytest.raises(ValueError, match="moe_router_weights_from_biased_scores"):
+        save_hf_checkpoint(biased, tmp_path / "refused", format="transformers")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="format 'torch' is not one of"):
+        save_hf_checkpoint(model, tmp_path / "refused", format="torch")
+    # With every correction bias zero the two routing rules pick and weigh the experts identically, so the
+    # biased-rule model saves, as transformers' rule.
+    graphdef, state = nnx.split(biased)
+    flat = [(p, v.replace(jnp.zeros_like(v.get_value())) if p[-1] == "e_score_correction_bias" else v)
+            for p, v in nnx.to_flat_state(state)]
+    zero = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    reloaded = load_hf_checkpoint(save_hf_checkpoint(zero, tmp_path / "zero", format="transformers"))
+    assert not reloaded.config.moe_router_weights_from_biased_scores
+    assert_same_params(zero, reloaded)
+
+
+def test_transformers_config_classes_read_our_transformers_format(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    for i, config in enumerate((_hybrid_mid_mla(), _k2_tiny().replace(rope_interleave=False))):
+        ours = hf_config_dict(config, format="transformers")
+        theirs = transformers.AutoConfig.for_model(**ours)
+        if config.kda_layers is not None:
+            assert theirs.layer_types == ours["layer_types"] and theirs.num_local_experts == config.num_experts
+            assert theirs.mlp_layer_types == ["dense", "sparse", "sparse", "sparse"]
+            assert (theirs.linear_num_heads, theirs.linear_head_dim) == (config.kda_num_heads, config.kda_head_dim)
+        else:
+            assert theirs.rope_parameters["factor"] == 4.0 and theirs.rope_interleave is False
+            assert theirs.num_local_experts == config.num_experts and theirs.n_group == config.num_expert_group
+        theirs.save_pretrained(tmp_path / str(i))  # what transformers writes back reads as the same model
+        again = config_from_hf(json.loads((tmp_path / str(i) / "config.json").read_text()))
+        assert _same_model(again, config) and again.kda_chunk_size == config.kda_chunk_size

@@ -233,6 +233,54 @@ def test_apply_rope_matches_hf_permute_then_rotate_half():
     assert error_ratio(ref[0], out1[0]) <= 1e-2
 
 
+def test_apply_rope_uninterleaved_rotates_the_stored_halves():
+    """transformers' DeepSeek-V3 with rope_interleave: false: x cos + rotate_half(x) sin on the channels as stored
+    (pairs (j, j + R/2)), no permutation first."""
+    rng = np.random.default_rng(1)
+    B, T, H, R = 2, 5, 3, 8
+    x = rng.standard_normal((B, T, H, R))
+    pos = rng.integers(0, 1000, (B, T))
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, R, 2) / R)
+    emb = np.concatenate([pos[..., None] * inv_freq] * 2, axis=-1)[:, :, None, :]
+    rot_half = np.concatenate([-x[..., R // 2:], x[..., :R // 2]], axis=-1)
+    ref = (x * np.cos(emb) + rot_half * np.sin(emb)) * 0.9
+    out = apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), jnp.asarray(inv_freq, jnp.float32), 0.9,
+                     interleaved=False)
+    assert error_ratio(ref, out) <= 1e-5
+    assert error_ratio(ref, apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), inv_freq, 0.9)) > 0.1
+
+
+def test_mla_rope_interleave_false_equals_interleaved_weights_permuted():
+    """An MLA reading pairs (j, j + P/2) equals one reading pairs (2j, 2j+1) whose q_pe / k_pe projection columns
+    are interleaved accordingly: the config field reaches both the query and the key rotation."""
+    cfg = tiny_rope()
+    halves, pairs = make_mla(cfg.replace(rope_interleave=False)), make_mla(cfg)
+    x = rand_x(cfg, 2, 7)
+    assert error_ratio(pairs(x), halves(x)) > 1e-3  # the same weights read in the two layouts differ
+    P, n, H = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.num_attention_heads
+    to_pairs = np.stack([np.arange(P // 2), np.arange(P // 2) + P // 2], axis=1).reshape(-1)  # [0, 4, 1, 5, ...]
+    q = np.array(halves.q_b_proj.kernel[...]).reshape(-1, H, n + P)
+    q[..., n:] = q[..., n:][..., to_pairs]
+    kv = np.array(halves.kv_a_proj_with_mqa.kernel[...])
+    kv[:, cfg.kv_lora_rank:] = kv[:, cfg.kv_lora_rank:][:, to_pairs]
+    for name in ("q_a_proj", "kv_b_proj", "o_proj"):
+        getattr(pairs, name).kernel[...] = getattr(halves, name).kernel[...]
+    pairs.q_a_layernorm.weight[...] = halves.q_a_layernorm.weight[...]
+    pairs.kv_a_layernorm.weight[...] = halves.kv_a_layernorm.weight[...]
+    pairs.q_b_proj.kernel[...] = jnp.asarray(q.reshape(-1, H * (n + P)))
+    pairs.kv_a_proj_with_mqa.kernel[...] = jnp.asarray(kv)
+    assert error_ratio(pairs(x), halves(x)) <= 1e-6
+
+
+def test_yarn_attention_factor_replaces_the_mscale_rule():
+    inv_ref, attn_ref = rope_frequencies(tiny_rope({**YARN, "mscale": 2.0}))
+    inv_freq, attn = rope_frequencies(tiny_rope({**YARN, "mscale": 2.0, "attention_factor": 1.5}))
+    np.testing.assert_array_equal(inv_freq, inv_ref)
+    assert attn == 1.5 and attn_ref != 1.5
+    with pytest.raises(k2jax.ConfigError, match="attention_factor"):
+        tiny_rope({**YARN, "attention_factor": -1.0})
+
+
 def test_apply_rope_bad_inputs():
     x = jnp.zeros((2, 5, 3, 8))
     inv = jnp.ones(4)
