@@ -132,7 +132,9 @@ def test_remat_keeps_values(models, batch_and_scanned_result):
     (l1, _), g1 = _run(remat, tokens, seg)  # remat on the unrolled layers and on the scanned run
     assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
     a, b = _flat(g0), _flat(g1)
-    assert max(error_ratio(a[k], b[k]) for k in a) < 1e-6
+    # Recomputation lets XLA fuse and reassociate the f32 sums differently: 1.5e-6 seen on Python 3.12 / JAX 0.12
+    # on this machine's CPU (also on the code before issue 11), so the bound is the suite's f32 value tolerance.
+    assert max(error_ratio(a[k], b[k]) for k in a) < 1e-5
 
 
 def test_router_bias_update_is_the_same_in_both_layouts(models):
