@@ -20,7 +20,7 @@ CONFIG_DIR = Path(os.environ.get("K2JAX_CONFIG_DIR", Path(__file__).resolve().pa
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # `attention_factor` (transformers' name) is the cos/sin scale when given; without it YaRN derives the scale from
-# mscale / mscale_all_dim as the released DeepSeek-V3 code does (k2jax.rope).
+# mscale / mscale_all_dim as the released DeepSeek-V3 code does (k2jax.layers.rope).
 _ROPE_SCALING_KEYS = {
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
     "mscale_all_dim", "attention_factor",
@@ -91,7 +91,7 @@ class ModelConfig:
     kda_impl: str = "auto"  # "auto" | "chunk" | "pallas" | "reference"
     kda_chunk_size: int = 64
     moe_impl: str = "auto"  # "auto" | "ragged" | "dense"
-    # Expert parallelism (k2jax.expert_parallel, used when a mesh with expert axis > 1 is set).
+    # Expert parallelism (k2jax.layers.expert_parallel, used when a mesh with expert axis > 1 is set).
     moe_ep_impl: str = "auto"  # "auto" (allgather on CPU, ragged_a2a elsewhere) | "allgather" | "ragged_a2a"
     moe_capacity_factor: float | None = None  # None = dropless; c = each device keeps c x its balanced rows
     # Layer stacking: scan over repeats of the layer pattern (compile time O(period)).

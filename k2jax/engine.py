@@ -206,7 +206,7 @@ class Engine:
     call; eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed
     experts packed as INT4 (k2jax.quantize.quantize_model_experts; a model whose config already says so is used
     as is); mesh: a jax.sharding.Mesh (`make_mesh`) the parameters are placed on: the steps run under
-    `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel (k2jax.expert_parallel, dropless
+    `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel (k2jax.layers.expert_parallel, dropless
     unless config.moe_capacity_factor), 'tensor' splits heads, and the cache's slots are sharded over
     'data'/'expert' and its KDA heads over 'tensor'. A scanned model (config.scan_layers) is unstacked.
 

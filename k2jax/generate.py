@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from k2jax.kda_layer import KDAState
+from k2jax.layers.kda import KDAState
 
 F32 = jnp.float32
 

@@ -197,7 +197,7 @@ def _balance_loss(aux):
     import jax
     import jax.numpy as jnp
 
-    from k2jax.moe import load_balance_loss
+    from k2jax.layers.moe import load_balance_loss
 
     if "expert_load" not in aux:
         return jnp.zeros((), jnp.float32)
@@ -209,7 +209,7 @@ def _update_biases(biases, load, rate: float, rows: dict):
     import jax.numpy as jnp
     from flax import nnx
 
-    from k2jax.moe import update_router_bias
+    from k2jax.layers.moe import update_router_bias
 
     if rate == 0 or not rows:
         return biases
@@ -316,7 +316,7 @@ class _State:
         from flax import nnx
 
         from k2jax.model import KimiLinear
-        from k2jax.moe import RouterBias
+        from k2jax.layers.moe import RouterBias
         from k2jax.sharding import param_shardings
 
         self.mcfg, self.tcfg, self.mesh, self.tx = mcfg, tcfg, mesh, tx

@@ -13,8 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from k2jax import load_config
 from k2jax.config import ConfigError
-from k2jax.expert_parallel import capacity, ragged_all_to_all_emulated, routed_experts
-from k2jax.moe import MoE, route
+from k2jax.layers.expert_parallel import capacity, ragged_all_to_all_emulated, routed_experts
+from k2jax.layers.moe import MoE, route
 from k2jax.sharding import make_mesh
 from tests.conftest import error_ratio
 

@@ -8,7 +8,7 @@ from flax import nnx
 
 from k2jax import KimiLinear, load_config
 from k2jax import generate as gen
-from k2jax.kda_layer import KDAState
+from k2jax.layers.kda import KDAState
 from k2jax.quantize import quantize_model_experts
 from k2jax.sampling import row_keys, sample
 from pallas_kernels.int4 import dequantize_int4

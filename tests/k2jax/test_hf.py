@@ -25,7 +25,7 @@ from k2jax.convert import main as convert_main
 from k2jax.hf import (CheckpointError, config_from_hf, hf_config_dict, load_hf_checkpoint, save_hf_checkpoint,
                       transformers_attention_factor)
 from k2jax.quantize import compressed_tensors_config
-from k2jax.rope import yarn_get_mscale
+from k2jax.layers.rope import yarn_get_mscale
 from k2jax.sharding import logical_to_mesh_spec
 from tests.conftest import error_ratio
 

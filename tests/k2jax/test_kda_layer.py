@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.kda_layer import KDAState, KimiDeltaAttention
-from k2jax.short_conv import ShortConv
+from k2jax.layers.kda import KDAState, KimiDeltaAttention
+from k2jax.layers.short_conv import ShortConv
 from tests.conftest import error_ratio
 
 CFG = k2jax.load_config("tiny")  # hidden 64, H=2, K=16, W=4, chunk 16

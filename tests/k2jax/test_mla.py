@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.mla import MultiHeadLatentAttention
-from k2jax.rope import apply_rope, rope_frequencies, softmax_scale
+from k2jax.layers.mla import MultiHeadLatentAttention
+from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
 from tests.conftest import error_ratio
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,

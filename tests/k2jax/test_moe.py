@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from k2jax import load_config
-from k2jax import moe as M
+from k2jax.layers import moe as M
 from k2jax.sharding import logical_names
 from tests.conftest import error_ratio
 

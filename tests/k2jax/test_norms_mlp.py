@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax.mlp import SwiGLU
-from k2jax.norms import GatedRMSNorm, RMSNorm, l2_normalize
+from k2jax.layers.mlp import SwiGLU
+from k2jax.layers.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from tests.conftest import error_ratio
 
 BF16 = ml_dtypes.bfloat16

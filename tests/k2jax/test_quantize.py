@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from k2jax import KimiLinear, load_config
-from k2jax import moe as M
+from k2jax.layers import moe as M
 from k2jax.config import ConfigError
 from k2jax.hf import CheckpointError, config_from_hf, hf_config_dict, load_hf_checkpoint, save_hf_checkpoint
 from k2jax.quantize import (compressed_tensors_config, expert_weight_bytes, fake_quantize_int4,

@@ -204,7 +204,7 @@ def test_router_biases_move_and_checkpoint_serves_the_model(reference):
     from flax import nnx
 
     from k2jax.checkpoint import restore_params
-    from k2jax.moe import RouterBias
+    from k2jax.layers.moe import RouterBias
 
     result, run_dir = reference
     model = restore_params(None, run_dir / "checkpoints" / str(STEPS))

@@ -13,10 +13,10 @@ Implementations (`config.moe_impl`), all dropless and equal up to float rounding
 - 'ragged': the (token, slot) pairs are sorted by expert, pass through grouped matmuls with the group sizes, and
   are unsorted and combined. The grouped matmul is `jax.lax.ragged_dot` on TPU/GPU. On CPU, XLA lowers ragged_dot
   to a masked product over every group (about E x the useful FLOPs on N * k rows, k times dense's cost), so CPU
-  uses `_blocked_grouped_matmul` instead (rows padded to per-expert blocks, a scan over blocks); the choice is made
-  by `jax.lax.platform_dependent` when the program is lowered.
-- 'auto': `_experts_auto`: 'ragged' except for decode-sized batches on CPU.
-Every path also takes INT4 experts (`Int4Weight`, config `quantization.experts: int4`, k2jax.quantize): 'dense'
+  uses `pallas_kernels.moe.blocked_grouped_matmul` instead (rows padded to per-expert blocks, a scan over
+  blocks); the choice is made by `jax.lax.platform_dependent` when the program is lowered.
+- 'auto': `experts_auto`: 'ragged' except for decode-sized batches on CPU.
+Every path also takes INT4 experts (`Int4Weight`, config `quantization.experts: int4`, k2jax.layers.qat): 'dense'
 dequantizes them; the sorted path runs `int4_ragged_dot` (the Pallas kernel) on TPU/GPU and, on CPU, where that
 op's XLA path would be lax.ragged_dot, dequantizes and uses the blocked grouped matmul.
 
@@ -37,17 +37,18 @@ can, else it too expands to dense, so GPU deserves a measurement with bench/moe.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
-from k2jax.mlp import SwiGLU
-from k2jax.quantize import fake_quantize_int4, int4_experts, qat_settings
+from k2jax.layers import expert_parallel
+from k2jax.layers.mlp import SwiGLU
+from k2jax.layers.qat import fake_quantize_int4, int4_experts, qat_settings
 from k2jax.sharding import make_param
-from pallas_kernels.int4 import Int4Weight, dequantize_int4, int4_ragged_dot, quantize_int4
+from pallas_kernels.int4 import Int4Weight, quantize_int4
+from pallas_kernels.moe import frozen_dequantized, grouped_matmul
 
 # Mask value for experts of dropped groups: the released HF code's `masked_fill(~mask, 0.0)`.
 GROUP_MASK_VALUE = 0.0
@@ -121,10 +122,10 @@ def route(config: ModelConfig, x, gate_kernel, bias):
 
 
 # ---- expert computation ------------------------------------------------------------------------------------------
-def _experts_dense(x, topk_idx, topk_w, w1, w3, w2, dtype):
+def experts_dense(x, topk_idx, topk_w, w1, w3, w2, dtype):
     """Every expert on every token. x [N, D] in dtype, w1/w3 [E, D, I], w2 [E, I, D] (arrays in dtype, or
     Int4Weight) -> float32 [N, D]."""
-    w1, w3, w2 = (_dequantized(w, dtype) for w in (w1, w3, w2))
+    w1, w3, w2 = (frozen_dequantized(w, dtype) for w in (w1, w3, w2))
     E, D, I = w1.shape
     N = x.shape[0]
     # Dense combine weights [N, E]: zero where the expert was not selected (a token's k experts are distinct).
@@ -138,106 +139,8 @@ def _experts_dense(x, topk_idx, topk_w, w1, w3, w2, dtype):
     return jnp.dot(h.astype(dtype).reshape(N, E * I), w2.reshape(E * I, D), preferred_element_type=jnp.float32)
 
 
-def _block_layout(group_sizes, M: int, G: int):
-    """Where each of M group-sorted rows goes when every group is padded to whole blocks of b rows.
-
-    Returns (b, nb, dest [M] padded row of each row, block_group [nb] group of each block). b is a power of two
-    near M / (4 G) in [16, 128] (bench/moe.py); nb is the static bound M + G (b - 1) rows, in blocks.
-    """
-    b = min(128, max(16, 1 << round(math.log2(max(M / (4 * G), 1.0)))))
-    nb = -(-(M + G * (b - 1)) // b)
-    padded = (group_sizes + b - 1) // b * b
-    pad_end = jnp.cumsum(padded)
-    row_group = jnp.repeat(jnp.arange(G), group_sizes, total_repeat_length=M)
-    dest = (pad_end - padded)[row_group] + jnp.arange(M) - (jnp.cumsum(group_sizes) - group_sizes)[row_group]
-    # Blocks past the last used one hold only zero rows; any valid group index will do for them.
-    block_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(nb) * b, side="right"), G - 1)
-    return b, nb, dest, block_group
-
-
-def _blocks_times(xp, w, block_group):
-    """xp [nb, b, K] times w[block_group[i]] [K, N] for each block i (a scan: one weight slab at a time)."""
-    def block(_, xb_g):
-        xb, g = xb_g
-        return None, jnp.dot(xb, w[g], preferred_element_type=jnp.float32)
-
-    return jax.lax.scan(block, None, (xp, block_group))[1]
-
-
-def _pad_rows(v, dest, nb, b):
-    return jnp.zeros((nb * b, v.shape[1]), v.dtype).at[dest].set(v, unique_indices=True).reshape(nb, b, -1)
-
-
-@jax.custom_vjp
-def _blocked_grouped_matmul(x, w, group_sizes):
-    """`jax.lax.ragged_dot` semantics for CPU: x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] int32
-    (sum M) -> float32 [M, N].
-
-    XLA:CPU lowers ragged_dot to a masked product over every group (G x the FLOPs). Here each group's rows are
-    padded to whole blocks and a scan multiplies each block by its one group's weight: about (M + G b) K N FLOPs.
-    The custom VJP computes dw as one batched per-block product summed per group, instead of autodiff's scan that
-    carries (and copies) the whole [G, K, N] gradient through every step.
-    """
-    return _blocked_fwd(x, w, group_sizes)[0]
-
-
-def _blocked_fwd(x, w, group_sizes):
-    (M, _), G = x.shape, w.shape[0]
-    b, nb, dest, block_group = _block_layout(group_sizes, M, G)
-    xp = _pad_rows(x, dest, nb, b)
-    y = _blocks_times(xp, w, block_group).reshape(nb * b, -1)[dest]
-    return y, (xp, w, dest, block_group)
-
-
-def _blocked_bwd(res, dy):
-    xp, w, dest, block_group = res
-    nb, b, _ = xp.shape
-    dyp = _pad_rows(dy.astype(w.dtype), dest, nb, b)
-    dx = _blocks_times(dyp, jnp.swapaxes(w, 1, 2), block_group).reshape(nb * b, -1)[dest]
-    dw_blocks = jnp.einsum("bmk,bmn->bkn", xp, dyp, preferred_element_type=jnp.float32)
-    dw = jax.ops.segment_sum(dw_blocks, block_group, num_segments=w.shape[0], indices_are_sorted=True)
-    return dx.astype(xp.dtype), dw.astype(w.dtype), None
-
-
-_blocked_grouped_matmul.defvjp(_blocked_fwd, _blocked_bwd)
-
-
-def _xla_ragged_dot(x, w, group_sizes):
-    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
-
-
-def _grouped_matmul(x, w, group_sizes):
-    """Grouped matmul (ragged_dot contract, float32 out): the blocked scan on CPU, lax.ragged_dot elsewhere.
-    `platform_dependent` picks the branch when the program is lowered, so cross-platform lowering stays right.
-    An Int4Weight w goes to `_int4_grouped_matmul`."""
-    if isinstance(w, Int4Weight):
-        return _int4_grouped_matmul(x, w, group_sizes)
-    return jax.lax.platform_dependent(x, w, group_sizes, cpu=_blocked_grouped_matmul, default=_xla_ragged_dot)
-
-
-def _dequantized(w, dtype):
-    """An Int4Weight as a dense array in dtype (frozen: no gradient to the scales); a float array unchanged."""
-    return jax.lax.stop_gradient(dequantize_int4(w, dtype)) if isinstance(w, Int4Weight) else w
-
-
-def _int4_gmm_kernel(x, qw, group_sizes):
-    """INT4 grouped matmul by `int4_ragged_dot` (Pallas on TPU/GPU; its dx VJP included) -> float32."""
-    return int4_ragged_dot(x, qw, group_sizes).astype(jnp.float32)
-
-
-def _int4_gmm_cpu(x, qw, group_sizes):
-    """INT4 grouped matmul on CPU: dequantize every expert once, then the blocked scan (lax.ragged_dot, which the
-    kernel's XLA path uses, costs E x the FLOPs on CPU)."""
-    return _blocked_grouped_matmul(x, _dequantized(qw, x.dtype), group_sizes)
-
-
-def _int4_grouped_matmul(x, qw, group_sizes):
-    """x [M, K] sorted by expert, qw: Int4Weight [E, K, N] -> float32 [M, N] (ragged_dot semantics)."""
-    return jax.lax.platform_dependent(x, qw, group_sizes, cpu=_int4_gmm_cpu, default=_int4_gmm_kernel)
-
-
-def _experts_sorted(x, topk_idx, topk_w, w1, w3, w2, dtype, gmm=_grouped_matmul):
-    """Dropless grouped matmuls over (token, slot) pairs sorted by expert; same contract as `_experts_dense`."""
+def experts_sorted(x, topk_idx, topk_w, w1, w3, w2, dtype, gmm=grouped_matmul):
+    """Dropless grouped matmuls over (token, slot) pairs sorted by expert; same contract as `experts_dense`."""
     N, k = topk_idx.shape
     E = w1.shape[0]
     flat = topk_idx.reshape(-1)
@@ -256,18 +159,18 @@ def _experts_sorted(x, topk_idx, topk_w, w1, w3, w2, dtype, gmm=_grouped_matmul)
 _AUTO_CPU_MIN_ROWS_PER_EXPERT = 16
 
 
-def _experts_auto(x, topk_idx, topk_w, w1, w3, w2, dtype):
+def experts_auto(x, topk_idx, topk_w, w1, w3, w2, dtype):
     """moe_impl='auto': 'ragged' (lax.ragged_dot) on TPU/GPU; on CPU 'ragged' (blocked) unless the batch is so
     small that each expert averages fewer than _AUTO_CPU_MIN_ROWS_PER_EXPERT rows, then 'dense'."""
     rows_per_expert = topk_idx.size / w1.shape[0]
     if rows_per_expert >= _AUTO_CPU_MIN_ROWS_PER_EXPERT:
-        return _experts_sorted(x, topk_idx, topk_w, w1, w3, w2, dtype)
-    dense = functools.partial(_experts_dense, dtype=dtype)
-    ragged = functools.partial(_experts_sorted, dtype=dtype)
+        return experts_sorted(x, topk_idx, topk_w, w1, w3, w2, dtype)
+    dense = functools.partial(experts_dense, dtype=dtype)
+    ragged = functools.partial(experts_sorted, dtype=dtype)
     return jax.lax.platform_dependent(x, topk_idx, topk_w, w1, w3, w2, cpu=dense, default=ragged)
 
 
-_IMPLS = {"dense": _experts_dense, "ragged": _experts_sorted, "auto": _experts_auto}
+_IMPLS = {"dense": experts_dense, "ragged": experts_sorted, "auto": experts_auto}
 
 
 # ---- modules -----------------------------------------------------------------------------------------------------
@@ -393,10 +296,8 @@ class MoE(nnx.Module):
 
 def _routed_experts(cfg, xf, idx, w, weights, dtype):
     """Routed experts -> (float32 [N, D], int32 dropped (token, expert) assignments). Expert parallel
-    (k2jax.expert_parallel) when a mesh with an `expert` axis > 1 is active and the experts are float arrays,
+    (k2jax.layers.expert_parallel) when a mesh with an `expert` axis > 1 is active and the experts are float arrays,
     else `cfg.moe_impl` on this device's view (dropless)."""
-    from k2jax import expert_parallel  # it imports this module
-
     mesh = expert_parallel.active_ep_mesh()
     if mesh is not None and not any(isinstance(a, Int4Weight) for a in weights):
         return expert_parallel.routed_experts(cfg, xf, idx, w, *weights, dtype, mesh=mesh)

@@ -10,7 +10,7 @@ R = kv_lora_rank:
     score_h(t,s) = (q_nope_h(t) . k_nope_h(s) + q_pe_h(t) . k_pe(s)) * softmax_scale
     y            = o_proj(concat_h(softmax_s(score_h) @ v_h))
 
-With RoPE, q_pe and k_pe are rotated by `k2jax.rope.apply_rope` (HF half layout; see that module). With NoPE
+With RoPE, q_pe and k_pe are rotated by `k2jax.layers.rope.apply_rope` (HF half layout; see that module). With NoPE
 (`mla_use_nope`) nothing is rotated and positions are ignored.
 
 Two equal forms are offered:
@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.linear import Linear
-from k2jax.norms import RMSNorm
-from k2jax.rope import apply_rope, rope_frequencies, softmax_scale
+from k2jax.layers.linear import Linear
+from k2jax.layers.norms import RMSNorm
+from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
 
 _F32 = jnp.float32
 

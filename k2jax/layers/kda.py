@@ -2,7 +2,7 @@
 
 Children are named as in HF so that the checkpoint loader maps them one to one. Layout differences from HF:
 - Linear kernels are [in, out] (HF weights are [out, in]).
-- `q_conv1d.weight` etc. are [W, H*K] = HF `[H*K, 1, W][:, 0, :].T` (see k2jax.short_conv).
+- `q_conv1d.weight` etc. are [W, H*K] = HF `[H*K, 1, W][:, 0, :].T` (see k2jax.layers.short_conv).
 - `A_log` is [H] (HF stores (1, 1, H, 1)); `dt_bias` is [H*K] flat like HF, indexed h*K + k.
 `A_log` and `dt_bias` are float32 parameters whatever `param_dtype` is, as in HF.
 """
@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.linear import Linear
-from k2jax.norms import GatedRMSNorm, l2_normalize
+from k2jax.layers.linear import Linear
+from k2jax.layers.norms import GatedRMSNorm, l2_normalize
 from k2jax.sharding import make_param
-from k2jax.short_conv import ShortConv
+from k2jax.layers.short_conv import ShortConv
 from pallas_kernels.kda import kda, kda_step
 
 QK_L2_EPS = 1e-6

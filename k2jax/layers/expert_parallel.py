@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from k2jax.config import ModelConfig
-from k2jax.moe import _grouped_matmul
 from k2jax.sharding import logical_to_mesh_spec
+from pallas_kernels.moe import grouped_matmul
 
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
@@ -71,8 +71,8 @@ def _swiglu_rows(xs, group_sizes, w1, w3, w2, dtype):
     """Grouped SwiGLU over rows sorted by local expert: xs [M, D], group_sizes [G] (sum <= M; rows past the sum
     are garbage the caller masks) -> float32 [M, D] (a partial sum over `tensor` when I is split)."""
     xs, w1, w3, w2 = _same_variance(xs, w1, w3, w2)
-    h = jax.nn.silu(_grouped_matmul(xs, w1, group_sizes)) * _grouped_matmul(xs, w3, group_sizes)
-    return _grouped_matmul(h.astype(dtype), w2, group_sizes)
+    h = jax.nn.silu(grouped_matmul(xs, w1, group_sizes)) * grouped_matmul(xs, w3, group_sizes)
+    return grouped_matmul(h.astype(dtype), w2, group_sizes)
 
 
 def _vma(x) -> frozenset:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.linear import Linear
+from k2jax.layers.linear import Linear
 
 
 class SwiGLU(nnx.Module):
