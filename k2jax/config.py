@@ -372,7 +372,7 @@ def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfi
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if isinstance(d, dict):
-            d.pop("train", None)  # a run config's training section (k2jax.train_config), not a model field
+            d.pop("train", None)  # a run config's training section (k2jax.training.config), not a model field
         d.setdefault("name", p.stem)
         cfg = from_dict(d, source=str(p))
     return cfg.replace(**overrides) if overrides else cfg

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from k2jax import data
+from k2jax.training import data
 from k2jax.tokenizer import ByteTokenizer
 
 
 # ---- MQAR ------------------------------------------------------------------------------------------------------------
 def _check_mqar_row(task, tokens, targets, mask, n):
-    """The row against the definition in k2jax/data.py, by a plain scan of the tokens."""
+    """The row against the definition in k2jax/training/data.py, by a plain scan of the tokens."""
     T = task.seq_len
     (k0, k1), (v0, v1) = task.key_range, task.value_range
     assert tokens.shape == targets.shape == mask.shape == (T,)

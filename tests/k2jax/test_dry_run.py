@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from k2jax import load_config
-from k2jax.dry_run import default_mesh, dry_run, ensure_cpu_devices, parse_mesh
+from k2jax.training.dry_run import default_mesh, dry_run, ensure_cpu_devices, parse_mesh
 from k2jax.model import count_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def test_small_model_compiles_and_reports_memory():
 
 
 def test_cli_reexecutes_when_jax_already_has_too_few_devices():
-    code = ("import sys, jax; jax.devices(); from k2jax.dry_run import main; "
+    code = ("import sys, jax; jax.devices(); from k2jax.training.dry_run import main; "
             "main(['--config', 'tiny', '--mesh', 'fsdp=4,expert=4', '--seq-len', '16', '--no-compile', "
             "'--set', 'num_hidden_layers=1', '--set', 'full_attn_layers=[]', '--set', 'kda_layers=[1]'])")
     out = _run_cli(code=code)

@@ -3,7 +3,7 @@ SIGTERM onto another mesh, NaN stop, corrupt checkpoint fallback, no checkpoint 
 error, gradient accumulation, bf16, two processes).
 
 Every run trains configs/tiny.yaml on a small MQAR task. The step is compiled once per configuration and reused
-by the later runs of this module (k2jax.train caches its jitted steps)."""
+by the later runs of this module (k2jax.training.step caches its jitted steps)."""
 
 import base64
 import json
@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from k2jax.config import ConfigError
-from k2jax.train import TrainingDiverged, main, train
-from k2jax.train_config import TrainConfig, load_run_config
+from k2jax.training.cli import main
+from k2jax.training.config import TrainConfig, load_run_config
+from k2jax.training.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -113,12 +114,12 @@ def test_bad_config_files_fail_clearly(tmp_path):
 
 
 def test_cli_errors_before_compiling(tmp_path, monkeypatch, capsys):
-    import k2jax.train as T
+    import k2jax.training.loop as T
 
     def no_build(*a, **k):
         raise AssertionError("the model was built despite bad input")
 
-    monkeypatch.setattr(T, "_State", no_build)
+    monkeypatch.setattr(T, "TrainState", no_build)
     assert main(["--config", "tiny", "train.nonsense=1"]) == 2
     assert "unknown override key 'train.nonsense'" in capsys.readouterr().err
     assert main(["--config", "default", "--data", str(tmp_path / "nowhere.jsonl")]) == 2
@@ -132,7 +133,7 @@ def test_cli_errors_before_compiling(tmp_path, monkeypatch, capsys):
 
 # ---- schedules and optimizers --------------------------------------------------------------------------------------
 def test_schedules_match_their_formulas():
-    from k2jax.optim import make_schedule
+    from k2jax.training.optim import make_schedule
 
     peak, floor = 1e-3, 1e-4
     cos = make_schedule(TrainConfig(steps=110, warmup_steps=10, learning_rate=peak, min_lr_ratio=0.1))
@@ -151,7 +152,7 @@ def test_muon_updates_matrices_and_leaves_the_rest_to_adamw():
     from flax import nnx
 
     from k2jax import KimiLinear, load_config
-    from k2jax.optim import make_optimizer, muon_dimension_numbers
+    from k2jax.training.optim import make_optimizer, muon_dimension_numbers
 
     model = KimiLinear(load_config("tiny"), rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
@@ -172,8 +173,8 @@ def test_muon_updates_matrices_and_leaves_the_rest_to_adamw():
 
 def test_flops_per_token_formula():
     from k2jax import load_config
-    from k2jax.metrics import train_flops_per_token
     from k2jax.model import count_params
+    from k2jax.training.metrics import train_flops_per_token
 
     cfg = load_config("tiny")
     n = count_params(cfg)["active"] - cfg.vocab_size * cfg.hidden_size
@@ -412,7 +413,7 @@ def test_fresh_moves_the_previous_run_aside_and_starts_at_step_0(reference, tmp_
 
 def test_text_training_accepts_a_tokenizer_with_reserved_ids_beyond_the_model(tmp_path):
     """Like a real Kimi folder: the named specials fit the model, two reserved ids after them do not exist there."""
-    from k2jax.train import make_source
+    from k2jax.training.loop import make_source
 
     folder = tmp_path / "tokenizer"
     folder.mkdir()

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from k2jax.train_config import TrainConfig
+from k2jax.training.config import TrainConfig
 
 # Parameters that Muon leaves to AdamW although they are matrices: lookups and conv filters are not x @ W maps
 # with a meaningful spectral norm, and the lm_head is conventionally kept on Adam.
