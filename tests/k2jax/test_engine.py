@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
-from k2jax.engine import Engine, EngineStoppedError, SamplingParams, load_model, make_mesh, shard_model
+from k2jax.serving.loading import load_model, make_mesh, shard_model
+from k2jax.serving.scheduler import Engine, EngineStoppedError, SamplingParams
 from k2jax.tokenizer import ByteTokenizer
 
 MAX_LEN = 32

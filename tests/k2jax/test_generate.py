@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
-from k2jax import generate as gen
 from k2jax.layers.kda import KDAState
 from k2jax.quantize import quantize_model_experts
-from k2jax.sampling import row_keys, sample
+from k2jax.serving import cache as kvcache
+from k2jax.serving.sampling import row_keys, sample
 from pallas_kernels.int4 import dequantize_int4
 from tests.conftest import error_ratio
 
@@ -33,8 +33,8 @@ class Runner:
         graphdef, self.state = nnx.split(model)
         ref_def, self.ref_state = nnx.split(reference or model)
         m = lambda st: nnx.merge(graphdef, st)  # noqa: E731
-        self._prefill = jax.jit(lambda st, c, t, n, s: gen.prefill(m(st), c, t, n, s))
-        self._decode = jax.jit(lambda st, c, t, a: gen.decode(m(st), c, t, a, kv_len=MAX_LEN))
+        self._prefill = jax.jit(lambda st, c, t, n, s: kvcache.prefill(m(st), c, t, n, s))
+        self._decode = jax.jit(lambda st, c, t, a: kvcache.decode(m(st), c, t, a, kv_len=MAX_LEN))
         self._full = jax.jit(lambda st, t: nnx.merge(ref_def, st)(t)[0])
 
     def prefill(self, cache, rows, slots):
@@ -86,7 +86,7 @@ def _generate_and_check(r, cache, seqs, slot_of, steps, *, tol=1e-5):
 
 def test_prefill_then_greedy_decode_equals_full_forward(runner):
     r = runner
-    cache = gen.init_cache(r.model.config, SLOTS, MAX_LEN)
+    cache = kvcache.init_cache(r.model.config, SLOTS, MAX_LEN)
     empty = jax.tree.map(np.array, cache)
     prompts = [_prompt(0, 11), _prompt(1, 5)]
     cache, logits = r.prefill(cache, prompts, slots=[2, 0])
@@ -122,7 +122,7 @@ def test_int4_experts_match_the_dequantized_model():
         assert error_ratio(w[...], q) > 1e-3  # really quantized
         w[...] = q
     r = Runner(qmodel, reference=deq)
-    cache = gen.init_cache(qmodel.config, SLOTS, MAX_LEN)
+    cache = kvcache.init_cache(qmodel.config, SLOTS, MAX_LEN)
     prompt = _prompt(4, 9)
     cache, logits = r.prefill(cache, [prompt], slots=[1])
     assert error_ratio(r.full_last(prompt), logits[0]) < 1e-5
@@ -132,7 +132,7 @@ def test_int4_experts_match_the_dequantized_model():
 def test_bfloat16_prefill_and_decode_run_on_cpu():
     model = KimiLinear(_config("hybrid").replace(param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(0))
     r = Runner(model)
-    cache = gen.init_cache(model.config, SLOTS, MAX_LEN)
+    cache = kvcache.init_cache(model.config, SLOTS, MAX_LEN)
     assert cache.layers[1].ckv.dtype == jnp.bfloat16 and cache.layers[0].recurrent.dtype == jnp.float32
     prompt = _prompt(5, 7)
     cache, logits = r.prefill(cache, [prompt], slots=[0])
@@ -145,46 +145,46 @@ def test_bfloat16_prefill_and_decode_run_on_cpu():
 def test_bad_shapes_are_rejected():
     cfg = _config("hybrid")
     model = KimiLinear(cfg, rngs=nnx.Rngs(0))
-    cache = gen.init_cache(cfg, 2, 8)
+    cache = kvcache.init_cache(cfg, 2, 8)
     with pytest.raises(ValueError, match="max_len=8"):
-        gen.prefill(model, cache, jnp.zeros((1, 16), jnp.int32), jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32))
+        kvcache.prefill(model, cache, jnp.zeros((1, 16), jnp.int32), jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32))
     with pytest.raises(ValueError, match="distinct"):
-        gen.prefill(model, cache, jnp.zeros((2, 8), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros(2, jnp.int32))
+        kvcache.prefill(model, cache, jnp.zeros((2, 8), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError, match="kv_len"):
-        gen.decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool), kv_len=9)
+        kvcache.decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool), kv_len=9)
     with pytest.raises(ValueError, match="active"):
-        gen.decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(3, bool), kv_len=8)
+        kvcache.decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(3, bool), kv_len=8)
 
 
 # ---- cache sizes -----------------------------------------------------------------------------------------------------
 def _slot_bytes(config, max_len):
-    abstract = jax.eval_shape(lambda: gen.init_cache(config, 1, max_len))
+    abstract = jax.eval_shape(lambda: kvcache.init_cache(config, 1, max_len))
     return sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract.layers))
 
 
 def test_cache_bytes_formula_matches_allocation_and_the_published_saving():
     tiny = load_config("tiny", vocab_size=264)
     for L in (16, 1000):
-        assert gen.cache_bytes_per_sequence(tiny, L) == _slot_bytes(tiny, L)
+        assert kvcache.cache_bytes_per_sequence(tiny, L) == _slot_bytes(tiny, L)
     hybrid = load_config("kimi_linear_48b_a3b")
     all_mla = hybrid.replace(kda_layers=None, full_attn_layers=None)
     assert (hybrid.layer_types.count("kda"), all_mla.layer_types.count("mla")) == (20, 27)
     L = hybrid.max_position_embeddings
-    assert gen.cache_bytes_per_sequence(hybrid, L) == _slot_bytes(hybrid, L)
+    assert kvcache.cache_bytes_per_sequence(hybrid, L) == _slot_bytes(hybrid, L)
     # Per token: 7 vs 27 latent layers of (512 + 64) bf16 values; the KDA states are a constant 20 x ~2 MiB.
-    per_token = (gen.cache_bytes_per_sequence(all_mla, 2 * L) - gen.cache_bytes_per_sequence(all_mla, L)) / L
+    per_token = (kvcache.cache_bytes_per_sequence(all_mla, 2 * L) - kvcache.cache_bytes_per_sequence(all_mla, L)) / L
     assert per_token == 27 * 576 * 2
-    saving = 1 - gen.cache_bytes_per_sequence(hybrid, L) / gen.cache_bytes_per_sequence(all_mla, L)
+    saving = 1 - kvcache.cache_bytes_per_sequence(hybrid, L) / kvcache.cache_bytes_per_sequence(all_mla, L)
     assert 0.73 < saving < 1 - 7 / 27  # "up to 75% less cache at long context"
 
 
 def test_kda_state_zeros_shape_matches_cache():
     cfg = load_config("tiny", vocab_size=264)
-    cache = gen.init_cache(cfg, 3, 8)
+    cache = kvcache.init_cache(cfg, 3, 8)
     ref = KDAState.zeros(3, cfg)
     for a, b in zip(cache.layers[0], ref):
         assert a.shape == b.shape and a.dtype == b.dtype
-    names = gen.cache_logical_names(cache)
+    names = kvcache.cache_logical_names(cache)
     assert names.layers[0].recurrent == ("batch", "heads", None, None) and names.lengths == ("batch",)
 
 

@@ -14,8 +14,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from k2jax.engine import SamplingParams  # noqa: E402
-from k2jax.server import ServerLimits, make_server  # noqa: E402
+from k2jax.serving.limits import ServerLimits  # noqa: E402
+from k2jax.serving.scheduler import SamplingParams  # noqa: E402
+from k2jax.serving.server import make_server  # noqa: E402
 from k2jax.tokenizer import ByteTokenizer  # noqa: E402
 from tests.k2jax.test_engine import MAX_LEN, tiny_engine  # noqa: E402
 

@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k2jax.engine import Engine, EngineStoppedError, Event, SamplingParams, TokenLogprob
-from k2jax.server_limits import ServerLimits
+from k2jax.serving.limits import ServerLimits
+from k2jax.serving.scheduler import Engine, EngineStoppedError, Event, SamplingParams, TokenLogprob
 from k2jax.tokenizer import IM_END
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions

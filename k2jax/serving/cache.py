@@ -46,7 +46,7 @@ class DecodeCache(NamedTuple):
 # ---- cache construction ---------------------------------------------------------------------------------------------
 def _check_model(model):
     if getattr(model.config, "scan_layers", False):
-        raise ValueError("k2jax.generate needs the per-layer model (config.scan_layers=False); convert a scanned "
+        raise ValueError("k2jax.serving.cache needs the per-layer model (config.scan_layers=False); convert a scanned "
                          "one with k2jax.model.unstack_layers")
 
 

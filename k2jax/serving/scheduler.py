@@ -1,6 +1,6 @@
-"""Serving engine: a fixed set of sequence slots, continuous batching, stop handling, model loading.
+"""Serving engine: a fixed set of sequence slots, continuous batching, requests and stop handling.
 
-`Engine` owns one `k2jax.generate.DecodeCache` of `num_slots` slots. Each `step()`:
+`Engine` owns one `k2jax.serving.cache.DecodeCache` of `num_slots` slots. Each `step()`:
 1. admits waiting requests into free slots: their prompts (right-padded to a power-of-two length bucket, rows
    padded to a power-of-two row bucket) are prefilled by one jitted call that also samples their first token;
 2. runs one jitted decode step for all slots (inactive slots are left unchanged), attending over a
@@ -12,9 +12,9 @@ in one request's bookkeeping (a decode, a callback) only that request. Every sub
 state: if the engine thread itself dies, `error` says why, every pending request finishes with it and `submit`
 raises `EngineStoppedError`.
 Ids the tokenizer cannot decode (a model vocabulary padded beyond the tokenizer's) are never sampled: the jitted
-steps mask them (k2jax.sampling, `vocab_limit`).
+steps mask them (k2jax.serving.sampling, `vocab_limit`).
 Prefill and decode each run as a read program (compute and sample) and a write program that takes the cache
-donated and updates it in place (k2jax.generate explains the split). A freed slot is reused by the next
+donated and updates it in place (k2jax.serving.cache explains the split). A freed slot is reused by the next
 admission, which overwrites its whole state. Every jitted shape comes from the buckets, so after `warmup()` no
 request triggers a compilation (`compile_count` stays put).
 
@@ -32,17 +32,13 @@ import random
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from k2jax import generate as gen
-from k2jax.sampling import MAX_TOP_LOGPROBS, row_keys, sample
-from k2jax.sharding import logical_names, logical_to_mesh_spec
+from k2jax.serving.runner import ModelRunner, bucket, length_buckets, pow2_upto
+from k2jax.serving.sampling import MAX_TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
 
@@ -182,21 +178,8 @@ class Request:
                           (t_first or 0) - self.t_submit, (self.t_done or 0) - self.t_submit, self.error)
 
 
-def length_buckets(max_len: int, min_bucket: int) -> list[int]:
-    """Powers of two from min_bucket below max_len, then max_len itself."""
-    out, b = [], max(1, min_bucket)
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    return out + [max_len]
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    return next(b for b in buckets if b >= n)
-
-
 # ---- engine -----------------------------------------------------------------------------------------------------
-class Engine:
+class Engine(ModelRunner):
     """Continuous-batching generation over a KimiLinear.
 
     model: a KimiLinear (already placed on `mesh` if one is given); tokenizer: optional (needed for text and stop
@@ -205,7 +188,7 @@ class Engine:
     prompts prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill
     call; eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed
     experts packed as INT4 (k2jax.quantize.quantize_model_experts; a model whose config already says so is used
-    as is); mesh: a jax.sharding.Mesh (`make_mesh`) the parameters are placed on: the steps run under
+    as is); mesh: a jax.sharding.Mesh (`k2jax.serving.loading.make_mesh`) the parameters are placed on: the steps run under
     `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel (k2jax.layers.expert_parallel, dropless
     unless config.moe_capacity_factor), 'tensor' splits heads, and the cache's slots are sharded over
     'data'/'expert' and its KDA heads over 'tensor'. A scanned model (config.scan_layers) is unstacked.
@@ -262,107 +245,6 @@ class Engine:
         self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "decode_steps": 0, "decode_tokens": 0,
                       "decode_s": 0.0, "prefill_s": 0.0, "finished": {}}
 
-    # ---- set-up ---------------------------------------------------------------------------------------------
-    def _setup_model(self, model, int4_experts: bool):
-        from k2jax.model import unstack_layers
-        from k2jax.quantize import int4_experts as has_int4, quantize_model_experts
-
-        if model.config.scan_layers:
-            model = unstack_layers(model)  # serving walks the per-layer list
-        if int4_experts and not has_int4(model.config):
-            model = quantize_model_experts(model)  # a new model: the caller's float experts are not kept here
-        self.config = model.config
-        self.graphdef, self.params = nnx.split(model)
-        # The jitted steps take the parameters as a flat list: flattening an nnx.State on every call costs
-        # about as much as a small model's whole decode step.
-        self._param_leaves, self._param_def = jax.tree.flatten(self.params)
-
-    def _cache_shardings(self):
-        if self.mesh is None:
-            return None
-        abstract = jax.eval_shape(lambda: gen.init_cache(self.config, self.num_slots, self.max_len))
-        leaves, treedef = jax.tree.flatten(abstract)
-        names = treedef.flatten_up_to(gen.cache_logical_names(abstract))
-        return treedef.unflatten([jax.sharding.NamedSharding(self.mesh, logical_to_mesh_spec(n, self.mesh, a.shape))
-                                  for n, a in zip(names, leaves)])
-
-    def _new_cache(self):
-        make = lambda: gen.init_cache(self.config, self.num_slots, self.max_len)  # noqa: E731
-        if self._cache_sharding is None:
-            return make()
-        return jax.jit(make, out_shardings=self._cache_sharding)()
-
-    def _run(self, step, *args, **kwargs):
-        """Call a jitted step (under the mesh, when there is one: tracing sees it, so MoE goes expert parallel)."""
-        if self.mesh is None:
-            return step(*args, **kwargs)
-        with jax.set_mesh(self.mesh):
-            return step(*args, **kwargs)
-
-    def _build_steps(self):
-        """Jitted (prefill, write_prefill, decode, write_decode): the reads sample too, the writes donate the
-        cache (see k2jax.generate on why each step is two programs)."""
-        graphdef, param_def = self.graphdef, self._param_def
-        # A static bound fixed per engine: no recompiles per request, and no mask at all when it is the full vocab.
-        limit = self.vocab_limit if self.vocab_limit < self.config.vocab_size else None
-
-        def model_of(params):
-            self.compile_count += 1  # runs only while tracing
-            return nnx.merge(graphdef, jax.tree.unflatten(param_def, params))
-
-        def prefill_fn(params, tokens, lengths, temp, top_k, top_p, seeds):
-            entries, logits = gen.prefill_entries(model_of(params), tokens, lengths)
-            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
-                                   vocab_limit=limit)
-
-        def decode_fn(params, cache, tokens, temp, top_k, top_p, seeds, counters, all_greedy, *, kv_len):
-            entries, logits = gen.decode_entries(model_of(params), cache, tokens, kv_len=kv_len)
-            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy,
-                                   vocab_limit=limit)
-
-        def write_prefill_fn(cache, entries, lengths, slots):
-            self.compile_count += 1
-            return gen.write_prefill(cache, entries, lengths, slots)
-
-        def write_decode_fn(cache, entries, active):
-            self.compile_count += 1
-            return gen.write_decode(cache, entries, active)
-
-        kw = {} if self._cache_sharding is None else {"out_shardings": self._cache_sharding}
-        return (jax.jit(prefill_fn), jax.jit(write_prefill_fn, donate_argnums=(0,), **kw),
-                jax.jit(decode_fn, static_argnames=("kv_len",)),
-                jax.jit(write_decode_fn, donate_argnums=(0,), **kw))
-
-    def _prefill_shapes(self):
-        """Every (rows, length) bucket pair a prefill call can use."""
-        rows = _pow2_upto(self.max_prefill_batch)
-        return [(r, T) for T in self.buckets for r in rows if r == 1 or r * T <= self.max_prefill_tokens]
-
-    def warmup(self) -> float:
-        """Compile every prefill and decode shape now (so serving never compiles); returns the seconds taken."""
-        t0 = time.perf_counter()
-        S = self.num_slots
-        for r, T in self._prefill_shapes():
-            z = np.zeros(r, np.int32)
-            self._prefill(np.zeros((r, T), np.int32), z, np.arange(r, dtype=np.int32), np.zeros(r, np.float32), z,
-                          np.ones(r, np.float32), np.zeros(r, np.uint32))
-        for kv in self.buckets:
-            self._decode(kv, np.zeros(S, bool), np.zeros(S, np.int32), np.bool_(True))
-        jax.block_until_ready(self.cache)
-        return time.perf_counter() - t0
-
-    def _prefill(self, tokens, lengths, slots, temp, top_k, top_p, seeds):
-        """Prefill rows into slots (length-0 rows change nothing); returns the first tokens' SampleOutput (host)."""
-        entries, out = self._run(self._prefill_jit, self._param_leaves, tokens, lengths, temp, top_k, top_p, seeds)
-        self.cache = self._run(self._write_prefill_jit, self.cache, entries, lengths, slots)
-        return jax.device_get(out)
-
-    def _decode(self, kv_len, active, counters, all_greedy):
-        """One decode step over all slots (inactive ones unchanged); returns the SampleOutput (host)."""
-        entries, out = self._run(self._decode_jit, self._param_leaves, self.cache, self._last, self._temp,
-                                 self._top_k, self._top_p, self._seed, counters, all_greedy, kv_len=kv_len)
-        self.cache = self._run(self._write_decode_jit, self.cache, entries, active)
-        return jax.device_get(out)
 
     # ---- submission -------------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
@@ -462,10 +344,10 @@ class Engine:
     def _next_group(self, num_free: int) -> tuple[list[Request], int]:
         """The waiting requests (from the front, not removed) one prefill call takes, and their length bucket."""
         group = [self.waiting[0]]
-        T = _bucket(len(group[0].prompt_ids), self.buckets)
+        T = bucket(len(group[0].prompt_ids), self.buckets)
         while len(group) < min(len(self.waiting), num_free, self.max_prefill_batch):
-            T2 = max(T, _bucket(len(self.waiting[len(group)].prompt_ids), self.buckets))
-            if _bucket(len(group) + 1, _pow2_upto(self.max_prefill_batch)) * T2 > self.max_prefill_tokens:
+            T2 = max(T, bucket(len(self.waiting[len(group)].prompt_ids), self.buckets))
+            if bucket(len(group) + 1, pow2_upto(self.max_prefill_batch)) * T2 > self.max_prefill_tokens:
                 break
             group.append(self.waiting[len(group)])
             T = T2
@@ -473,7 +355,7 @@ class Engine:
 
     def _prefill_batch(self, group: list[Request], free: list[int], T: int):
         """Host arrays of one prefill call: (tokens [r, T], lengths [r], slots [r], temp, top_k, top_p, seeds)."""
-        r = _bucket(len(group), _pow2_upto(self.max_prefill_batch))
+        r = bucket(len(group), pow2_upto(self.max_prefill_batch))
         tokens = np.zeros((r, T), np.int32)
         lengths = np.zeros(r, np.int32)
         # Padding rows (length 0, left unchanged) need distinct slots too: any the real rows do not use.
@@ -517,7 +399,7 @@ class Engine:
 
     def _decode_step(self):
         active = np.array([r is not None for r in self.slots])
-        kv_len = _bucket(max(1, int(self._len[active].max())), self.buckets)
+        kv_len = bucket(max(1, int(self._len[active].max())), self.buckets)
         counters = np.array([len(r.token_ids) if r is not None else 0 for r in self.slots], np.int32)
         all_greedy = np.bool_((self._temp[active] == 0).all())
         t0 = time.perf_counter()
@@ -682,70 +564,6 @@ class Engine:
             self._finish_everything(FINISH_ERROR, self.error)
 
 
-def _pow2_upto(n: int) -> list[int]:
-    """Powers of two below n, then n: the row buckets of a prefill call."""
-    return length_buckets(n, 1)
-
-
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
-
-
-# ---- model loading and placement ----------------------------------------------------------------------------------
-def make_mesh(tensor: int = 1, expert: int = 1, devices=None):
-    """A ('data', 'expert', 'tensor') mesh with Auto axes over all (or the given) devices; 'data' takes the rest."""
-    devices = list(jax.devices() if devices is None else devices)
-    n = tensor * expert
-    if tensor < 1 or expert < 1 or len(devices) % n:
-        raise ValueError(f"make_mesh: tensor={tensor} x expert={expert} must divide the {len(devices)} devices")
-    grid = np.array(devices).reshape(len(devices) // n, expert, tensor)
-    return jax.sharding.Mesh(grid, ("data", "expert", "tensor"))
-
-
-def shard_model(model, mesh):
-    """Place every variable of `model` on the NamedSharding its logical axis names give on `mesh` (in place)."""
-    state = nnx.state(model, nnx.Variable)
-
-    def place(var):
-        names = logical_names(var) or (None,) * var.get_value().ndim
-        sh = jax.sharding.NamedSharding(mesh, logical_to_mesh_spec(names, mesh, var.get_value().shape))
-        return var.replace(jax.device_put(var.get_value(), sh))
-
-    nnx.update(model, jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    return model
-
-
-def load_model(path, *, dtype: str | None = None, mesh=None, config_overrides: dict | None = None):
-    """A KimiLinear from a Hugging Face folder (config.json + safetensors) or an orbax checkpoint written by
-    k2jax (train.py or `k2jax.checkpoint.save_params`). dtype: parameter and compute dtype (default: the
-    checkpoint's); mesh: place the parameters by their logical axes."""
-    folder = Path(path)
-    if not folder.exists():
-        raise ValueError(f"no checkpoint at {str(path)!r}")
-    overrides = dict(config_overrides or {})
-    if (folder / "config.json").is_file():
-        from k2jax.hf import load_hf_checkpoint
-
-        if dtype is not None:
-            overrides.setdefault("dtype", dtype)
-        return load_hf_checkpoint(folder, dtype=dtype, mesh=mesh, config_overrides=overrides or None)
-    from k2jax import checkpoint as ckpt
-
-    params_dir = _params_dir(folder)
-    config = ckpt.saved_config(params_dir)
-    if dtype is not None:
-        overrides.update(param_dtype=dtype, dtype=dtype)
-    return ckpt.restore_params(config.replace(**overrides) if overrides else config, params_dir, mesh=mesh)
-
-
-def _params_dir(folder: Path) -> Path:
-    """The params checkpoint inside `folder`: itself, or the newest numbered step below it."""
-    if (folder / "params").exists():
-        return folder
-    steps = sorted((int(p.name), p) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-    for _, step in reversed(steps):
-        if (step / "params").exists():
-            return step
-    raise ValueError(f"{folder}: neither a Hugging Face folder (config.json) nor a k2jax checkpoint (params/, or "
-                     f"numbered step folders holding params/)")

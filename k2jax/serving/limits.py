@@ -1,4 +1,4 @@
-"""`ServerLimits`: what one client may ask of the HTTP endpoint (k2jax.server). Its own module, free of the web
+"""`ServerLimits`: what one client may ask of the HTTP endpoint (k2jax.serving.server). Its own module, free of the web
 stack, so that serve.py can show the defaults without the `serve` extra installed."""
 
 from __future__ import annotations
