@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from k2jax import load_config  # noqa: E402
 from k2jax.layers import moe  # noqa: E402
+from pallas_kernels.moe import xla_ragged_dot  # noqa: E402
 from bench._timing import median_seconds  # noqa: E402
 
 SHAPES = {
@@ -38,9 +39,9 @@ SHAPES = {
                    num_expert_group=1, topk_group=1), 4096),
 }
 IMPLS = {
-    "dense": moe._experts_dense,
-    "ragged": moe._experts_sorted,
-    "ragged_xla": lambda *a: moe._experts_sorted(*a, gmm=moe._xla_ragged_dot),
+    "dense": moe.experts_dense,
+    "ragged": moe.experts_sorted,
+    "ragged_xla": lambda *a: moe.experts_sorted(*a, gmm=xla_ragged_dot),
 }
 
 

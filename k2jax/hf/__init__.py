@@ -21,7 +21,7 @@ Our parameter tree mirrors the HF module names without the `model.` prefix; the 
     experts.w2 [E, I, hidden]                   experts.{e}.w2.weight [hidden, I]
     experts.w1_packed u8 [E, hidden/2, I]       experts.{e}.w1.weight_packed i32 [I, hidden/8]  (INT4 experts:
     experts.w1_scale [E, hidden/g, I]           experts.{e}.w1.weight_scale [I, hidden/g]    compressed-tensors,
-                                                experts.{e}.w1.weight_shape i64 [2] = [I, hidden]  k2jax.hf.compressed_tensors)
+                                                experts.{e}.w1.weight_shape i64 [2] = [I, hidden]  compressed_tensors)
     norms, dt_bias, e_score_correction_bias     same name, same layout
 
 Tensor namings (`Naming`): Kimi-Linear's remote code keeps the MoE under `block_sparse_moe.` with experts
@@ -32,13 +32,13 @@ save_original_format=False)`) fuse tensors: `experts.gate_up_proj` [E, 2I, hidde
 [E, hidden, I], `self_attn.conv1d.weight` [3D, 1, W] (q, k, v), and move the KDA gate under
 `self_attn.forget_gate.`; they load too (loading picks the naming from the stored names).
 
-Safetensors headers are parsed in k2jax.hf.safetensors (the format is a u64 header size, a JSON header and raw little-endian data) and
-tensors are read with plain `readinto` calls at their offsets: no memory map, so file pages never count towards the
-process's resident memory. Each model parameter is assembled in one 64-byte-aligned buffer in our layout, streaming
-1 MiB blocks of HF rows into it (transposes and dtype casts included); routed experts fill one preallocated [E, ...]
-buffer. On CPU, XLA adopts such an aligned buffer in `device_put` without copying, so loading peaks at about the
-model size (bench/hf_load.py: 1.01x for a 1 GB checkpoint); on an accelerator the host holds one parameter at a time.
-Pickle-based weights (`.bin`, `.pt`) are refused, never unpickled.
+Safetensors headers are parsed in k2jax.hf.safetensors (the format is a u64 header size, a JSON header and raw
+little-endian data) and tensors are read with plain `readinto` calls at their offsets: no memory map, so file pages
+never count towards the process's resident memory. Each model parameter is assembled in one 64-byte-aligned buffer in
+our layout, streaming 1 MiB blocks of HF rows into it (transposes and dtype casts included); routed experts fill one
+preallocated [E, ...] buffer. On CPU, XLA adopts such an aligned buffer in `device_put` without copying, so loading
+peaks at about the model size (bench/hf_load.py: 1.01x for a 1 GB checkpoint); on an accelerator the host holds one
+parameter at a time. Pickle-based weights (`.bin`, `.pt`) are refused, never unpickled.
 
 Quantized checkpoints: only compressed-tensors "pack-quantized" INT4 routed experts (Kimi K2 Thinking) are accepted;
 their nibbles are copied into the model's packed INT4 experts without dequantizing. A model with INT4 experts is

@@ -171,8 +171,8 @@ def model_family(model_type: str) -> str:
 def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelConfig:
     """A ModelConfig from an HF config.json dict of either convention (REMOTE_CODE or TRANSFORMERS, see
     `hf_convention`). param_dtype: `dtype` if given, else the checkpoint's own (`dtype` / `torch_dtype`), else
-    float32. A `quantization_config` must be compressed-tensors INT4 (routed experts only, k2jax.hf.compressed_tensors); it
-    becomes `quantization: {experts: int4, ...}`.
+    float32. A `quantization_config` must be compressed-tensors INT4 (routed experts only,
+    k2jax.hf.compressed_tensors); it becomes `quantization: {experts: int4, ...}`.
 
     Raises ConfigError naming the key for: an unknown key, a key whose value k2jax cannot compute with (the _FIXED
     table, an unknown rope type, a quantization scheme other than INT4 experts), two spellings of one setting that
@@ -447,8 +447,8 @@ def hf_config_dict(config: ModelConfig, format: str = REMOTE_CODE) -> dict:
 
 
 def _yarn_math(rope_scaling: dict | None) -> tuple | None:
-    """What a rope_scaling dict computes with in k2jax.layers.rope (absent or null keys take the DeepSeek-V3 defaults), for
-    comparing two spellings of one YaRN."""
+    """What a rope_scaling dict computes with in k2jax.layers.rope (absent or null keys take the DeepSeek-V3
+    defaults), for comparing two spellings of one YaRN."""
     if rope_scaling is None:
         return None
     rs = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 0.0} | {

@@ -184,14 +184,14 @@ class Engine(ModelRunner):
 
     model: a KimiLinear (already placed on `mesh` if one is given); tokenizer: optional (needed for text and stop
     strings); num_slots: concurrent sequences; max_len: context per slot (prompt + generated), default
-    min(max_position_embeddings, 2048); min_bucket: smallest prompt / kv length bucket; max_prefill_batch: most
-    prompts prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill
-    call; eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed
-    experts packed as INT4 (k2jax.quantize.quantize_model_experts; a model whose config already says so is used
-    as is); mesh: a jax.sharding.Mesh (`k2jax.serving.loading.make_mesh`) the parameters are placed on: the steps run under
+    min(max_position_embeddings, 2048); min_bucket: smallest prompt / kv length bucket; max_prefill_batch: most prompts
+    prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill call;
+    eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed experts packed
+    as INT4 (k2jax.quantize.quantize_model_experts; a model whose config already says so is used as is); mesh: a
+    jax.sharding.Mesh (`k2jax.serving.loading.make_mesh`) the parameters are placed on: the steps run under
     `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel (k2jax.layers.expert_parallel, dropless
-    unless config.moe_capacity_factor), 'tensor' splits heads, and the cache's slots are sharded over
-    'data'/'expert' and its KDA heads over 'tensor'. A scanned model (config.scan_layers) is unstacked.
+    unless config.moe_capacity_factor), 'tensor' splits heads, and the cache's slots are sharded over 'data'/'expert'
+    and its KDA heads over 'tensor'. A scanned model (config.scan_layers) is unstacked.
 
     vocab_limit: ids the engine may generate are [0, vocab_limit) = [0, min(model vocab, tokenizer.vocab_size))
     (the model vocab without a tokenizer); error: None, or why the engine thread died.

@@ -1,4 +1,5 @@
-"""Chunked lm_head + cross-entropy against the full-logits reference (what k2jax.training.step computes), and its memory.
+"""Chunked lm_head + cross-entropy against the full-logits reference (what k2jax.training.step computes), and its
+memory.
 
 Tolerances are error ratios: float32 1e-5 (loss) and 1e-4 (gradients); bfloat16 inputs 1e-5 (loss: logits are
 float32 either way) and 5e-3 (gradients: dz is cast to bfloat16 for the matmuls), against the float32 reference

@@ -13,7 +13,7 @@ from k2jax.chat import parse_assistant
 from k2jax.chat.bitmask import apply_token_bitmask
 from k2jax.chat.grammar import BatchBitmask, GrammarTokenizer, request_grammar, unpack_bitmask
 from k2jax.tokenizer import ByteTokenizer
-from tests.k2jax.chat_fixtures import FLIGHT_SCHEMA, TOOLS, synthetic_kimi_tokenizer
+from tests.k2jax.chat.chat_fixtures import FLIGHT_SCHEMA, TOOLS, synthetic_kimi_tokenizer
 
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 

@@ -24,7 +24,7 @@ from k2jax.config import ConfigError
 from k2jax.convert import main as convert_main
 from k2jax.hf import (CheckpointError, config_from_hf, hf_config_dict, load_hf_checkpoint, save_hf_checkpoint,
                       transformers_attention_factor)
-from k2jax.quantize import compressed_tensors_config
+from k2jax.hf.compressed_tensors import compressed_tensors_config
 from k2jax.layers.rope import yarn_get_mscale
 from k2jax.sharding import logical_to_mesh_spec
 from tests.conftest import error_ratio
@@ -182,9 +182,9 @@ def test_load_two_shards_bf16(hybrid, tmp_path, monkeypatch):
     folder = write_hf_folder(tmp_path / "bf16", hybrid.config, hand_written_hf_tensors(hybrid, "kimi"), shards=2,
                              dtype=BF16)
     assert len(list(folder.glob("*.safetensors"))) == 2
-    import k2jax.hf as hf
+    import k2jax.hf.load as hf_load
 
-    monkeypatch.setattr(hf, "_BLOCK_BYTES", 100)  # many small blocks: the streaming re-layout and cast loops
+    monkeypatch.setattr(hf_load, "_BLOCK_BYTES", 100)  # many small blocks: the streaming re-layout and cast loops
     assert_same_params(hybrid, load_hf_checkpoint(folder, dtype="float32"))
     monkeypatch.undo()
     native = load_hf_checkpoint(folder)  # the checkpoint's own dtype (config.json "dtype": bfloat16)
@@ -368,7 +368,7 @@ def test_save_is_atomic_and_refuses_to_clobber(hybrid, tmp_path, monkeypatch):
         save_hf_checkpoint(hybrid, target)
     assert (target / "keep.txt").read_text() == "old"
 
-    import k2jax.hf as hf
+    import k2jax.hf.save as hf_save
 
     calls = []
 
@@ -378,12 +378,12 @@ def test_save_is_atomic_and_refuses_to_clobber(hybrid, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_writer(*args, **kwargs)
 
-    real_writer = hf.write_safetensors
-    monkeypatch.setattr(hf, "write_safetensors", failing_writer)
+    real_writer = hf_save.write_safetensors
+    monkeypatch.setattr(hf_save, "write_safetensors", failing_writer)
     with pytest.raises(OSError, match="disk full"):
         save_hf_checkpoint(hybrid, target, max_shard_size="40KB", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (target / "keep.txt").exists()
-    monkeypatch.setattr(hf, "write_safetensors", real_writer)
+    monkeypatch.setattr(hf_save, "write_safetensors", real_writer)
     save_hf_checkpoint(hybrid, target, overwrite=True)
     assert not (target / "keep.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 

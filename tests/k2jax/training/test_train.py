@@ -25,7 +25,7 @@ from k2jax.training.cli import main
 from k2jax.training.config import TrainConfig, load_run_config
 from k2jax.training.loop import TrainingDiverged, train
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 STEPS = 6
 # A constant schedule after warmup makes the first k losses independent of the run length.
 BASE = ["train.batch_size=4", "train.seq_len=32", "train.mqar_num_kv_pairs=4", f"train.steps={STEPS}",

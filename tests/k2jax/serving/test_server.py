@@ -18,7 +18,7 @@ from k2jax.serving.limits import ServerLimits  # noqa: E402
 from k2jax.serving.scheduler import SamplingParams  # noqa: E402
 from k2jax.serving.server import make_server  # noqa: E402
 from k2jax.tokenizer import ByteTokenizer  # noqa: E402
-from tests.k2jax.test_engine import MAX_LEN, tiny_engine  # noqa: E402
+from tests.k2jax.serving.test_engine import MAX_LEN, tiny_engine  # noqa: E402
 
 MODEL = "tiny-test"
 TIMEOUT = 120.0

@@ -12,7 +12,7 @@ from k2jax import load_config
 from k2jax.training.dry_run import default_mesh, dry_run, ensure_cpu_devices, parse_mesh
 from k2jax.model import count_params
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _run_cli(*args, code=None):
