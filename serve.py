@@ -6,8 +6,9 @@
     python serve.py --config default --prompt "hi"                             # random weights, byte tokenizer
 
 DIR is a Hugging Face folder (config.json + safetensors) or an orbax checkpoint written by train.py. The CLI is
-a thin layer over k2jax.engine (batching, caches, sampling) and k2jax.server (HTTP). A model whose vocabulary is
-larger than the tokenizer's (padded embeddings) is served: ids the tokenizer cannot decode are never sampled.
+a thin layer over k2jax.serving (scheduler, runner, cache, sampling) and k2jax.serving.server (HTTP). A model
+whose vocabulary is larger than the tokenizer's (padded embeddings) is served: ids the tokenizer cannot decode are
+never sampled.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from k2jax.server_limits import ServerLimits
+from k2jax.serving.limits import ServerLimits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +83,8 @@ def _build(args):
     from flax import nnx
 
     from k2jax import KimiLinear, load_config
-    from k2jax.engine import Engine, load_model, make_mesh, shard_model
+    from k2jax.serving.loading import load_model, make_mesh, shard_model
+    from k2jax.serving.scheduler import Engine
     from k2jax.tokenizer import load_tokenizer
 
     mesh = make_mesh(args.tensor_parallel, args.expert_parallel) if args.tensor_parallel * args.expert_parallel > 1 \
@@ -132,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         limits.validate()
     except ValueError as e:
         raise SystemExit(str(e))
-    from k2jax.engine import SamplingParams
+    from k2jax.serving.scheduler import SamplingParams
 
     engine, tokenizer = _build(args)
     if not args.no_warmup:
         print(f"warm-up: compiled {len(engine.buckets)} length buckets in {engine.warmup():.1f} s", file=sys.stderr)
     if args.http:
-        from k2jax.server import make_server
+        from k2jax.serving.server import make_server
 
         name = args.model_name or Path(args.checkpoint or args.config).name
         print(f"serving {name!r} on http://{args.host}:{args.port} (slots={engine.num_slots}, "

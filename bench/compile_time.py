@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from k2jax import KimiLinear, load_config  # noqa: E402
-from k2jax.dry_run import next_token_loss  # noqa: E402
+from k2jax.training.dry_run import next_token_loss  # noqa: E402
 from k2jax.model import block_layout  # noqa: E402
 
 

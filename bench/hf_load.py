@@ -66,14 +66,17 @@ def write_checkpoint(folder: Path, config, shard_bytes: int = 256 * 2**20) -> in
     import numpy as np
     from flax import nnx
 
-    from k2jax.hf import DEEPSEEK_V3, KIMI_LINEAR, _plan_shards, hf_config_dict, tensor_maps, write_safetensors
+    from k2jax.hf import hf_config_dict
+    from k2jax.hf.names import DEEPSEEK_V3, KIMI_LINEAR, tensor_maps
+    from k2jax.hf.safetensors import write_safetensors
+    from k2jax.hf.save import plan_shards
     from k2jax.model import KimiLinear
 
     abstract = nnx.eval_shape(lambda: KimiLinear(config, rngs=nnx.Rngs(0)))
     maps = tensor_maps(list(nnx.to_flat_state(nnx.state(abstract, nnx.Variable))),
                        KIMI_LINEAR if config.kda_layers is not None else DEEPSEEK_V3)
     nbytes = {tm.hf_name: 4 * int(np.prod(tm.hf_shape)) for tm in maps}
-    shards = _plan_shards(maps, nbytes, shard_bytes)
+    shards = plan_shards(maps, nbytes, shard_bytes)
     rng = np.random.default_rng(0)
     by_name = {tm.hf_name: tm for tm in maps}
     folder.mkdir(parents=True)

@@ -5,7 +5,7 @@ reads (int4: packed nibbles + bf16 group scales; bf16: the dense weight). On CPU
 the whole weight (to float32) and then runs an f32 dot, so its time is the dequantize plus a dot that CPUs run
 faster in f32 than in bf16; the byte column is what a TPU/GPU kernel, which dequantizes tiles on chip, saves.
 
-The second table times one whole MoE layer (k2jax.moe.MoE: router, routed experts, shared expert; bf16 compute,
+The second table times one whole MoE layer (k2jax.layers.moe.MoE: router, routed experts, shared expert; bf16 compute,
 moe_impl 'auto') with bf16 experts vs INT4 experts (config quantization.experts: int4, the same weights packed),
 at the Kimi Linear 48B expert shape (hidden 2304, I 1024) with fewer experts (--moe-experts, top --moe-topk).
 "touched" bytes are the routed-expert weights of the experts this batch selects: what a grouped kernel reads
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from k2jax import load_config  # noqa: E402
-from k2jax.moe import MoE  # noqa: E402
+from k2jax.layers.moe import MoE  # noqa: E402
 from pallas_kernels.int4 import int4_matmul, quantize_int4  # noqa: E402
 from bench._timing import median_seconds  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Time the routed-expert implementations of k2jax.moe on this machine: the table behind moe_impl='auto'.
+"""Time the routed-expert implementations of k2jax.layers.moe on this machine: the table behind moe_impl='auto'.
 
     python bench/moe.py                      # both shapes (a few minutes on 2 CPU cores)
     python bench/moe.py --shapes default     # the CPU demo config only (seconds)
@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from k2jax import load_config  # noqa: E402
-from k2jax import moe  # noqa: E402
+from k2jax.layers import moe  # noqa: E402
+from pallas_kernels.moe import xla_ragged_dot  # noqa: E402
 from bench._timing import median_seconds  # noqa: E402
 
 SHAPES = {
@@ -38,9 +39,9 @@ SHAPES = {
                    num_expert_group=1, topk_group=1), 4096),
 }
 IMPLS = {
-    "dense": moe._experts_dense,
-    "ragged": moe._experts_sorted,
-    "ragged_xla": lambda *a: moe._experts_sorted(*a, gmm=moe._xla_ragged_dot),
+    "dense": moe.experts_dense,
+    "ragged": moe.experts_sorted,
+    "ragged_xla": lambda *a: moe.experts_sorted(*a, gmm=xla_ragged_dot),
 }
 
 

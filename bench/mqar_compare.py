@@ -38,8 +38,8 @@ def _variant_overrides(name: str, num_layers: int) -> list[str]:
 
 def run_one(config: str, name: str, overrides: list[str], minutes: float, target: float, eval_every: int) -> dict:
     from k2jax.model import count_params
-    from k2jax.train import train
-    from k2jax.train_config import load_run_config
+    from k2jax.training.config import load_run_config
+    from k2jax.training.loop import train
 
     base_model, _ = load_run_config(config, overrides)
     extra = _variant_overrides(name, base_model.num_hidden_layers)

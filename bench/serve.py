@@ -10,7 +10,7 @@ Sections
    --new-tokens each); a first identical round compiles, the second is timed. Decode tok/s = tokens produced by
    decode steps / time in decode steps; TTFT = mean time from submission to first token in that round.
 2. TTFT alone: one request on an idle engine, per prompt length (prefill + first sample).
-3. Cache bytes per sequence (`k2jax.generate.cache_bytes_per_sequence`, equal to what `init_cache` allocates) for
+3. Cache bytes per sequence (`k2jax.serving.cache.cache_bytes_per_sequence`, equal to what `init_cache` allocates) for
    the released 48B-A3B hybrid config and the same config with every layer MLA.
 4. Decode time per token against context: one decode step (batch --sweep-batch) with the cache filled to the
    context (synthetic cache contents: the cost of a step does not depend on them) and MLA attending over a kv
@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from k2jax import KimiLinear, load_config  # noqa: E402
-from k2jax import generate as gen  # noqa: E402
-from k2jax.engine import Engine, SamplingParams  # noqa: E402
+from k2jax.serving import cache as kvcache  # noqa: E402
+from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
 
 # The context sweep's model: the 48B model's MLA latent (512 + 64), heads and widths scaled down so that a CPU runs
 # it; 4 layers, as 3 KDA + 1 MLA or 4 MLA; dense FFNs (the FFN costs the same in both and does not grow with the
@@ -95,7 +95,7 @@ def cache_table(contexts) -> list[dict]:
     mla = all_mla(hybrid)
     rows = []
     for c in contexts:
-        h, m = gen.cache_bytes_per_sequence(hybrid, c), gen.cache_bytes_per_sequence(mla, c)
+        h, m = kvcache.cache_bytes_per_sequence(hybrid, c), kvcache.cache_bytes_per_sequence(mla, c)
         rows.append({"context": c, "hybrid_MiB": h / 2 ** 20, "all_mla_MiB": m / 2 ** 20, "saving": 1 - h / m})
     return rows
 
@@ -105,9 +105,9 @@ def decode_ms(config, context: int, batch: int, repeats: int) -> float:
     """Median ms of one decode step (read + write programs, as the engine runs them) at `context`."""
     model = _model(config)
     graphdef, state = nnx.split(model)
-    read = jax.jit(lambda st, c, t: gen.decode_entries(nnx.merge(graphdef, st), c, t, kv_len=context))
-    write = jax.jit(gen.write_decode, donate_argnums=(0,))
-    cache = gen.init_cache(config, batch, context)
+    read = jax.jit(lambda st, c, t: kvcache.decode_entries(nnx.merge(graphdef, st), c, t, kv_len=context))
+    write = jax.jit(kvcache.write_decode, donate_argnums=(0,))
+    cache = kvcache.init_cache(config, batch, context)
     cache = cache._replace(lengths=jnp.full((batch,), context - 2 - repeats, jnp.int32))
     tokens, active = jnp.ones((batch,), jnp.int32), jnp.ones((batch,), bool)
 

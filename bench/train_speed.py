@@ -4,10 +4,10 @@
     python bench/train_speed.py --config tiny --batch 8 --seq-len 128 --steps 5
     python bench/train_speed.py model.dtype=bfloat16             # any run-config override
 
-Runs the real training step (k2jax.train: forward, backward, AdamW, router-bias update) for --steps steps after
+Runs the real training step (k2jax.training.step: forward, backward, AdamW, router-bias update) for --steps steps after
 one compile step, on MQAR batches of the given shape, with checkpoints and evaluation off. The reference rate is
-the best float32 n x n x n matmul (`k2jax.metrics.measure_matmul_flops`, n = --matmul-n) on the same devices;
-MFU = model FLOPs per token (k2jax.metrics.train_flops_per_token, formula in its docstring) x tokens/s / that
+the best float32 n x n x n matmul (`k2jax.training.metrics.measure_matmul_flops`, n = --matmul-n) on the same devices;
+MFU = model FLOPs per token (k2jax.training.metrics.train_flops_per_token, formula in its docstring) x tokens/s / that
 rate. Times are medians over the measured steps.
 """
 
@@ -34,10 +34,10 @@ def main(argv=None):
 
     import jax
 
-    from k2jax.metrics import measure_matmul_flops, train_flops_per_token
     from k2jax.model import count_params
-    from k2jax.train import train
-    from k2jax.train_config import load_run_config
+    from k2jax.training.config import load_run_config
+    from k2jax.training.loop import train
+    from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token
 
     extra = [f"train.steps={args.steps + 1}", "train.checkpoint_every=0", "train.eval_every=0",
              "train.progress=false", "train.tensorboard=false", "train.mqar_min_kv_pairs=null"]

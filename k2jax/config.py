@@ -20,7 +20,7 @@ CONFIG_DIR = Path(os.environ.get("K2JAX_CONFIG_DIR", Path(__file__).resolve().pa
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # `attention_factor` (transformers' name) is the cos/sin scale when given; without it YaRN derives the scale from
-# mscale / mscale_all_dim as the released DeepSeek-V3 code does (k2jax.rope).
+# mscale / mscale_all_dim as the released DeepSeek-V3 code does (k2jax.layers.rope).
 _ROPE_SCALING_KEYS = {
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
     "mscale_all_dim", "attention_factor",
@@ -91,7 +91,7 @@ class ModelConfig:
     kda_impl: str = "auto"  # "auto" | "chunk" | "pallas" | "reference"
     kda_chunk_size: int = 64
     moe_impl: str = "auto"  # "auto" | "ragged" | "dense"
-    # Expert parallelism (k2jax.expert_parallel, used when a mesh with expert axis > 1 is set).
+    # Expert parallelism (k2jax.layers.expert_parallel, used when a mesh with expert axis > 1 is set).
     moe_ep_impl: str = "auto"  # "auto" (allgather on CPU, ragged_a2a elsewhere) | "allgather" | "ragged_a2a"
     moe_capacity_factor: float | None = None  # None = dropless; c = each device keeps c x its balanced rows
     # Layer stacking: scan over repeats of the layer pattern (compile time O(period)).
@@ -372,7 +372,7 @@ def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfi
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if isinstance(d, dict):
-            d.pop("train", None)  # a run config's training section (k2jax.train_config), not a model field
+            d.pop("train", None)  # a run config's training section (k2jax.training.config), not a model field
         d.setdefault("name", p.stem)
         cfg = from_dict(d, source=str(p))
     return cfg.replace(**overrides) if overrides else cfg

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
-from k2jax.kda_layer import KimiDeltaAttention
-from k2jax.linear import Linear
-from k2jax.mla import MultiHeadLatentAttention
-from k2jax.mlp import SwiGLU
-from k2jax.moe import MoE, update_router_bias
-from k2jax.norms import RMSNorm
+from k2jax.layers.kda import KimiDeltaAttention
+from k2jax.layers.linear import Linear
+from k2jax.layers.mla import MultiHeadLatentAttention
+from k2jax.layers.mlp import SwiGLU
+from k2jax.layers.moe import MoE, update_router_bias
+from k2jax.layers.norms import RMSNorm
 from k2jax.sharding import constrain, logical_names, make_param
 
 # Hidden states [batch, length, hidden] between layers: batch over the data axes, hidden replicated.

@@ -15,7 +15,7 @@ keys whose value is None are dropped, and reasoning sent as `reasoning` or `thin
 `reasoning_content` (and `thinking`).
 
 The built-in format is the Kimi K2 Thinking chat template (moonshotai/Kimi-K2-Thinking, chat_template.jinja,
-revision "fix-default-system-prompt (#12)"), written out in Python; tests/k2jax/test_chat_template.py renders both
+revision "fix-default-system-prompt (#12)"), written out in Python; tests/k2jax/chat/test_template.py renders both
 over a set of conversations and requires identical text. In that format:
 
     [<|im_system|>tool_declare<|im_middle|>TOOLS_JSON<|im_end|>]        tools, compact JSON, declared first

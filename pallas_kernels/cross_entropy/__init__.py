@@ -1,7 +1,7 @@
 """The lm_head + softmax cross-entropy of training without [N, V] logits, beside the reference it is tested against.
 
 - `linear_cross_entropy_reference`: logits = x @ w in full, then masked cross-entropy and argmax count (what
-  k2jax.train computes today); ground truth.
+  k2jax.training.step computes today); ground truth.
 - `linear_cross_entropy`: the same sums, chunked over tokens and vocabulary with a custom VJP that recomputes each
   block's logits in the backward.
 """

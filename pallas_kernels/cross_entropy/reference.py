@@ -1,4 +1,5 @@
-"""The lm_head + cross-entropy as k2jax.train computes it today: full [N, V] float32 logits. The ground truth."""
+"""The lm_head + cross-entropy as k2jax.training.step computes it today: full [N, V] float32 logits (the ground
+truth)."""
 
 from __future__ import annotations
 

@@ -12,14 +12,16 @@ from flax import nnx
 from safetensors import safe_open
 
 from k2jax import KimiLinear, load_config
-from k2jax import moe as M
 from k2jax.config import ConfigError
 from k2jax.hf import CheckpointError, config_from_hf, hf_config_dict, load_hf_checkpoint, save_hf_checkpoint
-from k2jax.quantize import (compressed_tensors_config, expert_weight_bytes, fake_quantize_int4,
-                            quantize_model_experts)
+from k2jax.hf.compressed_tensors import compressed_tensors_config, quantization_from_compressed_tensors
+from k2jax.layers import moe as M
+from k2jax.layers.qat import fake_quantize_int4
+from k2jax.quantize import expert_weight_bytes, quantize_model_experts
 from pallas_kernels.int4 import quantize_int4, to_compressed_tensors
+from pallas_kernels.moe import grouped_matmul, int4_grouped_matmul_cpu, int4_grouped_matmul_kernel
 from tests.conftest import error_ratio
-from tests.k2jax.test_hf import hand_written_hf_tensors, write_hf_folder
+from tests.k2jax.hf.test_hf import hand_written_hf_tensors, write_hf_folder
 
 # Layer 0: KDA + dense MLP, layer 1: MLA + MoE. A larger init makes the experts matter in the logits.
 TINY2 = load_config("tiny").replace(num_hidden_layers=2, kda_layers=(1,), full_attn_layers=(2,),
@@ -176,7 +178,7 @@ def test_int4_grouped_matmul_paths_match_per_row_reference(sizes):
     ref = np.einsum("mk,mkn->mn", np.asarray(x, np.float64), wd[rows].astype(np.float64))
     dy = np.asarray(jax.random.normal(jax.random.key(2), (M_rows, N)), np.float64)
     dx_ref = np.einsum("mn,mkn->mk", dy, wd[rows].astype(np.float64))
-    for fn in (M._int4_gmm_kernel, M._int4_gmm_cpu, M._grouped_matmul):
+    for fn in (int4_grouped_matmul_kernel, int4_grouped_matmul_cpu, grouped_matmul):
         y, vjp = jax.vjp(lambda x: jax.jit(fn)(x, qw, gs), x)
         assert y.dtype == jnp.float32
         assert error_ratio(ref, y) <= 1e-6, fn.__name__
@@ -329,9 +331,9 @@ def _ct_tensors(model, hf_config=None, quantize_attention=False):
 def test_load_k2_thinking_style_checkpoint_without_dequantizing(k2_float, tmp_path, monkeypatch):
     tensors, cfg = _ct_tensors(k2_float)
     folder = write_hf_folder(tmp_path / "thinking", k2_float.config, tensors, hf_config=cfg, shards=2)
-    import k2jax.hf as hf
+    import k2jax.hf.load as hf_load
 
-    monkeypatch.setattr(hf, "_BLOCK_BYTES", 100)  # several row blocks per weight_packed: the streaming loop
+    monkeypatch.setattr(hf_load, "_BLOCK_BYTES", 100)  # several row blocks per weight_packed: the streaming loop
     loaded = load_hf_checkpoint(folder)
     assert loaded.config.quantization["experts"] == "int4"
     ptq = quantize_model_experts(k2_float)
@@ -384,8 +386,6 @@ def test_quantized_non_expert_or_bad_shape_tensors_are_refused(k2_float, tmp_pat
 
 
 def test_compressed_tensors_config_parses_back():
-    from k2jax.quantize import quantization_from_compressed_tensors
-
     q = {"experts": "int4", "group_size": 16, "scale_dtype": "bfloat16", "qat": False}
     assert quantization_from_compressed_tensors(compressed_tensors_config(q)) == q
 

@@ -1,0 +1,569 @@
+"""Serving engine: a fixed set of sequence slots, continuous batching, requests and stop handling.
+
+`Engine` owns one `k2jax.serving.cache.DecodeCache` of `num_slots` slots. Each `step()`:
+1. admits waiting requests into free slots: their prompts (right-padded to a power-of-two length bucket, rows
+   padded to a power-of-two row bucket) are prefilled by one jitted call that also samples their first token;
+2. runs one jitted decode step for all slots (inactive slots are left unchanged), attending over a
+   power-of-two `kv_len` bucket that covers the longest active sequence;
+3. applies stop rules (EOS / stop token ids, stop strings, max_tokens) and frees finished slots.
+A request's failure stays its own: admission builds the whole prefill batch before it takes any slot, a failing
+prefill call fails only the requests it admits, a failing decode call only the requests it decodes, and an error
+in one request's bookkeeping (a decode, a callback) only that request. Every submitted request reaches a finished
+state: if the engine thread itself dies, `error` says why, every pending request finishes with it and `submit`
+raises `EngineStoppedError`.
+Ids the tokenizer cannot decode (a model vocabulary padded beyond the tokenizer's) are never sampled: the jitted
+steps mask them (k2jax.serving.sampling, `vocab_limit`).
+Prefill and decode each run as a read program (compute and sample) and a write program that takes the cache
+donated and updates it in place (k2jax.serving.cache explains the split). A freed slot is reused by the next
+admission, which overwrites its whole state. Every jitted shape comes from the buckets, so after `warmup()` no
+request triggers a compilation (`compile_count` stays put).
+
+Thread use: `submit()` may be called from any thread; `start()` runs `step()` in a background thread (the HTTP
+server does this), `generate()` drives the steps itself when no thread runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from k2jax.serving.runner import ModelRunner, bucket, length_buckets, pow2_upto
+from k2jax.serving.sampling import MAX_TOP_LOGPROBS
+
+log = logging.getLogger(__name__)
+
+FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 256
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine's thread has died (see `Engine.error`): it accepts no more requests."""
+
+
+# ---- requests ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SamplingParams:
+    """Per-request generation settings. max_tokens None means "up to the context limit"; temperature 0 is greedy;
+    top_k 0 and top_p 1 are off (a top_k above the vocabulary keeps every id); seed None draws one, any integer is
+    reduced mod 2**32; logprobs None is off, n >= 0 also returns the n most likely alternatives (n <= 5); stop
+    strings (at most 16) end the text before them; stop_token_ids (at most 256) end it after them; ignore_eos
+    keeps going past EOS."""
+
+    max_tokens: int | None = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def validate(self) -> None:
+        """ValueError naming the first invalid field."""
+        def bad(field, allowed):
+            shown = repr(getattr(self, field))
+            raise ValueError(f"{field}={shown[:100] + '...' if len(shown) > 100 else shown} is invalid: {allowed}")
+
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+        def is_number(x):
+            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            bad("max_tokens", "must be a positive integer")
+        # Comparisons are False for NaN, so NaN fails each range check.
+        if not is_number(self.temperature) or not 0 <= self.temperature <= 100:
+            bad("temperature", "must be a number in [0, 100]")
+        if not is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "must be a non-negative integer (0 = off)")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be a number in (0, 1]")
+        if self.seed is not None and not is_int(self.seed):
+            bad("seed", "must be an integer")
+        if (isinstance(self.stop, str) or not isinstance(self.stop, Sequence) or len(self.stop) > MAX_STOP_STRINGS
+                or any(not isinstance(s, str) or not s for s in self.stop)):
+            bad("stop", f"must be a list of at most {MAX_STOP_STRINGS} non-empty strings")
+        if (not isinstance(self.stop_token_ids, Sequence) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS
+                or any(not is_int(t) or t < 0 for t in self.stop_token_ids)):
+            bad("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or null")
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """Log-probability of one generated token and, if asked, of the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request produced in one engine step: new token ids, the new text (stop-safe), their logprobs, and
+    whether it finished (finish_reason 'stop', 'length', 'abort' or 'error'; error holds the message)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request: its prompt and generated ids, text (stop string excluded), finish reason, logprobs
+    (if asked), and time to first token / total time in seconds from submission."""
+
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None
+    ttft_s: float
+    total_s: float
+    error: str | None = None
+
+
+class Request:
+    """Engine-side state of one request (create through `Engine.submit`). max_tokens, top_k, seed and stop_ids
+    are the effective values the engine uses (validated, clamped, the EOS ids added unless ignore_eos)."""
+
+    def __init__(self, request_id, prompt_ids, params: SamplingParams, *, max_tokens: int, top_k: int, seed: int,
+                 stop_ids: frozenset[int], callback):
+        self.id, self.prompt_ids, self.params = request_id, list(prompt_ids), params
+        self.max_tokens, self.top_k, self.seed, self.stop_ids = max_tokens, top_k, seed, stop_ids
+        self.callback = callback
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.text, self.sent = "", 0  # text so far (stop-trimmed at the end) and how much of it was emitted
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.slot: int | None = None
+        self.aborted = False
+        self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
+        self._done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def wait(self, timeout: float | None = None) -> Completion:
+        """Block until finished and return the Completion (TimeoutError after `timeout` seconds)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return self.completion()
+
+    def completion(self) -> Completion:
+        t_first = self.t_first if self.t_first is not None else self.t_done
+        return Completion(self.id, self.prompt_ids, self.token_ids, self.text, self.finish_reason or "",
+                          self.logprobs if self.params.logprobs is not None else None,
+                          (t_first or 0) - self.t_submit, (self.t_done or 0) - self.t_submit, self.error)
+
+
+# ---- engine -----------------------------------------------------------------------------------------------------
+class Engine(ModelRunner):
+    """Continuous-batching generation over a KimiLinear.
+
+    model: a KimiLinear (already placed on `mesh` if one is given); tokenizer: optional (needed for text and stop
+    strings); num_slots: concurrent sequences; max_len: context per slot (prompt + generated), default
+    min(max_position_embeddings, 2048); min_bucket: smallest prompt / kv length bucket; max_prefill_batch: most prompts
+    prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill call;
+    eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed experts packed
+    as INT4 (k2jax.quantize.quantize_model_experts; a model whose config already says so is used as is); mesh: a
+    jax.sharding.Mesh (`k2jax.serving.loading.make_mesh`) the parameters are placed on: the steps run under
+    `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel (k2jax.layers.expert_parallel, dropless
+    unless config.moe_capacity_factor), 'tensor' splits heads, and the cache's slots are sharded over 'data'/'expert'
+    and its KDA heads over 'tensor'. A scanned model (config.scan_layers) is unstacked.
+
+    vocab_limit: ids the engine may generate are [0, vocab_limit) = [0, min(model vocab, tokenizer.vocab_size))
+    (the model vocab without a tokenizer); error: None, or why the engine thread died.
+    """
+
+    def __init__(self, model, tokenizer=None, *, num_slots: int = 8, max_len: int | None = None,
+                 min_bucket: int = 16, max_prefill_batch: int | None = None, max_prefill_tokens: int = 8192,
+                 eos_token_ids: Sequence[int] | None = None, int4_experts: bool = False, mesh=None):
+        cfg = model.config
+        self.config, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        max_len = min(cfg.max_position_embeddings, 2048) if max_len is None else max_len
+        if num_slots < 1 or max_len < 2:
+            raise ValueError(f"Engine: num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"Engine: max_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        self.num_slots, self.max_len = num_slots, max_len
+        self.buckets = length_buckets(max_len, min_bucket)
+        self.max_prefill_batch = max(1, min(max_prefill_batch or num_slots, num_slots))
+        self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
+        eos = set(eos_token_ids if eos_token_ids is not None else [cfg.eos_token_id])
+        if eos_token_ids is None and tokenizer is not None and tokenizer.eos_id is not None:
+            eos.add(tokenizer.eos_id)
+        self.eos_token_ids = frozenset(int(e) for e in eos if e is not None)
+        self._setup_model(model, int4_experts)
+        # Ids in [0, tokenizer.vocab_size) decode (byte, tiktoken and HF tokenizers alike); a model vocabulary
+        # padded beyond them must never produce the rest.
+        V = self.config.vocab_size
+        self.vocab_limit = V if tokenizer is None else min(V, int(tokenizer.vocab_size))
+        self._cache_sharding = self._cache_shardings()
+        self.cache = self._new_cache()
+        self.compile_count = 0
+        self._prefill_jit, self._write_prefill_jit, self._decode_jit, self._write_decode_jit = self._build_steps()
+        # Per-slot host mirrors of what the device steps need.
+        S = num_slots
+        self.slots: list[Request | None] = [None] * S
+        self._temp = np.zeros(S, np.float32)
+        self._top_k = np.zeros(S, np.int32)
+        self._top_p = np.ones(S, np.float32)
+        self._seed = np.zeros(S, np.uint32)
+        self._last = np.zeros(S, np.int32)
+        self._len = np.zeros(S, np.int32)
+        self.waiting: deque[Request] = deque()
+        self._incoming: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._cv = threading.Condition()  # guards _stop, error, _unfinished and the hand-over through _incoming
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: str | None = None
+        self._unfinished = 0
+        self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "decode_steps": 0, "decode_tokens": 0,
+                      "decode_s": 0.0, "prefill_s": 0.0, "finished": {}}
+
+
+    # ---- submission -------------------------------------------------------------------------------------------
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
+        """Validate a request against the model and context; returns its effective max_tokens (ValueError)."""
+        params.validate()
+        n, V = len(prompt_ids), self.config.vocab_size
+        if n == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if n >= self.max_len:  # before looking at the ids: an over-long prompt costs nothing more
+            raise ValueError(f"the prompt has {n} tokens but the context is {self.max_len} tokens "
+                             f"(at most {self.max_len - 1} prompt tokens, leaving room for one generated token)")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < V for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, vocab_size={V})")
+        max_tokens = self.max_len - n if params.max_tokens is None else params.max_tokens
+        if n + max_tokens > self.max_len:
+            raise ValueError(f"max_tokens={max_tokens} plus the prompt's {n} tokens exceed the context of "
+                             f"{self.max_len} tokens: ask for at most {self.max_len - n}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        return max_tokens
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+               callback: Callable[[Event], None] | None = None, request_id: str | None = None) -> Request:
+        """Queue a request (thread-safe). callback(Event) is called from the engine's thread after every step
+        that produced something for it. Raises ValueError for an invalid request before queueing it, and
+        EngineStoppedError once the engine thread has died."""
+        params = params or SamplingParams()
+        max_tokens = self.check_request(prompt_ids, params)
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        stop_ids = frozenset(int(t) for t in params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids)
+        req = Request(request_id or f"req-{next(self._ids)}", [int(t) for t in prompt_ids], params,
+                      max_tokens=max_tokens, top_k=min(int(params.top_k), self.config.vocab_size),
+                      seed=int(seed) % 2 ** 32, stop_ids=stop_ids, callback=callback)
+        with self._cv:
+            if self.error is not None:
+                raise EngineStoppedError(self.error)
+            self._unfinished += 1
+            self._incoming.put(req)
+            self._cv.notify()
+        return req
+
+    def abort(self, request: Request) -> None:
+        """Ask the engine to drop a request (thread-safe); it finishes with reason 'abort' at the next step."""
+        request.aborted = True
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or not self._incoming.empty() or any(s is not None for s in self.slots)
+
+    @property
+    def num_active(self) -> int:
+        """Requests holding a slot."""
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Submitted requests not finished yet, holding a slot or waiting for one (thread-safe)."""
+        with self._cv:
+            return self._unfinished
+
+    @property
+    def num_waiting(self) -> int:
+        """Submitted requests that neither hold a slot nor finished yet (thread-safe)."""
+        with self._cv:
+            return max(0, self._unfinished - self.num_active)
+
+    @property
+    def running(self) -> bool:
+        """True while the background thread is alive and the engine has not died."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit waiting requests into free slots (prefill), then decode one token for every active slot. A failed
+        prefill or decode call finishes only the requests in it (reason 'error'), never raises for them."""
+        self._take_incoming()
+        for req in [r for r in self.waiting if r.aborted]:
+            self.waiting.remove(req)
+            self._finish(req, FINISH_ABORT)
+        for req in [r for r in self.slots if r is not None and r.aborted]:
+            self._finish(req, FINISH_ABORT)
+        while self.waiting and None in self.slots:
+            self._admit()
+        if any(r is not None for r in self.slots):
+            self._decode_step()
+
+    def _take_incoming(self):
+        while True:
+            try:
+                self.waiting.append(self._incoming.get_nowait())
+            except queue.Empty:
+                return
+
+    def _next_group(self, num_free: int) -> tuple[list[Request], int]:
+        """The waiting requests (from the front, not removed) one prefill call takes, and their length bucket."""
+        group = [self.waiting[0]]
+        T = bucket(len(group[0].prompt_ids), self.buckets)
+        while len(group) < min(len(self.waiting), num_free, self.max_prefill_batch):
+            T2 = max(T, bucket(len(self.waiting[len(group)].prompt_ids), self.buckets))
+            if bucket(len(group) + 1, pow2_upto(self.max_prefill_batch)) * T2 > self.max_prefill_tokens:
+                break
+            group.append(self.waiting[len(group)])
+            T = T2
+        return group, T
+
+    def _prefill_batch(self, group: list[Request], free: list[int], T: int):
+        """Host arrays of one prefill call: (tokens [r, T], lengths [r], slots [r], temp, top_k, top_p, seeds)."""
+        r = bucket(len(group), pow2_upto(self.max_prefill_batch))
+        tokens = np.zeros((r, T), np.int32)
+        lengths = np.zeros(r, np.int32)
+        # Padding rows (length 0, left unchanged) need distinct slots too: any the real rows do not use.
+        spare = [i for i in range(self.num_slots) if i not in free[:len(group)]]
+        slots = np.array(free[:len(group)] + spare[:r - len(group)], np.int32)
+        temp, top_k, top_p = np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32)
+        seeds = np.zeros(r, np.uint32)
+        for i, req in enumerate(group):
+            n = len(req.prompt_ids)
+            tokens[i, :n], lengths[i] = req.prompt_ids, n
+            temp[i], top_k[i], top_p[i], seeds[i] = req.params.temperature, req.top_k, req.params.top_p, req.seed
+        return tokens, lengths, slots, temp, top_k, top_p, seeds
+
+    def _admit(self):
+        """Prefill the next group of waiting requests into free slots. The whole call is prepared and run before
+        any slot is taken; if it fails, only the group's requests fail (and leave the queue)."""
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        group, T = self._next_group(len(free))
+        t0 = time.perf_counter()
+        try:
+            tokens, lengths, slots, temp, top_k, top_p, seeds = self._prefill_batch(group, free, T)
+            out = self._prefill(tokens, lengths, slots, temp, top_k, top_p, seeds)
+        except Exception as e:
+            log.exception("prefill of %d request(s) failed", len(group))
+            for req in group:
+                self.waiting.popleft()
+                self._finish(req, FINISH_ERROR, error=f"prefill failed: {type(e).__name__}: {e}")
+            self._recover_cache(e)
+            return
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += int(lengths.sum())
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        for i, req in enumerate(group):
+            s = int(slots[i])
+            self.waiting.popleft()
+            req.slot, self.slots[s] = s, req
+            self._temp[s], self._top_k[s], self._top_p[s], self._seed[s] = temp[i], top_k[i], top_p[i], seeds[i]
+            self._len[s] = lengths[i]
+        for i, req in enumerate(group):
+            self._accept(req, out, i)
+
+    def _decode_step(self):
+        active = np.array([r is not None for r in self.slots])
+        kv_len = bucket(max(1, int(self._len[active].max())), self.buckets)
+        counters = np.array([len(r.token_ids) if r is not None else 0 for r in self.slots], np.int32)
+        all_greedy = np.bool_((self._temp[active] == 0).all())
+        t0 = time.perf_counter()
+        try:
+            out = self._decode(kv_len, active, counters, all_greedy)
+        except Exception as e:
+            log.exception("decode step failed")
+            for req in [r for r in self.slots if r is not None]:
+                self._finish(req, FINISH_ERROR, error=f"decode failed: {type(e).__name__}: {e}")
+            self._recover_cache(e)
+            return
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += int(active.sum())
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self._len += active.astype(np.int32)
+        for s, req in enumerate(list(self.slots)):
+            if req is not None:
+                self._accept(req, out, s)
+
+    def _recover_cache(self, e: Exception):
+        """After a failed call: if it consumed the donated cache, the active requests' states are gone with it;
+        they fail and a fresh cache replaces it. (An intact cache is kept: the other slots carry on.)"""
+        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
+            return
+        for req in [r for r in self.slots if r is not None]:
+            self._finish(req, FINISH_ERROR, error=f"the decode cache was lost when a call failed: "
+                                                  f"{type(e).__name__}: {e}")
+        self.cache = self._new_cache()
+
+    # ---- per-token bookkeeping --------------------------------------------------------------------------------
+    def _accept(self, req: Request, out, row: int):
+        """Take the token sampled for `req` (row `row` of `out`); an error here fails this request only."""
+        try:
+            self._take_token(req, out, row)
+        except Exception as e:
+            log.exception("request %s failed", req.id)
+            if not req.finished:
+                self._finish(req, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+
+    def _take_token(self, req: Request, out, row: int):
+        tok = int(out.tokens[row])
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+        lp = None
+        if req.params.logprobs is not None:
+            n = req.params.logprobs
+            # -inf alternatives are ids the engine may not generate (only when fewer than n ids are allowed).
+            top = [(int(i), float(v)) for i, v in zip(out.top_ids[row][:n], out.top_logprobs[row][:n])
+                   if np.isfinite(v)]
+            lp = TokenLogprob(tok, float(out.logprob[row]), top)
+            req.logprobs.append(lp)
+        req.token_ids.append(tok)
+        self._last[req.slot] = tok
+        reason = None
+        if tok in req.stop_ids:
+            reason = FINISH_STOP
+        elif len(req.token_ids) >= req.max_tokens:
+            reason = FINISH_LENGTH
+        text_ids = req.token_ids[:-1] if reason == FINISH_STOP else req.token_ids
+        if self.tokenizer is not None:
+            req.text = self.tokenizer.decode(text_ids)
+            cut = _first_stop(req.text, req.params.stop)
+            if cut is not None:
+                req.text, reason = req.text[:cut], FINISH_STOP
+        self._emit(req, [tok], [lp] if lp else [], reason)
+        if reason is not None:
+            self._finish(req, reason, emitted=True)
+
+    def _emit(self, req: Request, toks, lps, reason):
+        """Send the text that can no longer change: hold back a tail that could start a stop string, and an
+        incomplete UTF-8 character (decoded as U+FFFD)."""
+        end = len(req.text)
+        if reason is None:
+            hold = max((len(s) - 1 for s in req.params.stop), default=0)
+            end = max(req.sent, end - hold)
+            while end > req.sent and req.text[end - 1] == "\ufffd":
+                end -= 1
+        delta, req.sent = req.text[req.sent:end], max(req.sent, end)
+        if req.callback is not None:
+            self._call(req, Event(req.id, toks, delta, lps, reason is not None, reason))
+
+    def _call(self, req, event):
+        try:
+            req.callback(event)
+        except Exception:  # a broken consumer must not take the engine down
+            log.exception("callback of request %s failed", req.id)
+
+    def _finish(self, req: Request, reason: str, *, emitted: bool = False, error: str | None = None):
+        """End `req` (once; later calls do nothing): free its slot, send the final event unless `emitted`."""
+        if req.finished:
+            return
+        req.finish_reason, req.error, req.t_done = reason, error, time.perf_counter()
+        if req.slot is not None and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+        with self._cv:
+            self._unfinished -= 1
+        finished = self.stats["finished"]
+        finished[reason] = finished.get(reason, 0) + 1
+        if not emitted and req.callback is not None:
+            self._call(req, Event(req.id, [], "", [], True, reason, error))
+        req._done.set()
+
+    def _finish_everything(self, reason: str, error: str | None = None):
+        """Finish every queued, waiting and active request."""
+        self._take_incoming()
+        for req in list(self.waiting) + [r for r in self.slots if r is not None]:
+            self._finish(req, reason, error=error)
+        self.waiting.clear()
+
+    # ---- driving ---------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 timeout: float | None = None) -> list[Completion]:
+        """Generate for every prompt (token id lists), batching them through the slots; returns Completions in
+        prompt order. Drives the steps itself unless the background thread runs."""
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        if self._thread is None:
+            while not all(r.finished for r in reqs):
+                self.step()
+        return [r.wait(timeout) for r in reqs]
+
+    def start(self) -> None:
+        """Run the step loop in a background daemon thread until `shutdown()`."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="k2jax-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the background thread; unfinished requests end with reason 'abort'."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._finish_everything(FINISH_ABORT)
+
+    def _loop(self):
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self.has_work:
+                        self._cv.wait(timeout=1.0)
+                    if self._stop:
+                        return
+                try:
+                    self.step()
+                except Exception as e:
+                    # step() confines request failures itself, so this is a fault of the engine's own
+                    # bookkeeping: return to a known state (nothing in flight, a fresh cache) and keep serving.
+                    log.exception("engine step failed")
+                    self._finish_everything(FINISH_ERROR, f"engine step failed: {type(e).__name__}: {e}")
+                    self.cache = self._new_cache()
+        except BaseException as e:  # the thread ends here: nothing may be left waiting on it
+            log.exception("the engine thread died")
+            with self._cv:
+                self.error = f"the engine stopped: {type(e).__name__}: {e}"
+            self._finish_everything(FINISH_ERROR, self.error)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None

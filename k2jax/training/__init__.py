@@ -1,0 +1,8 @@
+"""Training: `loop.train(model_config, train_config)` and what it is made of.
+
+- `config`: TrainConfig and run configs (a model section + a `train:` section, YAML plus key=value overrides).
+- `step`: the jitted train and eval steps; `state`: the training state on a mesh and resuming from checkpoints.
+- `loop`: `train()`; `distributed`: multi-host start-up and collectives; `cli`: the `train.py` command line.
+- `optim`, `data`, `metrics`: optimizers and schedules, data sources (MQAR, text), metrics and FLOP counts.
+- `dry_run`: lower one training step on simulated devices and report per-device memory.
+"""

@@ -1,0 +1,189 @@
+"""The jitted training and evaluation steps: loss, gradient accumulation, optimizer update, router-bias balancing.
+
+One step: the global batch is split into `grad_accum_steps` micro-batches (a scan), each runs the model with
+`return_aux=True`; the loss is the masked token cross-entropy summed over the whole global batch and divided by its
+number of loss tokens (so accumulation changes nothing but memory), plus `aux_loss_weight` times the MoE balance
+loss. Gradients are clipped and applied by the optax optimizer to the nnx.Param variables only; then every router's
+`e_score_correction_bias` (RouterBias) moves by `model.moe_bias_update_rate` against its layer's expert load over the
+global batch (aux-loss-free balancing). A step whose loss or gradient norm is not finite leaves the state unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from k2jax.config import ModelConfig
+from k2jax.training.config import TrainConfig
+
+
+def router_bias_rows(mcfg: ModelConfig, biases) -> dict[tuple, tuple[int, ...]]:
+    """For each RouterBias variable (by path), the rows of the model's `expert_load` [n_moe_layers, E] it
+    balances: one row for a per-layer bias [E], `repeats` rows for a scanned LayerStack's stacked [repeats, E]."""
+    from flax import nnx
+
+    moe_layers = [i for i in range(mcfg.num_hidden_layers) if mcfg.is_moe_layer(i)]
+    row_of = {layer: r for r, layer in enumerate(moe_layers)}
+    rows = {}
+    for path, _ in nnx.to_flat_state(biases):
+        path = tuple(path)
+        if path[0] == "layers":
+            layers = [int(path[1])]
+        elif path[0] == "blocks":
+            from k2jax.model import block_layout
+
+            entry = block_layout(mcfg)[int(path[1])]
+            if entry[0] == "layer":
+                layers = [entry[1]]
+            else:
+                _, start, period, reps = entry
+                layers = [start + j * period + int(path[3]) for j in range(reps)]
+        else:
+            raise ValueError(f"router bias at unexpected path {path}")
+        rows[path] = tuple(row_of[i] for i in layers)
+    return rows
+
+
+# ---- the jitted steps -----------------------------------------------------------------------------------------------
+_STEP_FIELDS = ("steps", "grad_accum_steps", "optimizer", "learning_rate", "schedule", "warmup_steps",
+                "decay_fraction", "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip",
+                "aux_loss_weight", "moe_bias_update")
+_CACHE: dict = {}  # jitted steps by configuration, so repeated `train` calls in one process reuse compilations
+
+
+def cache_key(kind: str, mcfg: ModelConfig, tcfg: TrainConfig | None = None) -> str:
+    """The `cached` key of a jitted step: its kind, the model config and the train fields the step depends on."""
+    t = {f: getattr(tcfg, f) for f in _STEP_FIELDS} if tcfg is not None else {}
+    return json.dumps([kind, mcfg.to_dict(), t], sort_keys=True, default=str)
+
+
+def _forward_loss(graphdef, params, biases, rest, batch):
+    """Masked cross-entropy pieces of one micro-batch: (loss_sum, correct, aux dict)."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params, biases, rest)
+    logits, aux = model(batch["tokens"], batch.get("segment_ids"), return_aux=True)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    w = batch["loss_mask"]
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * w)
+    return jnp.sum(ce * w), correct, aux
+
+
+def _balance_loss(aux):
+    import jax
+    import jax.numpy as jnp
+
+    from k2jax.layers.moe import load_balance_loss
+
+    if "expert_load" not in aux:
+        return jnp.zeros((), jnp.float32)
+    return jnp.mean(jax.vmap(load_balance_loss)(aux["router_probs_mean"], aux["expert_load"]))
+
+
+def _update_biases(biases, load, rate: float, rows: dict):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from k2jax.layers.moe import update_router_bias
+
+    if rate == 0 or not rows:
+        return biases
+    out = []
+    for path, var in nnx.to_flat_state(biases):
+        value, r = var.get_value(), rows[tuple(path)]
+        layer_load = load[jnp.asarray(r)]
+        if value.ndim == 1:
+            value = update_router_bias(value, layer_load[0], rate)
+        else:
+            value = jax.vmap(update_router_bias, (0, 0, None))(value, layer_load, rate)
+        out.append((path, var.replace(value)))
+    return nnx.from_flat_state(out)
+
+
+def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule, bias_rows):
+    """The jitted step(state, batch, step_index) -> (new state, metrics): batch holds 'tokens', 'targets',
+    'loss_mask' [B, T] (and optionally 'segment_ids'); state is TrainState's dict; `bias_rows` is
+    `router_bias_rows` of the model (see the module docstring for what one step does)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    A = tcfg.grad_accum_steps
+    aux_w = float(tcfg.aux_loss_weight)
+    rate = float(mcfg.moe_bias_update_rate) if tcfg.moe_bias_update else 0.0
+
+    def micro_objective(params, biases, rest, mb, total):
+        loss_sum, correct, aux = _forward_loss(graphdef, params, biases, rest, mb)
+        balance = _balance_loss(aux) if aux_w > 0 else jnp.zeros((), jnp.float32)
+        load = aux.get("expert_load", jnp.zeros((0, 1), jnp.float32))
+        return loss_sum / total + aux_w * balance / A, (loss_sum, correct, load, balance / A)
+
+    grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+
+    def accumulate(params, biases, rest, batch, total):
+        if A == 1:
+            (_, stats), grads = grad_fn(params, biases, rest, batch, total)
+            return grads, stats
+        # Micro-batch a takes rows a, A + a, 2A + a, ...: every device keeps its share of each micro-batch.
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def body(carry, mb):
+            g_acc, s_acc = carry
+            (_, stats), g = grad_fn(params, biases, rest, mb, total)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, jax.tree.map(jnp.add, s_acc, stats)), None
+
+        zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        first = jax.tree.map(lambda x: x[0], micro)
+        s0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, biases, rest, first, total)[0][1]))
+        (grads, stats), _ = jax.lax.scan(body, (zeros_g, s0), micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return grads, stats
+
+    def step(state, batch, step_index):
+        params, biases, rest, opt = state["params"], state["biases"], state["rest"], state["opt"]
+        total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        grads, (loss_sum, correct, load, balance) = accumulate(params, biases, rest, batch, total)
+        loss = loss_sum / total
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, opt, params)
+        new = {"params": optax.apply_updates(params, updates), "biases": _update_biases(biases, load, rate, bias_rows),
+               "rest": rest, "opt": new_opt}
+        # A non-finite step changes nothing: the state stays the last good one.
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {"loss": loss, "accuracy": correct / total, "grad_norm": grad_norm, "aux_loss": balance,
+                   "expert_load": load, "finite": finite, "lr": schedule(step_index), "loss_tokens": total}
+        return new, metrics
+
+    return jax.jit(step)
+
+
+def finite_leaves(tree):
+    """A bool per array of `tree`: every element finite (always True for integer arrays)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                        else jnp.bool_(True), tree)
+
+
+def make_eval_step(graphdef):
+    """The jitted evaluate(state, batch) -> (loss sum, correct tokens, loss tokens) over one batch [B, T]."""
+    import jax
+
+    def evaluate(state, batch):
+        loss_sum, correct, _ = _forward_loss(graphdef, state["params"], state["biases"], state["rest"], batch)
+        return loss_sum, correct, batch["loss_mask"].sum()
+
+    return jax.jit(evaluate)
+
+
+def cached(key: str, build: Callable):
+    """`build()` once per key in this process (jitted steps reused across `train` calls)."""
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]

@@ -1,0 +1,77 @@
+"""Grouped matmul for CPU: rows padded to per-group blocks and a scan over the blocks, with a custom VJP.
+
+XLA:CPU lowers `jax.lax.ragged_dot` to a masked product over every group (G x the useful FLOPs); here each group's
+rows are padded to whole blocks of b rows and a scan multiplies each block by its one group's weight, about
+(M + G b) K N FLOPs (bench/moe.py has the measurements).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _block_layout(group_sizes, M: int, G: int):
+    """Where each of M group-sorted rows goes when every group is padded to whole blocks of b rows.
+
+    Returns (b, nb, dest [M] padded row of each row, block_group [nb] group of each block). b is a power of two
+    near M / (4 G) in [16, 128] (bench/moe.py); nb is the static bound M + G (b - 1) rows, in blocks.
+    """
+    b = min(128, max(16, 1 << round(math.log2(max(M / (4 * G), 1.0)))))
+    nb = -(-(M + G * (b - 1)) // b)
+    padded = (group_sizes + b - 1) // b * b
+    pad_end = jnp.cumsum(padded)
+    row_group = jnp.repeat(jnp.arange(G), group_sizes, total_repeat_length=M)
+    dest = (pad_end - padded)[row_group] + jnp.arange(M) - (jnp.cumsum(group_sizes) - group_sizes)[row_group]
+    # Blocks past the last used one hold only zero rows; any valid group index will do for them.
+    block_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(nb) * b, side="right"), G - 1)
+    return b, nb, dest, block_group
+
+
+def _blocks_times(xp, w, block_group):
+    """xp [nb, b, K] times w[block_group[i]] [K, N] for each block i (a scan: one weight slab at a time)."""
+    def block(_, xb_g):
+        xb, g = xb_g
+        return None, jnp.dot(xb, w[g], preferred_element_type=jnp.float32)
+
+    return jax.lax.scan(block, None, (xp, block_group))[1]
+
+
+def _pad_rows(v, dest, nb, b):
+    return jnp.zeros((nb * b, v.shape[1]), v.dtype).at[dest].set(v, unique_indices=True).reshape(nb, b, -1)
+
+
+@jax.custom_vjp
+def blocked_grouped_matmul(x, w, group_sizes):
+    """`jax.lax.ragged_dot` semantics for CPU: x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] int32
+    (sum M) -> float32 [M, N].
+
+    XLA:CPU lowers ragged_dot to a masked product over every group (G x the FLOPs). Here each group's rows are
+    padded to whole blocks and a scan multiplies each block by its one group's weight: about (M + G b) K N FLOPs.
+    The custom VJP computes dw as one batched per-block product summed per group, instead of autodiff's scan that
+    carries (and copies) the whole [G, K, N] gradient through every step.
+    """
+    return _blocked_fwd(x, w, group_sizes)[0]
+
+
+def _blocked_fwd(x, w, group_sizes):
+    (M, _), G = x.shape, w.shape[0]
+    b, nb, dest, block_group = _block_layout(group_sizes, M, G)
+    xp = _pad_rows(x, dest, nb, b)
+    y = _blocks_times(xp, w, block_group).reshape(nb * b, -1)[dest]
+    return y, (xp, w, dest, block_group)
+
+
+def _blocked_bwd(res, dy):
+    xp, w, dest, block_group = res
+    nb, b, _ = xp.shape
+    dyp = _pad_rows(dy.astype(w.dtype), dest, nb, b)
+    dx = _blocks_times(dyp, jnp.swapaxes(w, 1, 2), block_group).reshape(nb * b, -1)[dest]
+    dw_blocks = jnp.einsum("bmk,bmn->bkn", xp, dyp, preferred_element_type=jnp.float32)
+    dw = jax.ops.segment_sum(dw_blocks, block_group, num_segments=w.shape[0], indices_are_sorted=True)
+    return dx.astype(xp.dtype), dw.astype(w.dtype), None
+
+
+blocked_grouped_matmul.defvjp(_blocked_fwd, _blocked_bwd)
