@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "else 'byte')")
     src.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter and compute dtype")
     src.add_argument("--int4-experts", action="store_true", help="serve the routed experts from INT4 weights")
-    src.add_argument("--tensor-parallel", type=int, default=1, help="devices on the 'tensor' mesh axis")
+    src.add_argument("--tensor-parallel", type=int, default=1,
+                     help="devices on the 'tensor' mesh axis (the 'data' axis takes the remaining devices)")
     src.add_argument("--expert-parallel", type=int, default=1, help="devices on the 'expert' mesh axis")
     src.add_argument("--seed-init", type=int, default=0, help="init seed with --config")
     eng = p.add_argument_group("engine")
@@ -83,12 +84,18 @@ def _build(args):
     from flax import nnx
 
     from k2jax import KimiLinear, load_config
-    from k2jax.serving.loading import load_model, make_mesh, shard_model
+    from k2jax.serving.loading import load_model
     from k2jax.serving.scheduler import Engine
+    from k2jax.sharding import make_mesh, shard_model
     from k2jax.tokenizer import load_tokenizer
 
-    mesh = make_mesh(args.tensor_parallel, args.expert_parallel) if args.tensor_parallel * args.expert_parallel > 1 \
-        else None
+    mesh = None
+    if args.tensor_parallel * args.expert_parallel > 1:
+        try:  # the four-axis mesh of k2jax.sharding; serving's replicas go on 'data'
+            mesh = make_mesh({"data": -1, "expert": args.expert_parallel, "tensor": args.tensor_parallel})
+        except ValueError as e:
+            raise SystemExit(f"--tensor-parallel {args.tensor_parallel} x --expert-parallel "
+                             f"{args.expert_parallel}: {e}")
     overrides = _overrides(args.override)
     if args.checkpoint:
         model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh, config_overrides=overrides)
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine, tokenizer = _build(args)
     if not args.no_warmup:
-        print(f"warm-up: compiled {len(engine.buckets)} length buckets in {engine.warmup():.1f} s", file=sys.stderr)
+        print(f"warm-up: compiled {len(engine.runner.buckets)} length buckets in {engine.warmup():.1f} s",
+              file=sys.stderr)
     if args.http:
         from k2jax.serving.server import make_server
 

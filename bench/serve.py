@@ -35,6 +35,7 @@ from flax import nnx  # noqa: E402
 
 from k2jax import KimiLinear, load_config  # noqa: E402
 from k2jax.serving import cache as kvcache  # noqa: E402
+from k2jax.serving.runner import decode_entries  # noqa: E402
 from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
 
 # The context sweep's model: the 48B model's MLA latent (512 + 64), heads and widths scaled down so that a CPU runs
@@ -105,7 +106,7 @@ def decode_ms(config, context: int, batch: int, repeats: int) -> float:
     """Median ms of one decode step (read + write programs, as the engine runs them) at `context`."""
     model = _model(config)
     graphdef, state = nnx.split(model)
-    read = jax.jit(lambda st, c, t: kvcache.decode_entries(nnx.merge(graphdef, st), c, t, kv_len=context))
+    read = jax.jit(lambda st, c, t: decode_entries(nnx.merge(graphdef, st), c, t, kv_len=context))
     write = jax.jit(kvcache.write_decode, donate_argnums=(0,))
     cache = kvcache.init_cache(config, batch, context)
     cache = cache._replace(lengths=jnp.full((batch,), context - 2 - repeats, jnp.int32))

@@ -2,6 +2,12 @@
 
 Layer i (0-based) is KDA iff i+1 is in `config.kda_layers` (HF lists are 1-based); layers below
 `first_k_dense_replace` use a dense SwiGLU, the rest a MoE (kimi_linear.md section 4).
+
+One forward path: every layer, the decoder layer and the model have one `__call__` that takes an optional cache
+(one per layer: a `KDAState` for a KDA layer, an `MLACache` view for an MLA layer) and returns the cache update.
+No cache is training; a cache is prefill (empty caches: `empty_cache`), chunked prefill (the caches earlier pieces
+left) and decode (one token per row). The update is the new `KDAState` of each KDA layer and the new latents
+(`MLALatents`) of each MLA layer, which the caller stores (k2jax.serving.cache).
 """
 
 from __future__ import annotations
@@ -13,11 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
-from k2jax.layers.kda import KimiDeltaAttention
+from k2jax.layers.kda import KDAState, KimiDeltaAttention
 from k2jax.layers.linear import Linear
-from k2jax.layers.mla import MultiHeadLatentAttention
+from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
 from k2jax.layers.mlp import SwiGLU
-from k2jax.layers.moe import MoE, update_router_bias
+from k2jax.layers.moe import MoE, RouterBias, update_router_bias
 from k2jax.layers.norms import RMSNorm
 from k2jax.sharding import constrain, logical_names, make_param
 
@@ -65,20 +71,25 @@ class DecoderLayer(nnx.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, rngs=rngs, param_dtype=pdt,
                               dtype=jnp.dtype(config.dtype))
 
-    def __call__(self, x, *, segment_ids, positions, token_mask):
-        """x: [B, T, hidden] -> ([B, T, hidden], MoE aux dict or None)."""
+    def __call__(self, x, *, segment_ids=None, positions=None, token_mask=None, cache=None):
+        """x: [B, T, hidden] -> ([B, T, hidden], MoE aux dict or None, cache update or None).
+
+        segment_ids: int [B, T] (0 = padding) or None; positions: int [B, T] (RoPE MLA) or None; token_mask:
+        bool [B, T] (False = padding, left out of the MoE statistics) or None; cache: this layer's cache
+        (KDAState or MLACache) or None. See the layers for what the cache update is.
+        """
         normed = self.input_layernorm(x)
         if self.layer_type == "kda":
-            attn = self.self_attn(normed, segment_ids=segment_ids)
+            attn, update = self.self_attn(normed, segment_ids=segment_ids, cache=cache)
         else:
-            attn = self.self_attn(normed, segment_ids=segment_ids, positions=positions)
+            attn, update = self.self_attn(normed, segment_ids=segment_ids, positions=positions, cache=cache)
         h = x + attn.astype(x.dtype)
         normed = self.post_attention_layernorm(h)
         if self.is_moe:
             ffn, aux = self.block_sparse_moe(normed, token_mask=token_mask)
         else:
             ffn, aux = self.mlp(normed), None
-        return h + ffn.astype(h.dtype), aux
+        return h + ffn.astype(h.dtype), aux, update
 
 
 _REMAT_POLICIES = {
@@ -93,19 +104,19 @@ def _remat(fn, remat: str):
     return fn if remat == "none" else jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
 
 
-def _call_layer(layer: DecoderLayer, x, *, remat: str, segment_ids, positions, token_mask):
+def _call_layer(layer: DecoderLayer, x, *, remat: str, cache, **inputs):
     """layer(x) with the hidden-state sharding constraint; with `remat` != 'none' its activations are recomputed
-    in the backward pass (jax.checkpoint over the layer's state and inputs)."""
+    in the backward pass (jax.checkpoint over the layer's state and inputs). Returns (x, aux, cache update)."""
     if remat == "none":
-        x, aux = layer(x, segment_ids=segment_ids, positions=positions, token_mask=token_mask)
-        return constrain(x, _HIDDEN), aux
+        x, aux, update = layer(x, cache=cache, **inputs)
+        return constrain(x, _HIDDEN), aux, update
     graphdef, state = nnx.split(layer)
 
-    def pure(state, x, segment_ids, positions, token_mask):
-        x, aux = nnx.merge(graphdef, state)(x, segment_ids=segment_ids, positions=positions, token_mask=token_mask)
-        return constrain(x, _HIDDEN), aux
+    def pure(state, x, cache, inputs):
+        x, aux, update = nnx.merge(graphdef, state)(x, cache=cache, **inputs)
+        return constrain(x, _HIDDEN), aux, update
 
-    return _remat(pure, remat)(state, x, segment_ids, positions, token_mask)
+    return _remat(pure, remat)(state, x, cache, inputs)
 
 
 # ---- scanned layers ----------------------------------------------------------------------------------------------
@@ -171,24 +182,34 @@ class LayerStack(nnx.Module):
         stacked = jax.tree.map(lambda *vs: _stacked(vs), *states, is_leaf=lambda v: isinstance(v, nnx.Variable))
         self.layers = nnx.merge(graphdef, stacked)
 
-    def __call__(self, x, *, remat: str, segment_ids, positions, token_mask):
-        """x [B, T, hidden] -> (x after all period * repeats layers, the per-MoE-layer aux dicts in layer order)."""
+    def __call__(self, x, *, remat: str, cache=None, **inputs):
+        """x [B, T, hidden] -> (x after all period * repeats layers, the per-MoE-layer aux dicts in layer order,
+        the cache updates in layer order or None). cache: None or the period * repeats layers' caches in layer
+        order (run j, position q at index j * period + q); `inputs` as DecoderLayer's."""
         graphdef, state = nnx.split(self.layers)
+        P, R = self.period, self.repeats
+        # Position q of every run has the same layer kind, so its caches stack along the scanned axis.
+        stacked = None if cache is None else [jax.tree.map(lambda *a: jnp.stack(a), *cache[q::P]) for q in range(P)]
 
-        def run(x, state):
-            auxes = []
-            for layer in nnx.merge(graphdef, state):
-                x, aux = layer(x, segment_ids=segment_ids, positions=positions, token_mask=token_mask)
+        def run(x, xs):
+            state, caches = xs
+            auxes, updates = [], []
+            for q, layer in enumerate(nnx.merge(graphdef, state)):
+                x, aux, update = layer(x, cache=None if caches is None else caches[q], **inputs)
                 x = constrain(x, _HIDDEN)
+                updates.append(update)
                 if aux is not None:
                     auxes.append(aux)
-            return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None
+            aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None
+            return x, (aux, None if caches is None else updates)
 
-        x, aux = jax.lax.scan(_remat(run, remat), x, state)
+        x, (aux, updates) = jax.lax.scan(_remat(run, remat), x, (state, stacked))
+        updates = None if updates is None else [jax.tree.map(lambda a: a[j], updates[q])
+                                                for j in range(R) for q in range(P)]
         if aux is None:
-            return x, []
+            return x, [], updates
         per_run = jax.tree.leaves(aux)[0].shape[1]  # [repeats, MoE layers per run, ...]: repeat-major = layer order
-        return x, [jax.tree.map(lambda a: a[j, m], aux) for j in range(self.repeats) for m in range(per_run)]
+        return x, [jax.tree.map(lambda a: a[j, m], aux) for j in range(R) for m in range(per_run)], updates
 
 
 class KimiLinear(nnx.Module):
@@ -196,6 +217,9 @@ class KimiLinear(nnx.Module):
 
     `model(tokens, segment_ids=None)` -> logits float32 [B, T, vocab]. `segment_ids` (int [B, T]) packs several
     sequences per row (0 = padding); tokens attend only within their segment and KDA states restart per segment.
+    `model(tokens, segment_ids, cache=caches)` continues sequences from per-layer caches (`empty_cache` to start
+    one) and returns (logits, cache updates): prefill, chunked prefill and decode are this call (see the module
+    docstring and k2jax.serving).
 
     Layers: `model.layers` (nnx.List of DecoderLayer, the layout of HF loading and serving), or with
     config.scan_layers `model.blocks`: the unrolled layers around one LayerStack of the repeating pattern
@@ -219,43 +243,69 @@ class KimiLinear(nnx.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, names=("embed", "vocab"), rngs=rngs,
                                   std=config.initializer_range, param_dtype=pdt, dtype=dt)
 
-    def _check_inputs(self, tokens, segment_ids):
+    def _check_inputs(self, tokens, segment_ids, positions, cache):
         if tokens.ndim != 2:
             raise ValueError(f"KimiLinear: tokens must be [batch, length], got shape {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"KimiLinear: tokens must be integer token ids, got {tokens.dtype}")
-        if segment_ids is not None:
-            if segment_ids.shape != tokens.shape:
-                raise ValueError(f"KimiLinear: segment_ids shape {segment_ids.shape} != tokens shape {tokens.shape}")
-            if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-                raise ValueError(f"KimiLinear: segment_ids must be integers, got {segment_ids.dtype}")
+        for name, ids in (("segment_ids", segment_ids), ("positions", positions)):
+            if ids is None:
+                continue
+            if ids.shape != tokens.shape:
+                raise ValueError(f"KimiLinear: {name} shape {ids.shape} != tokens shape {tokens.shape}")
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise ValueError(f"KimiLinear: {name} must be integers, got {ids.dtype}")
+        if cache is not None:
+            kinds = self.config.layer_types
+            if not isinstance(cache, (tuple, list)) or len(cache) != len(kinds):
+                raise ValueError(f"KimiLinear: cache must be a sequence of {len(kinds)} per-layer caches (one per "
+                                 f"layer, k2jax.model.empty_cache), got {type(cache).__name__}"
+                                 f"{'' if not isinstance(cache, (tuple, list)) else f' of length {len(cache)}'}")
+            for i, (kind, c) in enumerate(zip(kinds, cache)):
+                want, article = (KDAState, "a") if kind == "kda" else (MLACache, "an")
+                if not isinstance(c, want):
+                    raise ValueError(f"KimiLinear: cache[{i}] of {kind.upper()} layer {i} must be {article} "
+                                     f"{want.__name__}, got {type(c).__name__}")
         if not isinstance(tokens, jax.core.Tracer):
             lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"KimiLinear: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
                                  f"got min {lo}, max {hi}")
 
-    def hidden_states(self, tokens, segment_ids=None):
-        """Final-normed hidden states [B, T, hidden] and the per-MoE-layer aux dicts."""
-        self._check_inputs(tokens, segment_ids)
+    def hidden_states(self, tokens, segment_ids=None, *, positions=None, cache=None):
+        """Final-normed hidden states [B, T, hidden] and the per-MoE-layer aux dicts; with a cache also the cache
+        updates: (h, auxes) or (h, auxes, updates). Arguments as `__call__`."""
+        self._check_inputs(tokens, segment_ids, positions, cache)
         dt = jnp.dtype(self.config.dtype)
         if segment_ids is None:
-            seg, positions, token_mask = None, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), None
+            seg, token_mask = None, None
+            if positions is None and cache is None:
+                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         else:
             seg = segment_ids.astype(jnp.int32)
-            positions, token_mask = segment_positions(seg), seg != 0
+            token_mask = seg != 0
+            if positions is None and cache is None:
+                positions = segment_positions(seg)
+        # With a cache and no positions, each MLA layer places x after the row's cached tokens.
         x = constrain(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt), _HIDDEN)
-        auxes = []
-        kw = dict(segment_ids=seg, positions=positions, token_mask=token_mask)
+        auxes, updates, i = [], [], 0
+        inputs = dict(segment_ids=seg, positions=positions, token_mask=token_mask)
         for block in (self.blocks if self.config.scan_layers else self.layers):
+            n = block.period * block.repeats if isinstance(block, LayerStack) else 1
+            block_cache = None if cache is None else list(cache[i:i + n])
             if isinstance(block, LayerStack):
-                x, stack_aux = block(x, remat=self.config.remat, **kw)
+                x, stack_aux, update = block(x, remat=self.config.remat, cache=block_cache, **inputs)
                 auxes.extend(stack_aux)
-                continue
-            x, aux = _call_layer(block, x, remat=self.config.remat, **kw)
-            if aux is not None:
-                auxes.append(aux)
-        return self.norm(x), auxes
+                updates.extend(update or [])
+            else:
+                x, aux, update = _call_layer(block, x, remat=self.config.remat,
+                                             cache=None if block_cache is None else block_cache[0], **inputs)
+                if aux is not None:
+                    auxes.append(aux)
+                updates.append(update)
+            i += n
+        h = self.norm(x)
+        return (h, auxes) if cache is None else (h, auxes, tuple(updates))
 
     def logits(self, h):
         """h: [..., hidden] -> float32 logits [..., vocab] (untied lm_head unless tie_word_embeddings)."""
@@ -264,15 +314,36 @@ class KimiLinear(nnx.Module):
             return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def __call__(self, tokens, segment_ids=None, *, return_aux: bool = False):
-        """tokens: int [B, T] -> logits float32 [B, T, vocab] (and, with return_aux, the MoE statistics:
-        'expert_load' f32 [num_moe_layers, E], 'router_probs_mean' f32 [num_moe_layers, E])."""
-        h, auxes = self.hidden_states(tokens, segment_ids)
-        logits = self.logits(h)
-        if not return_aux:
-            return logits
-        aux = {k: jnp.stack([a[k] for a in auxes]) for k in (auxes[0] if auxes else {})}
-        return logits, aux
+    def __call__(self, tokens, segment_ids=None, *, positions=None, cache=None, logits_at=None,
+                 return_aux: bool = False):
+        """tokens: int [B, T] -> logits float32 [B, T, vocab].
+
+        segment_ids: int [B, T] (0 = padding) or None. positions: int [B, T] RoPE positions (default: per segment
+        from 0, or with a cache after each row's cached tokens). cache: None, or one cache per layer (KDAState /
+        MLACache, `empty_cache` for new sequences): x continues each row's sequence and the call returns
+        (logits, cache updates), a tuple with the new KDAState of each KDA layer and x's MLALatents of each MLA
+        layer. logits_at: int [B] or None: the logits of token logits_at[b] of each row only, [B, vocab] (a
+        prompt's last token; never the [B, T, vocab] of a long prompt). return_aux: also return the MoE
+        statistics, last: 'expert_load' f32 [num_moe_layers, E], 'router_probs_mean' f32 [num_moe_layers, E].
+        """
+        out = self.hidden_states(tokens, segment_ids, positions=positions, cache=cache)
+        h, auxes = out[0], out[1]
+        if logits_at is not None:
+            if logits_at.shape != tokens.shape[:1] or not jnp.issubdtype(logits_at.dtype, jnp.integer):
+                raise ValueError(f"KimiLinear: logits_at must be int [B={tokens.shape[0]}], got "
+                                 f"{logits_at.dtype}{list(logits_at.shape)}")
+            h = h[jnp.arange(h.shape[0]), logits_at]
+        result = (self.logits(h),) if cache is None else (self.logits(h), out[2])
+        if return_aux:
+            result += ({k: jnp.stack([a[k] for a in auxes]) for k in (auxes[0] if auxes else {})},)
+        return result[0] if len(result) == 1 else result
+
+
+def empty_cache(config: ModelConfig, batch: int) -> tuple:
+    """Per-layer caches that start `batch` new sequences: KDAState.zeros for KDA layers, MLACache.empty views
+    for MLA layers (layer order, the `cache` argument of KimiLinear)."""
+    return tuple(KDAState.zeros(batch, config) if kind == "kda" else MLACache.empty(batch, config)
+                 for kind in config.layer_types)
 
 
 def count_params(config: ModelConfig) -> dict[str, int]:
@@ -365,32 +436,60 @@ def unstack_layers(model: KimiLinear) -> KimiLinear:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def decoder_blocks(model: KimiLinear):
-    """The layer containers in order: `model.layers` (DecoderLayer each) or `model.blocks` (DecoderLayer or
-    LayerStack) when scanned."""
-    return model.blocks if model.config.scan_layers else model.layers
+# ---- aux-loss-free router balancing ------------------------------------------------------------------------------
+def router_bias_rows(config: ModelConfig, biases) -> dict[tuple, tuple[int, ...]]:
+    """For each RouterBias variable of `biases` (nnx.State of the model's RouterBias variables, either layout), by
+    path: the rows of the model's `expert_load` [num_moe_layers, E] it balances, one for a per-layer bias [E],
+    `repeats` (in order) for a scanned LayerStack's stacked [repeats, E]."""
+    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    row_of = {layer: r for r, layer in enumerate(moe_layers)}
+    layout = block_layout(config) if config.scan_layers else None
+    rows = {}
+    for path, _ in nnx.to_flat_state(biases):
+        path = tuple(path)
+        if path[0] == "layers":
+            layers = [int(path[1])]
+        elif path[0] == "blocks":
+            entry = layout[int(path[1])]
+            if entry[0] == "layer":
+                layers = [entry[1]]
+            else:
+                _, start, period, reps = entry
+                layers = [start + j * period + int(path[3]) for j in range(reps)]
+        else:
+            raise ValueError(f"router_bias_rows: a router bias at unexpected path {path}")
+        rows[path] = tuple(row_of[i] for i in layers)
+    return rows
+
+
+def updated_router_biases(config: ModelConfig, biases, expert_load, rate: float):
+    """The aux-loss-free balancing step (DeepSeek-V3) of every MoE layer, as a pure function (jittable).
+
+    biases: nnx.State of the model's RouterBias variables (`nnx.state(model, RouterBias)`, either layout);
+    expert_load: f32 [num_moe_layers, E] in layer order (the model's aux 'expert_load'); rate: float. Returns the
+    new State, each layer's bias moved by `moe.update_router_bias` against its row of the load.
+    """
+    rows = router_bias_rows(config, biases)
+    if rate == 0 or not rows:
+        return biases
+    out = []
+    for path, var in nnx.to_flat_state(biases):
+        value, load = var.get_value(), expert_load[jnp.asarray(rows[tuple(path)])]
+        if value.ndim == 1:
+            value = update_router_bias(value, load[0], rate)
+        else:
+            value = jax.vmap(update_router_bias, (0, 0, None))(value, load, rate)
+        out.append((path, var.replace(value)))
+    return nnx.from_flat_state(out)
 
 
 def update_router_biases(model: KimiLinear, expert_load, rate: float) -> None:
-    """Aux-loss-free balancing step on every MoE layer, in place, for either layout.
+    """`updated_router_biases` applied to `model` in place (either layout).
 
-    expert_load: f32 [num_moe_layers, E] in layer order (the model's aux 'expert_load'); each layer's router
-    bias moves by `moe.update_router_bias`.
+    expert_load: f32 [num_moe_layers, E] in layer order (the model's aux 'expert_load').
     """
     n_moe = sum(model.config.is_moe_layer(i) for i in range(model.config.num_hidden_layers))
     if expert_load.shape != (n_moe, model.config.num_experts):
         raise ValueError(f"update_router_biases: expert_load must be [num_moe_layers, num_experts] = "
                          f"{(n_moe, model.config.num_experts)}, got {tuple(expert_load.shape)}")
-    i = 0
-    for block in decoder_blocks(model):
-        if isinstance(block, LayerStack):
-            moes = [layer for layer in block.layers if layer.is_moe]
-            for m, layer in enumerate(moes):
-                bias = layer.block_sparse_moe.gate.e_score_correction_bias
-                loads = expert_load[i + m:i + len(moes) * block.repeats:len(moes)]  # [repeats, E]
-                bias[...] = jax.vmap(update_router_bias, (0, 0, None))(bias[...], loads, rate)
-            i += len(moes) * block.repeats
-        elif block.is_moe:
-            bias = block.block_sparse_moe.gate.e_score_correction_bias
-            bias[...] = update_router_bias(bias[...], expert_load[i], rate)
-            i += 1
+    nnx.update(model, updated_router_biases(model.config, nnx.state(model, RouterBias), expert_load, rate))

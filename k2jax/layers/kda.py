@@ -1,4 +1,5 @@
-"""The Kimi Delta Attention layer (HF `KimiDeltaAttention`, kimi_linear.md section 1), with its decode step.
+"""The Kimi Delta Attention layer (HF `KimiDeltaAttention`, kimi_linear.md section 1): one `__call__` for training,
+prefill, chunked prefill and decode (a `KDAState` cache in, the next one out).
 
 Children are named as in HF so that the checkpoint loader maps them one to one. Layout differences from HF:
 - Linear kernels are [in, out] (HF weights are [out, in]).
@@ -94,7 +95,7 @@ class KimiDeltaAttention(nnx.Module):
         self.o_norm = GatedRMSNorm(K, eps=config.rms_norm_eps, rngs=rngs, param_dtype=pd)
         self.o_proj = linear(D, h, ("heads", "embed"))
 
-    # ---- pieces shared by the sequence and the decode paths ----------------------------------------------------
+    # ---- pieces shared by the sequence and the single-step paths ----------------------------------------------------
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
@@ -119,26 +120,29 @@ class KimiDeltaAttention(nnx.Module):
         return self.o_proj(o.reshape(*o.shape[:-2], self.num_heads * self.head_dim))
 
     # ---- checks ------------------------------------------------------------------------------------------------
-    def _check_state(self, state, B: int, op: str):
-        if state is None:
+    def _check_cache(self, cache, B: int):
+        if cache is None:
             return
-        if not isinstance(state, KDAState):
-            raise ValueError(f"KimiDeltaAttention.{op}: state must be a KDAState, got {type(state).__name__}")
+        if not isinstance(cache, KDAState):
+            raise ValueError(f"KimiDeltaAttention: cache must be a KDAState, got {type(cache).__name__}")
         H, K, W = self.num_heads, self.head_dim, self.kernel_size
         want = {"conv_q": (B, W - 1, H * K), "conv_k": (B, W - 1, H * K), "conv_v": (B, W - 1, H * K),
                 "recurrent": (B, H, K, K)}
         for name, shape in want.items():
-            got = tuple(getattr(state, name).shape)
+            got = tuple(getattr(cache, name).shape)
             if got != shape:
-                raise ValueError(f"KimiDeltaAttention.{op}: state.{name} must have shape {shape}, got {got}")
+                raise ValueError(f"KimiDeltaAttention: cache.{name} must have shape {shape}, got {got}")
 
     # ---- forward -----------------------------------------------------------------------------------------------
-    def __call__(self, x, *, segment_ids=None, state: KDAState | None = None, return_state: bool = False):
-        """x: [B, T, hidden]; segment_ids: int [B, T] (0 = padding) or None; state: KDAState or None.
+    def __call__(self, x, *, segment_ids=None, cache: KDAState | None = None):
+        """x: [B, T, hidden]; segment_ids: int [B, T] (0 = padding) or None; cache: KDAState [B, ...] or None.
 
-        Returns y [B, T, hidden] in config.dtype, or (y, new KDAState) when return_state. With segment_ids the
-        state (conv and recurrent) restarts at each segment; the row's first real segment continues from `state`;
-        padding is inert, so a left-padded row matches the unpadded one.
+        Returns (y [B, T, hidden] in config.dtype, new cache): without a cache (training) the new cache is None and
+        the sequence starts from zero states; with one, x continues it and the new cache is the KDAState after x's
+        last real token (`KDAState.zeros` starts a sequence: prefill). With segment_ids the states (conv and
+        recurrent) restart at each segment, the row's first real segment continuing from the cache; padding is
+        inert, so a left-padded row matches the unpadded one. One token with a cache and no segment ids (decode)
+        runs the single-step recurrence (`kda_step`), the rest the chunked sequence op (`kda`).
         """
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"KimiDeltaAttention: x must be [B, T, hidden_size={self.hidden_size}], "
@@ -146,34 +150,29 @@ class KimiDeltaAttention(nnx.Module):
         B, T, _ = x.shape
         if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
             raise ValueError(f"KimiDeltaAttention: segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
-        self._check_state(state, B, "__call__")
+        self._check_cache(cache, B)
         x = x.astype(self.dtype)
-        cs = (None, None, None) if state is None else (state.conv_q, state.conv_k, state.conv_v)
+        if cache is not None and T == 1 and segment_ids is None:
+            return self._step(x[:, 0], cache)
+        cs = (None, None, None) if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
         q, cq = self.q_conv1d(self.q_proj(x), segment_ids, cs[0])
         k, ck = self.k_conv1d(self.k_proj(x), segment_ids, cs[1])
         v, cv = self.v_conv1d(self.v_proj(x), segment_ids, cs[2])
         q, k = self._qk(q, k)
         g, beta = self._gate_and_beta(x)
         o, final = kda(q, k, self._heads(v), g, beta, scale=self.head_dim ** -0.5,
-                       initial_state=None if state is None else state.recurrent,
-                       output_final_state=return_state, segment_ids=segment_ids,
+                       initial_state=None if cache is None else cache.recurrent,
+                       output_final_state=cache is not None, segment_ids=segment_ids,
                        chunk_size=self.config.kda_chunk_size, impl=self.config.kda_impl)
         y = self._output(o, x)
-        return (y, KDAState(cq, ck, cv, final)) if return_state else y
+        return y, (None if cache is None else KDAState(cq, ck, cv, final))
 
-    def step(self, x_t, state: KDAState):
-        """One decode token. x_t: [B, hidden]; state: KDAState. Returns (y_t [B, hidden], new KDAState)."""
-        if x_t.ndim != 2 or x_t.shape[-1] != self.hidden_size:
-            raise ValueError(f"KimiDeltaAttention.step: x_t must be [B, hidden_size={self.hidden_size}], "
-                             f"got shape {x_t.shape}")
-        if state is None:
-            raise ValueError("KimiDeltaAttention.step: state is required (use KDAState.zeros(batch, config))")
-        self._check_state(state, x_t.shape[0], "step")
-        x_t = x_t.astype(self.dtype)
-        q, cq = self.q_conv1d.step(self.q_proj(x_t), state.conv_q)
-        k, ck = self.k_conv1d.step(self.k_proj(x_t), state.conv_k)
-        v, cv = self.v_conv1d.step(self.v_proj(x_t), state.conv_v)
+    def _step(self, x_t, cache: KDAState):
+        """One decode token per row: x_t [B, hidden] -> (y [B, 1, hidden], new KDAState)."""
+        q, cq = self.q_conv1d.step(self.q_proj(x_t), cache.conv_q)
+        k, ck = self.k_conv1d.step(self.k_proj(x_t), cache.conv_k)
+        v, cv = self.v_conv1d.step(self.v_proj(x_t), cache.conv_v)
         q, k = self._qk(q, k)
         g, beta = self._gate_and_beta(x_t)
-        o, rec = kda_step(q, k, self._heads(v), g, beta, state.recurrent, scale=self.head_dim ** -0.5)
-        return self._output(o, x_t), KDAState(cq, ck, cv, rec)
+        o, rec = kda_step(q, k, self._heads(v), g, beta, cache.recurrent, scale=self.head_dim ** -0.5)
+        return self._output(o, x_t)[:, None], KDAState(cq, ck, cv, rec)

@@ -13,11 +13,13 @@ R = kv_lora_rank:
 With RoPE, q_pe and k_pe are rotated by `k2jax.layers.rope.apply_rope` (HF half layout; see that module). With NoPE
 (`mla_use_nope`) nothing is rotated and positions are ignored.
 
-Two equal forms are offered:
-* expanded (`__call__`): per-head K/V as HF computes them, for training and prefill;
-* absorbed (`latent_cache` + `attend_latent`): the cache holds only (c, k_pe), R + P values per token, and
+One `__call__` serves training, prefill, chunked prefill and decode, in two equal forms:
+* expanded: per-head K/V as HF computes them, over x's own tokens (no cache, or an empty one);
+* absorbed: with cached tokens. A cache holds only (c, k_pe), R + P values per token, and
   q_lat,h = W_UK,h^T q_nope,h, score = q_lat . c + q_pe . k_pe, o_h = W_UV,h (sum_s p_s c_s),
   where W_UK,h / W_UV,h are head h's k_nope / v rows of kv_b_proj. This is exact (RoPE touches only the P part).
+With a cache the layer also returns x's own latents (`MLALatents`): storing them is the caller's job
+(k2jax.serving.cache), so that a program reading the cache never also writes it.
 
 Masking: causal by index within a row AND within the same segment; segment id 0 is padding (never attended,
 its own output is zero). Scores, softmax and accumulation are float32; activations use config.dtype.
@@ -25,6 +27,8 @@ Every einsum keeps its batch dims leading (XLA:CPU cannot run some bf16 dots oth
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +60,32 @@ def attention_mask(segment_ids, T: int, B: int):
     seg = segment_ids
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
     return causal & same
+
+
+class MLACache(NamedTuple):
+    """What an MLA layer reads of a sequence's earlier tokens: a view of their latents. ckv [B, S, R] (normed c)
+    and kpe [B, S, P] (rotated when RoPE is on), compute dtype; lengths int32 [B]: row b's cached tokens are
+    entries [0, lengths[b]) (the rest of the S slots are ignored), and x's tokens follow at positions
+    lengths[b] + t. An S of 0 (`MLACache.empty`) starts a sequence."""
+
+    ckv: jax.Array
+    kpe: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, config) -> "MLACache":
+        """The view of no cached tokens for `batch` rows of a layer built from `config` (prefill)."""
+        dt = jnp.dtype(config.dtype)
+        return cls(jnp.zeros((batch, 0, config.kv_lora_rank), dt), jnp.zeros((batch, 0, config.qk_rope_head_dim), dt),
+                   jnp.zeros((batch,), jnp.int32))
+
+
+class MLALatents(NamedTuple):
+    """Latents of a run of tokens, as a cache stores them: ckv [B, T, R] (normed c) and kpe [B, T, P] (rotated
+    when RoPE is on), compute dtype."""
+
+    ckv: jax.Array
+    kpe: jax.Array
 
 
 class MultiHeadLatentAttention(nnx.Module):
@@ -138,18 +168,48 @@ class MultiHeadLatentAttention(nnx.Module):
         o = _dot("bhts,bhsd->bhtd", p.astype(self.dtype), vh)
         return jnp.swapaxes(o, 1, 2).reshape(B, Tq, -1).astype(self.dtype)
 
-    # ---- expanded form ------------------------------------------------------------------------------------------
-    def __call__(self, x, *, segment_ids=None, positions=None):
-        """x [B, T, hidden] -> [B, T, hidden]. segment_ids: int [B, T] (0 = padding); positions: int [B, T]
-        (RoPE only; default arange(T)). Padding rows output zeros."""
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def _check_cache(self, cache, B: int):
+        if not isinstance(cache, MLACache):
+            raise ValueError(f"MultiHeadLatentAttention: cache must be an MLACache, got {type(cache).__name__}")
+        S = cache.ckv.shape[1] if cache.ckv.ndim == 3 else -1
+        if cache.ckv.shape != (B, S, self.kv_lora_rank) or cache.kpe.shape != (B, S, self.rope_dim):
+            raise ValueError(f"MultiHeadLatentAttention: cache.ckv must be [B={B}, S, {self.kv_lora_rank}] and "
+                             f"cache.kpe [B, S, {self.rope_dim}] with the same S, got {cache.ckv.shape} and "
+                             f"{cache.kpe.shape}")
+        if cache.lengths.shape != (B,) or not jnp.issubdtype(cache.lengths.dtype, jnp.integer):
+            raise ValueError(f"MultiHeadLatentAttention: cache.lengths must be int [B={B}], got "
+                             f"{cache.lengths.dtype}{list(cache.lengths.shape)}")
+
+    def __call__(self, x, *, positions=None, segment_ids=None, cache: MLACache | None = None):
+        """x [B, T, hidden] (input-layernormed) -> (y [B, T, hidden], new latents).
+
+        segment_ids: int [B, T] (0 = padding: attends to nothing, outputs zeros) or None; positions: int [B, T]
+        (RoPE only), default arange(T), or with a cache cache.lengths + arange(T). Without a cache (training)
+        the new latents are None. With one (an `MLACache` view of the row's earlier tokens) x's queries also
+        attend to every cached token (x continues the row's first real segment) and the new latents are x's own
+        (`MLALatents` [B, T, ...]), for the caller to store at positions cache.lengths + t.
+        """
         B, T = self._check_x(x)
         if segment_ids is not None and (segment_ids.shape != (B, T)
                                         or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
             raise ValueError(f"MultiHeadLatentAttention: segment_ids must be int [B, T] = [{B}, {T}], "
                              f"got {segment_ids.dtype}{list(segment_ids.shape)}")
+        if cache is not None:
+            self._check_cache(cache, B)
+        if positions is None and cache is not None:
+            positions = cache.lengths.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
         positions = self._positions(positions, B, T)
         q_nope, q_pe = self.queries(x, positions)
         c, k_pe = self._latent(x, positions)
+        latents = None if cache is None else MLALatents(c, k_pe.astype(self.dtype))
+        if cache is None or cache.ckv.shape[1] == 0:
+            return self._expanded(q_nope, q_pe, c, k_pe, segment_ids), latents
+        return self._absorbed(q_nope, q_pe, c, k_pe, segment_ids, cache), latents
+
+    def _expanded(self, q_nope, q_pe, c, k_pe, segment_ids):
+        """Attention among x's own tokens with per-head K/V from kv_b_proj. [B, T, ...] -> [B, T, hidden]."""
+        B, T = c.shape[:2]
         kv = self.kv_b_proj(c).reshape(B, T, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :].astype(k_nope.dtype), (B, T, self.num_heads, self.rope_dim))
@@ -157,14 +217,6 @@ class MultiHeadLatentAttention(nnx.Module):
         k = jnp.concatenate([k_nope, k_pe], axis=-1)
         o = self._attend(q, k, v, attention_mask(segment_ids, T, B))
         return self.o_proj(o)
-
-    # ---- absorbed (latent) form ---------------------------------------------------------------------------------
-    def latent_cache(self, x, positions=None):
-        """What a decoding cache stores per token: (c [B, T, kv_lora_rank] normed, k_pe [B, T, P] rotated if RoPE),
-        both in the compute dtype. positions: int [B, T] (default arange(T))."""
-        B, T = self._check_x(x)
-        c, k_pe = self._latent(x, self._positions(positions, B, T))
-        return c, k_pe.astype(self.dtype)
 
     def absorbed_weights(self):
         """W_UK [H, n, R] and W_UV [H, R, d_v] (compute dtype) split from kv_b_proj (kernel [R, H*(n + d_v)]):
@@ -174,30 +226,40 @@ class MultiHeadLatentAttention(nnx.Module):
         w_uv = jnp.transpose(w[..., self.nope_dim:], (1, 0, 2))
         return w_uk, w_uv
 
-    def attend_latent(self, x_q, q_positions, cache_ckv, cache_kpe, kv_mask):
-        """Absorbed MLA: queries x_q [B, Tq, hidden] at q_positions (int [B, Tq], None = arange(Tq)) attend to a
-        latent cache (cache_ckv [B, S, R], cache_kpe [B, S, P] from `latent_cache`) where kv_mask (bool
-        [B, Tq, S]) allows. Returns [B, Tq, hidden]; rows with no visible key output zeros."""
-        B, Tq = self._check_x(x_q, "x_q")
-        S = cache_ckv.shape[1] if cache_ckv.ndim == 3 else -1
-        if cache_ckv.shape != (B, S, self.kv_lora_rank) or cache_kpe.shape != (B, S, self.rope_dim):
-            raise ValueError(f"MultiHeadLatentAttention.attend_latent: cache_ckv must be [B={B}, S, "
-                             f"{self.kv_lora_rank}] and cache_kpe [B, S, {self.rope_dim}] with the same S, got "
-                             f"{cache_ckv.shape} and {cache_kpe.shape}")
-        if kv_mask.shape != (B, Tq, S) or kv_mask.dtype != jnp.bool_:
-            raise ValueError(f"MultiHeadLatentAttention.attend_latent: kv_mask must be bool [B, Tq, S] = "
-                             f"[{B}, {Tq}, {S}], got {kv_mask.dtype}{list(kv_mask.shape)}")
-        q_nope, q_pe = self.queries(x_q, self._positions(q_positions, B, Tq, "q_positions"))
+    def _absorbed(self, q_nope, q_pe, c, k_pe, segment_ids, cache: MLACache):
+        """Absorbed MLA of x's queries over the cached latents and x's own, one softmax over both.
+
+        q_nope [B, T, H, n], q_pe [B, T, H, P]; c [B, T, R], k_pe [B, T, P] (x's latents); cache: the view.
+        Cached entry s is visible to query t iff s < lengths and t is in the row's first real segment; x's own
+        token t' iff t' <= t in the same non-padding segment. Returns [B, T, hidden].
+        """
+        B, T = c.shape[:2]
+        S = cache.ckv.shape[1]
+        dt = self.dtype
+        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        first = _first_real(seg)
+        cached_mask = ((jnp.arange(S)[None, None, :] < cache.lengths[:, None, None])
+                       & (seg == first[:, None])[:, :, None])  # [B, T, S]
+        own_mask = attention_mask(segment_ids, T, B)  # [B, T, T]
         w_uk, w_uv = self.absorbed_weights()
-        ckv, kpe = cache_ckv.astype(self.dtype), cache_kpe.astype(self.dtype)
         # Heads act as extra query rows against the one shared latent key/value (MQA): the cache is never
         # broadcast over heads.
-        q_lat = _dot("hbtn,hnr->hbtr", jnp.transpose(q_nope, (2, 0, 1, 3)), w_uk).astype(self.dtype)
-        q_lat = jnp.transpose(q_lat, (1, 0, 2, 3))  # [B, H, Tq, R]
-        q_pe = jnp.transpose(q_pe.astype(self.dtype), (0, 2, 1, 3))  # [B, H, Tq, P]
-        scores = _dot("bhtr,bsr->bhts", q_lat, ckv) + _dot("bhtp,bsp->bhts", q_pe, kpe)
-        p = _masked_softmax(scores * self.scale, kv_mask[:, None])
-        ctx = _dot("bhts,bsr->bhtr", p.astype(self.dtype), ckv).astype(self.dtype)
-        o = _dot("hbtr,hrv->hbtv", jnp.transpose(ctx, (1, 0, 2, 3)), w_uv)  # [H, B, Tq, d_v]
-        o = jnp.transpose(o, (1, 2, 0, 3)).reshape(B, Tq, -1).astype(self.dtype)
+        q_lat = _dot("hbtn,hnr->hbtr", jnp.transpose(q_nope, (2, 0, 1, 3)), w_uk).astype(dt)
+        q_lat = jnp.transpose(q_lat, (1, 0, 2, 3))  # [B, H, T, R]
+        q_pe = jnp.transpose(q_pe.astype(dt), (0, 2, 1, 3))  # [B, H, T, P]
+        keys = ((cache.ckv.astype(dt), cache.kpe.astype(dt), cached_mask), (c.astype(dt), k_pe.astype(dt), own_mask))
+        scores = jnp.concatenate([_dot("bhtr,bsr->bhts", q_lat, ckv) + _dot("bhtp,bsp->bhts", q_pe, kpe)
+                                  for ckv, kpe, _ in keys], axis=-1)
+        mask = jnp.concatenate([cached_mask, own_mask], axis=-1)
+        p = _masked_softmax(scores * self.scale, mask[:, None]).astype(dt)
+        ctx = _dot("bhts,bsr->bhtr", p[..., :S], keys[0][0]) + _dot("bhts,bsr->bhtr", p[..., S:], keys[1][0])
+        o = _dot("hbtr,hrv->hbtv", jnp.transpose(ctx.astype(dt), (1, 0, 2, 3)), w_uv)  # [H, B, T, d_v]
+        o = jnp.transpose(o, (1, 2, 0, 3)).reshape(B, T, -1).astype(dt)
         return self.o_proj(o)
+
+
+def _first_real(seg):
+    """The first nonzero id of each row of seg int [B, T] (0 for an all-padding row): the segment a cache
+    continues."""
+    idx = jnp.argmax(seg != 0, axis=1)
+    return jnp.take_along_axis(seg, idx[:, None], axis=1)[:, 0]

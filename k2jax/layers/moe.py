@@ -20,18 +20,11 @@ Every path also takes INT4 experts (`Int4Weight`, config `quantization.experts: 
 dequantizes them; the sorted path runs `int4_ragged_dot` (the Pallas kernel) on TPU/GPU and, on CPU, where that
 op's XLA path would be lax.ragged_dot, dequantizes and uses the blocked grouped matmul.
 
-Measured by bench/moe.py (CPU, 2 cores shared with other jobs, f32, median ms; fwd / fwd+bwd):
-  shape: E, k, hidden, I, tokens       dense              ragged (CPU: blocked)   lax.ragged_dot on CPU
-  decode   8, 2,  128,  64,    8        0.3 / 0.9          0.5 / 1.9               0.4 / 1.3
-  small    8, 2,  128,  64,   32        0.6 / 3.8          0.9 / 3.3               -
-  small    8, 2,  128,  64,   64        0.8 / 6.2          0.6 / 2.6               -
-  default  8, 2,  128,  64, 2048        48 / 95            8.0 / 26                72 / 335
-  large   64, 8, 1024, 512, 1024        18324 / 43376      1711 / 5791             68848 / 227068 (128 tokens x 8)
-  large   64, 8, 1024, 512, 4096        ~4 x the above     3745 / 9875             -
-So on CPU the blocked sorted path wins from about 16 (token, slot) rows per expert on (4-10x at the default and
-large shapes); below that dense is as fast. XLA:CPU's own ragged_dot loses everywhere. TPU/GPU are not measured
-here: there lax.ragged_dot is the grouped matmul (TPU lowers it natively; GPU XLA uses cuDNN/hipBLASLt where it
-can, else it too expands to dense, so GPU deserves a measurement with bench/moe.py).
+On CPU the blocked sorted path wins from about 16 (token, slot) rows per expert on (4-10x at the default and
+large shapes) and dense is as fast below that, while XLA:CPU's own ragged_dot loses everywhere (`bench/moe.py`;
+the measured table is in the README, "MoE on CPU"). TPU/GPU are not measured here: there lax.ragged_dot is the
+grouped matmul (TPU lowers it natively; GPU XLA uses cuDNN/hipBLASLt where it can, else it too expands to dense,
+so GPU deserves a measurement with bench/moe.py).
 """
 
 from __future__ import annotations
@@ -327,17 +320,16 @@ def update_router_bias(bias, expert_load, rate):
     return bias.astype(jnp.float32) + rate * jnp.sign(load.mean() - load)
 
 
-def load_balance_loss(router_probs_mean, expert_load, k=None):
+def load_balance_loss(router_probs_mean, expert_load):
     """Switch / DeepSeek-V3 style balance loss: E * sum_i f_i * P_i, a float32 scalar.
 
     f_i = expert_load_i / sum(expert_load) (fraction of the assignments, = load_i / (k * tokens) when dropless),
     P_i = router_probs_mean_i (mean normalised router probability, as returned in MoE's aux). Equals 1 when both
-    are uniform. `k` is accepted for callers that know it; it cancels out of f_i since sum(load) = k * tokens.
+    are uniform. The top-k size needs no argument: it cancels out of f_i since sum(load) = k * tokens.
     """
     if router_probs_mean.shape != expert_load.shape or expert_load.ndim != 1:
         raise ValueError(f"load_balance_loss: router_probs_mean {tuple(router_probs_mean.shape)} and expert_load "
                          f"{tuple(expert_load.shape)} must both be [num_experts]")
-    del k
     E = expert_load.shape[0]
     f = expert_load.astype(jnp.float32) / jnp.maximum(expert_load.sum().astype(jnp.float32), 1.0)
     return E * jnp.sum(f * router_probs_mean.astype(jnp.float32))

@@ -1,9 +1,14 @@
-"""The compiled half of the serving engine: the jitted prefill / decode steps, their shape buckets and the slot
-cache they read and write.
+"""The compiled half of serving: the model, its slot cache, the jitted prefill / decode steps and their shape
+buckets. It knows slots, never requests (k2jax.serving.scheduler.Engine decides who runs where).
 
-Prefill and decode each run as a read program (compute and sample) and a write program that takes the cache donated
-and updates it in place (k2jax.serving.cache explains the split). Every jitted shape comes from the buckets
-(`length_buckets`: powers of two, then the context length), so after `warmup()` no request triggers a compilation.
+A step is the model's one forward path with a cache (`KimiLinear.__call__`, k2jax.model) between a cache read and
+a cache write (k2jax.serving.cache). Prefill and decode each run as a read program (compute and sample) and a
+write program that takes the cache donated and updates it in place (k2jax.serving.cache explains the split).
+Every jitted shape comes from the buckets (`length_buckets`: powers of two, then the context length), so after
+`warmup()` no call triggers a compilation.
+
+The pure functions `prefill_entries` / `prefill` and `decode_entries` / `decode` are those steps without jit and
+sampling (tests and benchmarks call them directly).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from k2jax.layers.qat import int4_experts as has_int4
-from k2jax.model import unstack_layers
+from k2jax.model import empty_cache, unstack_layers
 from k2jax.quantize import quantize_model_experts
 from k2jax.serving import cache as kvcache
 from k2jax.serving.sampling import row_keys, sample
@@ -43,24 +48,127 @@ def pow2_upto(n: int) -> list[int]:
     return length_buckets(n, 1)
 
 
-class ModelRunner:
-    """The model side of `k2jax.serving.scheduler.Engine` (its base class): the parameters, the slot cache and the
-    jitted steps. It reads the engine's settings (config, num_slots, max_len, mesh, buckets, max_prefill_batch,
-    max_prefill_tokens, vocab_limit) and per-slot host mirrors (_last, _temp, _top_k, _top_p, _seed), and owns
-    graphdef, params, cache and compile_count."""
+# ---- the steps as pure functions ------------------------------------------------------------------------------------
+def _check_prefill(cache, tokens, lengths, slots):
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"prefill: tokens must be int [B, T], got {tokens.dtype}{list(tokens.shape)}")
+    B, T = tokens.shape
+    for name, a in (("lengths", lengths), ("slots", slots)):
+        if a.shape != (B,) or not jnp.issubdtype(a.dtype, jnp.integer):
+            raise ValueError(f"prefill: {name} must be int [B={B}], got {a.dtype}{list(a.shape)}")
+    max_len = kvcache.max_len_of(cache)
+    if max_len is not None and T > max_len:
+        raise ValueError(f"prefill: prompt bucket T={T} exceeds the cache's max_len={max_len}")
+    if not isinstance(slots, jax.core.Tracer):
+        S, got = cache.lengths.shape[0], [int(s) for s in slots]
+        if len(set(got)) != len(got) or not all(0 <= s < S for s in got):
+            raise ValueError(f"prefill: slots must be distinct and in [0, num_slots={S}), got {got}")
 
-    # ---- set-up ---------------------------------------------------------------------------------------------
-    def _setup_model(self, model, int4_experts: bool):
+
+def prefill_entries(model, tokens, lengths):
+    """The read half of a prefill: right-padded prompts (tokens int [B, T], row b's prompt in [:lengths[b]]) run
+    from empty caches. Returns (the model's cache updates, rows [B]: a KDAState per KDA layer, MLALatents
+    [B, T, ...] per MLA layer; logits float32 [B, vocab] at each row's last prompt token)."""
+    B, T = tokens.shape
+    lengths = lengths.astype(jnp.int32)
+    segment_ids = (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
+    logits, updates = model(tokens, segment_ids, cache=empty_cache(model.config, B),
+                            logits_at=jnp.maximum(lengths - 1, 0))
+    return updates, logits
+
+
+def prefill(model, cache: kvcache.DecodeCache, tokens, lengths, slots):
+    """Prefill right-padded prompts into slots: `write_prefill(cache, *prefill_entries(...))` in one call.
+
+    tokens: int [B, T]; lengths: int [B] (0 marks an unused row, whose slot is left unchanged); slots: int [B]
+    distinct slots in [0, num_slots). Returns (new cache, logits float32 [B, vocab] of each row's last prompt
+    token).
+    """
+    _check_prefill(cache, tokens, lengths, slots)
+    updates, logits = prefill_entries(model, tokens, lengths)
+    return kvcache.write_prefill(cache, updates, lengths, slots), logits
+
+
+def _check_decode(cache, tokens, active, kv_len):
+    S = cache.lengths.shape[0]
+    if tokens.shape != (S,) or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"decode: tokens must be int [slots={S}], got {tokens.dtype}{list(tokens.shape)}")
+    if active.shape != (S,) or active.dtype != jnp.bool_:
+        raise ValueError(f"decode: active must be bool [slots={S}], got {active.dtype}{list(active.shape)}")
+    max_len = kvcache.max_len_of(cache)
+    if max_len is not None and not 1 <= kv_len <= max_len:
+        raise ValueError(f"decode: kv_len={kv_len} must lie in [1, max_len={max_len}]")
+
+
+def decode_entries(model, cache: kvcache.DecodeCache, tokens, *, kv_len: int):
+    """The read half of a decode step: token tokens[s] at position lengths[s] of each slot attends over the
+    slot's first min(lengths[s], kv_len) cached entries and itself. Returns (the model's cache updates, rows =
+    slots; logits float32 [slots, vocab])."""
+    logits, updates = model(tokens[:, None], cache=kvcache.decode_views(cache, kv_len))
+    return updates, logits[:, 0]
+
+
+def decode(model, cache: kvcache.DecodeCache, tokens, active, *, kv_len: int):
+    """One decode step for every slot: `write_decode(cache, decode_entries(...), active)` in one call.
+
+    tokens: int [slots]; active: bool [slots] (inactive slots keep their cache and length; their logits are
+    meaningless); kv_len: static number of cache positions MLA attends over, at least max(lengths[active]) (a
+    bucket, so that decode cost follows the context and shapes stay static).
+    Returns (new cache, logits float32 [slots, vocab]).
+    """
+    _check_decode(cache, tokens, active, kv_len)
+    updates, logits = decode_entries(model, cache, tokens, kv_len=kv_len)
+    return kvcache.write_decode(cache, updates, active), logits
+
+
+# ---- the runner ---------------------------------------------------------------------------------------------------
+class ModelRunner:
+    """The model side of serving: parameters, the slot cache and the jitted, bucketed steps.
+
+    model: a KimiLinear (already placed on `mesh` if one is given; a scanned one is unstacked); num_slots:
+    sequences the cache holds; max_len: context per slot; min_bucket: smallest prompt / kv length bucket;
+    max_prefill_batch: most rows of one prefill call (default num_slots); max_prefill_tokens: rows x length
+    bucket limit of one prefill call; vocab_limit: ids [vocab_limit, vocab) are never sampled (default: none
+    masked); int4_experts: serve the routed experts packed as INT4 (k2jax.quantize.quantize_model_experts; a model
+    whose config already says so is used as is); mesh: a k2jax.sharding mesh: the steps run under
+    `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel, 'tensor' splits heads, and the
+    cache's slots are sharded over the batch axes and its KDA heads over 'tensor'.
+
+    State: `cache` (DecodeCache), `lengths` (host int32 [num_slots], tokens cached per slot), `compile_count`
+    (programs traced so far).
+    """
+
+    def __init__(self, model, *, num_slots: int, max_len: int, min_bucket: int = 16,
+                 max_prefill_batch: int | None = None, max_prefill_tokens: int = 8192, vocab_limit: int | None = None,
+                 int4_experts: bool = False, mesh=None):
+        cfg = model.config
+        if num_slots < 1 or max_len < 2:
+            raise ValueError(f"ModelRunner: num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"ModelRunner: max_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
         if model.config.scan_layers:
-            model = unstack_layers(model)  # serving walks the per-layer list
+            model = unstack_layers(model)  # the cache is per layer: a scanned model would stack it every step
         if int4_experts and not has_int4(model.config):
             model = quantize_model_experts(model)  # a new model: the caller's float experts are not kept here
-        self.config = model.config
+        self.config, self.mesh = model.config, mesh
+        self.num_slots, self.max_len = num_slots, max_len
+        self.buckets = length_buckets(max_len, min_bucket)
+        self.max_prefill_batch = max(1, min(max_prefill_batch or num_slots, num_slots))
+        self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
+        V = self.config.vocab_size
+        self.vocab_limit = V if vocab_limit is None else min(V, int(vocab_limit))
         self.graphdef, self.params = nnx.split(model)
         # The jitted steps take the parameters as a flat list: flattening an nnx.State on every call costs
         # about as much as a small model's whole decode step.
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
+        self._cache_sharding = self._cache_shardings()
+        self.cache = self._new_cache()
+        self.lengths = np.zeros(num_slots, np.int32)
+        self.compile_count = 0
+        self._prefill_jit, self._write_prefill_jit, self._decode_jit, self._write_decode_jit = self._build_steps()
 
+    # ---- set-up ---------------------------------------------------------------------------------------------
     def _cache_shardings(self):
         if self.mesh is None:
             return None
@@ -87,7 +195,7 @@ class ModelRunner:
         """Jitted (prefill, write_prefill, decode, write_decode): the reads sample too, the writes donate the
         cache (see k2jax.serving.cache on why each step is two programs)."""
         graphdef, param_def = self.graphdef, self._param_def
-        # A static bound fixed per engine: no recompiles per request, and no mask at all when it is the full vocab.
+        # A static bound fixed per runner: no recompiles per request, and no mask at all when it is the full vocab.
         limit = self.vocab_limit if self.vocab_limit < self.config.vocab_size else None
 
         def model_of(params):
@@ -95,55 +203,114 @@ class ModelRunner:
             return nnx.merge(graphdef, jax.tree.unflatten(param_def, params))
 
         def prefill_fn(params, tokens, lengths, temp, top_k, top_p, seeds):
-            entries, logits = kvcache.prefill_entries(model_of(params), tokens, lengths)
-            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
+            updates, logits = prefill_entries(model_of(params), tokens, lengths)
+            return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
                                    vocab_limit=limit)
 
         def decode_fn(params, cache, tokens, temp, top_k, top_p, seeds, counters, all_greedy, *, kv_len):
-            entries, logits = kvcache.decode_entries(model_of(params), cache, tokens, kv_len=kv_len)
-            return entries, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy,
+            updates, logits = decode_entries(model_of(params), cache, tokens, kv_len=kv_len)
+            return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy,
                                    vocab_limit=limit)
 
-        def write_prefill_fn(cache, entries, lengths, slots):
+        def write_prefill_fn(cache, updates, lengths, slots):
             self.compile_count += 1
-            return kvcache.write_prefill(cache, entries, lengths, slots)
+            return kvcache.write_prefill(cache, updates, lengths, slots)
 
-        def write_decode_fn(cache, entries, active):
+        def write_decode_fn(cache, updates, active):
             self.compile_count += 1
-            return kvcache.write_decode(cache, entries, active)
+            return kvcache.write_decode(cache, updates, active)
 
         kw = {} if self._cache_sharding is None else {"out_shardings": self._cache_sharding}
         return (jax.jit(prefill_fn), jax.jit(write_prefill_fn, donate_argnums=(0,), **kw),
                 jax.jit(decode_fn, static_argnames=("kv_len",)),
                 jax.jit(write_decode_fn, donate_argnums=(0,), **kw))
 
-    def _prefill_shapes(self):
+    # ---- shapes ---------------------------------------------------------------------------------------------
+    def prefill_shapes(self) -> list[tuple[int, int]]:
         """Every (rows, length) bucket pair a prefill call can use."""
         rows = pow2_upto(self.max_prefill_batch)
         return [(r, T) for T in self.buckets for r in rows if r == 1 or r * T <= self.max_prefill_tokens]
 
+    def prefill_fits(self, prompt_lengths: Sequence[int]) -> bool:
+        """Whether one prefill call takes prompts of these lengths together (rows and the row x length bucket
+        within the limits). A single prompt always fits."""
+        if len(prompt_lengths) <= 1:
+            return True
+        rows = bucket(len(prompt_lengths), pow2_upto(self.max_prefill_batch)) \
+            if len(prompt_lengths) <= self.max_prefill_batch else None
+        return rows is not None and rows * bucket(max(prompt_lengths), self.buckets) <= self.max_prefill_tokens
+
     def warmup(self) -> float:
-        """Compile every prefill and decode shape now (so serving never compiles); returns the seconds taken."""
+        """Compile every prefill and decode shape now (so serving never compiles); returns the seconds taken.
+        Leaves the cache empty."""
         t0 = time.perf_counter()
         S = self.num_slots
-        for r, T in self._prefill_shapes():
+        for r, T in self.prefill_shapes():
             z = np.zeros(r, np.int32)
-            self._prefill(np.zeros((r, T), np.int32), z, np.arange(r, dtype=np.int32), np.zeros(r, np.float32), z,
-                          np.ones(r, np.float32), np.zeros(r, np.uint32))
+            self._prefill_rows(np.zeros((r, T), np.int32), z, np.arange(r, dtype=np.int32), np.zeros(r, np.float32),
+                               z, np.ones(r, np.float32), np.zeros(r, np.uint32))
+        zeros = np.zeros(S, np.int32)
         for kv in self.buckets:
-            self._decode(kv, np.zeros(S, bool), np.zeros(S, np.int32), np.bool_(True))
+            self._decode_kv(kv, zeros, np.zeros(S, bool), zeros, np.zeros(S, np.float32), zeros,
+                            np.ones(S, np.float32), np.zeros(S, np.uint32))
         jax.block_until_ready(self.cache)
         return time.perf_counter() - t0
 
-    def _prefill(self, tokens, lengths, slots, temp, top_k, top_p, seeds):
-        """Prefill rows into slots (length-0 rows change nothing); returns the first tokens' SampleOutput (host)."""
-        entries, out = self._run(self._prefill_jit, self._param_leaves, tokens, lengths, temp, top_k, top_p, seeds)
-        self.cache = self._run(self._write_prefill_jit, self.cache, entries, lengths, slots)
+    # ---- steps ----------------------------------------------------------------------------------------------
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int], temperature, top_k, top_p, seeds):
+        """Prefill prompts (token id lists, at most max_prefill_batch, fitting `prefill_fits`) into the given
+        distinct slots, replacing what they held, and sample each one's first token. temperature, top_k, top_p,
+        seeds: per prompt (numpy float32 / int32 / float32 / uint32). Returns the SampleOutput on the host (row i
+        for prompt i)."""
+        n = len(prompts)
+        r = bucket(n, pow2_upto(self.max_prefill_batch))
+        T = bucket(max(len(p) for p in prompts), self.buckets)
+        tokens, lengths = np.zeros((r, T), np.int32), np.zeros(r, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)], lengths[i] = p, len(p)
+        # Padding rows (length 0, left unchanged) need distinct slots too: any the real rows do not use.
+        spare = [s for s in range(self.num_slots) if s not in slots]
+        row_slots = np.array(list(slots) + spare[:r - n], np.int32)
+
+        def pad(a, fill, dtype):
+            return np.concatenate([np.asarray(a, dtype), np.full(r - n, fill, dtype)])
+
+        return self._prefill_rows(tokens, lengths, row_slots, pad(temperature, 0, np.float32), pad(top_k, 0, np.int32),
+                                  pad(top_p, 1, np.float32), pad(seeds, 0, np.uint32))
+
+    def _prefill_rows(self, tokens, lengths, slots, temp, top_k, top_p, seeds):
+        updates, out = self._run(self._prefill_jit, self._param_leaves, tokens, lengths, temp, top_k, top_p, seeds)
+        self.cache = self._run(self._write_prefill_jit, self.cache, updates, lengths, slots)
+        used = lengths > 0
+        self.lengths[slots[used]] = lengths[used]
         return jax.device_get(out)
 
-    def _decode(self, kv_len, active, counters, all_greedy):
-        """One decode step over all slots (inactive ones unchanged); returns the SampleOutput (host)."""
-        entries, out = self._run(self._decode_jit, self._param_leaves, self.cache, self._last, self._temp,
-                                 self._top_k, self._top_p, self._seed, counters, all_greedy, kv_len=kv_len)
-        self.cache = self._run(self._write_decode_jit, self.cache, entries, active)
+    def decode(self, tokens, active, counters, temperature, top_k, top_p, seeds):
+        """One decode step over all slots: slot s takes tokens[s] (its last token) where active[s]; inactive slots
+        are unchanged. counters: int32 [slots] tokens each slot has generated (the sampling key's counter);
+        temperature, top_k, top_p, seeds: per slot. Attends over the kv bucket of the longest active slot.
+        Returns the SampleOutput on the host (row s for slot s)."""
+        kv_len = bucket(max(1, int(self.lengths[active].max(initial=0))), self.buckets)
+        return self._decode_kv(kv_len, tokens, active, counters, temperature, top_k, top_p, seeds)
+
+    def _decode_kv(self, kv_len, tokens, active, counters, temp, top_k, top_p, seeds):
+        all_greedy = np.bool_((np.asarray(temp)[active] == 0).all())
+        updates, out = self._run(self._decode_jit, self._param_leaves, self.cache, np.asarray(tokens, np.int32),
+                                 temp, top_k, top_p, seeds, counters, all_greedy, kv_len=kv_len)
+        self.cache = self._run(self._write_decode_jit, self.cache, updates, active)
+        self.lengths += np.asarray(active, np.int32)
         return jax.device_get(out)
+
+    # ---- failures -------------------------------------------------------------------------------------------
+    def recover(self) -> bool:
+        """After a failed call: if it consumed the donated cache, replace it with an empty one and return True
+        (every slot's sequence is gone); an intact cache is kept (False)."""
+        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
+            return False
+        self.reset()
+        return True
+
+    def reset(self) -> None:
+        """Forget every slot's sequence: a fresh, empty cache."""
+        self.cache = self._new_cache()
+        self.lengths[:] = 0

@@ -1,22 +1,20 @@
 """Serving engine: a fixed set of sequence slots, continuous batching, requests and stop handling.
 
-`Engine` owns one `k2jax.serving.cache.DecodeCache` of `num_slots` slots. Each `step()`:
-1. admits waiting requests into free slots: their prompts (right-padded to a power-of-two length bucket, rows
-   padded to a power-of-two row bucket) are prefilled by one jitted call that also samples their first token;
-2. runs one jitted decode step for all slots (inactive slots are left unchanged), attending over a
-   power-of-two `kv_len` bucket that covers the longest active sequence;
+`Engine` is the scheduler: it owns requests, slots, the waiting queue and the stop rules, and drives a
+`k2jax.serving.runner.ModelRunner` (the model, its slot cache and the compiled, bucketed steps; it knows nothing
+of requests, while the engine knows nothing of jit, buckets or cache arrays). Each `step()`:
+1. admits waiting requests into free slots: the runner prefills a group of their prompts in one call that also
+   samples their first token (the runner says which prompts fit one call);
+2. runs one decode step for all slots (inactive slots are left unchanged);
 3. applies stop rules (EOS / stop token ids, stop strings, max_tokens) and frees finished slots.
 A request's failure stays its own: admission builds the whole prefill batch before it takes any slot, a failing
 prefill call fails only the requests it admits, a failing decode call only the requests it decodes, and an error
 in one request's bookkeeping (a decode, a callback) only that request. Every submitted request reaches a finished
 state: if the engine thread itself dies, `error` says why, every pending request finishes with it and `submit`
 raises `EngineStoppedError`.
-Ids the tokenizer cannot decode (a model vocabulary padded beyond the tokenizer's) are never sampled: the jitted
-steps mask them (k2jax.serving.sampling, `vocab_limit`).
-Prefill and decode each run as a read program (compute and sample) and a write program that takes the cache
-donated and updates it in place (k2jax.serving.cache explains the split). A freed slot is reused by the next
-admission, which overwrites its whole state. Every jitted shape comes from the buckets, so after `warmup()` no
-request triggers a compilation (`compile_count` stays put).
+Ids the tokenizer cannot decode (a model vocabulary padded beyond the tokenizer's) are never sampled (the runner's
+`vocab_limit`). A freed slot is reused by the next admission, which overwrites its whole state. After
+`warmup()` no request triggers a compilation (`runner.compile_count` stays put).
 
 Thread use: `submit()` may be called from any thread; `start()` runs `step()` in a background thread (the HTTP
 server does this), `generate()` drives the steps itself when no thread runs.
@@ -34,10 +32,9 @@ import time
 from collections import deque
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 
-from k2jax.serving.runner import ModelRunner, bucket, length_buckets, pow2_upto
+from k2jax.serving.runner import ModelRunner
 from k2jax.serving.sampling import MAX_TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
@@ -179,7 +176,7 @@ class Request:
 
 
 # ---- engine -----------------------------------------------------------------------------------------------------
-class Engine(ModelRunner):
+class Engine:
     """Continuous-batching generation over a KimiLinear.
 
     model: a KimiLinear (already placed on `mesh` if one is given); tokenizer: optional (needed for text and stop
@@ -187,45 +184,30 @@ class Engine(ModelRunner):
     min(max_position_embeddings, 2048); min_bucket: smallest prompt / kv length bucket; max_prefill_batch: most prompts
     prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill call;
     eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed experts packed
-    as INT4 (k2jax.quantize.quantize_model_experts; a model whose config already says so is used as is); mesh: a
-    jax.sharding.Mesh (`k2jax.serving.loading.make_mesh`) the parameters are placed on: the steps run under
-    `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel (k2jax.layers.expert_parallel, dropless
-    unless config.moe_capacity_factor), 'tensor' splits heads, and the cache's slots are sharded over 'data'/'expert'
-    and its KDA heads over 'tensor'. A scanned model (config.scan_layers) is unstacked.
+    as INT4; mesh: a `k2jax.sharding.make_mesh` mesh the parameters are placed on (see `ModelRunner` for these).
 
-    vocab_limit: ids the engine may generate are [0, vocab_limit) = [0, min(model vocab, tokenizer.vocab_size))
-    (the model vocab without a tokenizer); error: None, or why the engine thread died.
+    runner: the ModelRunner; vocab_limit: ids the engine may generate are [0, vocab_limit) = [0, min(model vocab,
+    tokenizer.vocab_size)) (the model vocab without a tokenizer); error: None, or why the engine thread died.
     """
 
     def __init__(self, model, tokenizer=None, *, num_slots: int = 8, max_len: int | None = None,
                  min_bucket: int = 16, max_prefill_batch: int | None = None, max_prefill_tokens: int = 8192,
                  eos_token_ids: Sequence[int] | None = None, int4_experts: bool = False, mesh=None):
         cfg = model.config
-        self.config, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.tokenizer = tokenizer
         max_len = min(cfg.max_position_embeddings, 2048) if max_len is None else max_len
-        if num_slots < 1 or max_len < 2:
-            raise ValueError(f"Engine: num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
-        if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"Engine: max_len={max_len} exceeds the model's max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
+        # Ids in [0, tokenizer.vocab_size) decode (byte, tiktoken and HF tokenizers alike); a model vocabulary
+        # padded beyond them must never produce the rest.
+        self.vocab_limit = cfg.vocab_size if tokenizer is None else min(cfg.vocab_size, int(tokenizer.vocab_size))
+        self.runner = ModelRunner(model, num_slots=num_slots, max_len=max_len, min_bucket=min_bucket,
+                                  max_prefill_batch=max_prefill_batch, max_prefill_tokens=max_prefill_tokens,
+                                  vocab_limit=self.vocab_limit, int4_experts=int4_experts, mesh=mesh)
         self.num_slots, self.max_len = num_slots, max_len
-        self.buckets = length_buckets(max_len, min_bucket)
-        self.max_prefill_batch = max(1, min(max_prefill_batch or num_slots, num_slots))
-        self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
         eos = set(eos_token_ids if eos_token_ids is not None else [cfg.eos_token_id])
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_id is not None:
             eos.add(tokenizer.eos_id)
         self.eos_token_ids = frozenset(int(e) for e in eos if e is not None)
-        self._setup_model(model, int4_experts)
-        # Ids in [0, tokenizer.vocab_size) decode (byte, tiktoken and HF tokenizers alike); a model vocabulary
-        # padded beyond them must never produce the rest.
-        V = self.config.vocab_size
-        self.vocab_limit = V if tokenizer is None else min(V, int(tokenizer.vocab_size))
-        self._cache_sharding = self._cache_shardings()
-        self.cache = self._new_cache()
-        self.compile_count = 0
-        self._prefill_jit, self._write_prefill_jit, self._decode_jit, self._write_decode_jit = self._build_steps()
-        # Per-slot host mirrors of what the device steps need.
+        # Per-slot sampling settings and last token, handed to every decode step.
         S = num_slots
         self.slots: list[Request | None] = [None] * S
         self._temp = np.zeros(S, np.float32)
@@ -233,7 +215,6 @@ class Engine(ModelRunner):
         self._top_p = np.ones(S, np.float32)
         self._seed = np.zeros(S, np.uint32)
         self._last = np.zeros(S, np.int32)
-        self._len = np.zeros(S, np.int32)
         self.waiting: deque[Request] = deque()
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -245,6 +226,14 @@ class Engine(ModelRunner):
         self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "decode_steps": 0, "decode_tokens": 0,
                       "decode_s": 0.0, "prefill_s": 0.0, "finished": {}}
 
+    @property
+    def config(self):
+        """The served model's config (as the runner holds it: with INT4 experts if it quantized them)."""
+        return self.runner.config
+
+    def warmup(self) -> float:
+        """Compile every shape the runner can use now (so serving never compiles); returns the seconds taken."""
+        return self.runner.warmup()
 
     # ---- submission -------------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
@@ -341,43 +330,29 @@ class Engine(ModelRunner):
             except queue.Empty:
                 return
 
-    def _next_group(self, num_free: int) -> tuple[list[Request], int]:
-        """The waiting requests (from the front, not removed) one prefill call takes, and their length bucket."""
+    def _next_group(self, num_free: int) -> list[Request]:
+        """The waiting requests (from the front, not removed) one prefill call takes."""
         group = [self.waiting[0]]
-        T = bucket(len(group[0].prompt_ids), self.buckets)
-        while len(group) < min(len(self.waiting), num_free, self.max_prefill_batch):
-            T2 = max(T, bucket(len(self.waiting[len(group)].prompt_ids), self.buckets))
-            if bucket(len(group) + 1, pow2_upto(self.max_prefill_batch)) * T2 > self.max_prefill_tokens:
+        while len(group) < min(len(self.waiting), num_free):
+            lengths = [len(r.prompt_ids) for r in group] + [len(self.waiting[len(group)].prompt_ids)]
+            if not self.runner.prefill_fits(lengths):
                 break
             group.append(self.waiting[len(group)])
-            T = T2
-        return group, T
-
-    def _prefill_batch(self, group: list[Request], free: list[int], T: int):
-        """Host arrays of one prefill call: (tokens [r, T], lengths [r], slots [r], temp, top_k, top_p, seeds)."""
-        r = bucket(len(group), pow2_upto(self.max_prefill_batch))
-        tokens = np.zeros((r, T), np.int32)
-        lengths = np.zeros(r, np.int32)
-        # Padding rows (length 0, left unchanged) need distinct slots too: any the real rows do not use.
-        spare = [i for i in range(self.num_slots) if i not in free[:len(group)]]
-        slots = np.array(free[:len(group)] + spare[:r - len(group)], np.int32)
-        temp, top_k, top_p = np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32)
-        seeds = np.zeros(r, np.uint32)
-        for i, req in enumerate(group):
-            n = len(req.prompt_ids)
-            tokens[i, :n], lengths[i] = req.prompt_ids, n
-            temp[i], top_k[i], top_p[i], seeds[i] = req.params.temperature, req.top_k, req.params.top_p, req.seed
-        return tokens, lengths, slots, temp, top_k, top_p, seeds
+        return group
 
     def _admit(self):
         """Prefill the next group of waiting requests into free slots. The whole call is prepared and run before
         any slot is taken; if it fails, only the group's requests fail (and leave the queue)."""
         free = [i for i, r in enumerate(self.slots) if r is None]
-        group, T = self._next_group(len(free))
+        group = self._next_group(len(free))
+        slots = free[:len(group)]
+        temp = np.array([r.params.temperature for r in group], np.float32)
+        top_k = np.array([r.top_k for r in group], np.int32)
+        top_p = np.array([r.params.top_p for r in group], np.float32)
+        seeds = np.array([r.seed for r in group], np.uint32)
         t0 = time.perf_counter()
         try:
-            tokens, lengths, slots, temp, top_k, top_p, seeds = self._prefill_batch(group, free, T)
-            out = self._prefill(tokens, lengths, slots, temp, top_k, top_p, seeds)
+            out = self.runner.prefill([r.prompt_ids for r in group], slots, temp, top_k, top_p, seeds)
         except Exception as e:
             log.exception("prefill of %d request(s) failed", len(group))
             for req in group:
@@ -386,25 +361,21 @@ class Engine(ModelRunner):
             self._recover_cache(e)
             return
         self.stats["prefill_calls"] += 1
-        self.stats["prefill_tokens"] += int(lengths.sum())
+        self.stats["prefill_tokens"] += sum(len(r.prompt_ids) for r in group)
         self.stats["prefill_s"] += time.perf_counter() - t0
-        for i, req in enumerate(group):
-            s = int(slots[i])
+        for i, (req, s) in enumerate(zip(group, slots)):
             self.waiting.popleft()
             req.slot, self.slots[s] = s, req
             self._temp[s], self._top_k[s], self._top_p[s], self._seed[s] = temp[i], top_k[i], top_p[i], seeds[i]
-            self._len[s] = lengths[i]
         for i, req in enumerate(group):
             self._accept(req, out, i)
 
     def _decode_step(self):
         active = np.array([r is not None for r in self.slots])
-        kv_len = bucket(max(1, int(self._len[active].max())), self.buckets)
         counters = np.array([len(r.token_ids) if r is not None else 0 for r in self.slots], np.int32)
-        all_greedy = np.bool_((self._temp[active] == 0).all())
         t0 = time.perf_counter()
         try:
-            out = self._decode(kv_len, active, counters, all_greedy)
+            out = self.runner.decode(self._last, active, counters, self._temp, self._top_k, self._top_p, self._seed)
         except Exception as e:
             log.exception("decode step failed")
             for req in [r for r in self.slots if r is not None]:
@@ -414,20 +385,18 @@ class Engine(ModelRunner):
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += int(active.sum())
         self.stats["decode_s"] += time.perf_counter() - t0
-        self._len += active.astype(np.int32)
         for s, req in enumerate(list(self.slots)):
             if req is not None:
                 self._accept(req, out, s)
 
     def _recover_cache(self, e: Exception):
         """After a failed call: if it consumed the donated cache, the active requests' states are gone with it;
-        they fail and a fresh cache replaces it. (An intact cache is kept: the other slots carry on.)"""
-        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
+        they fail and the runner starts a fresh cache. (An intact cache is kept: the other slots carry on.)"""
+        if not self.runner.recover():
             return
         for req in [r for r in self.slots if r is not None]:
             self._finish(req, FINISH_ERROR, error=f"the decode cache was lost when a call failed: "
                                                   f"{type(e).__name__}: {e}")
-        self.cache = self._new_cache()
 
     # ---- per-token bookkeeping --------------------------------------------------------------------------------
     def _accept(self, req: Request, out, row: int):
@@ -556,7 +525,7 @@ class Engine(ModelRunner):
                     # bookkeeping: return to a known state (nothing in flight, a fresh cache) and keep serving.
                     log.exception("engine step failed")
                     self._finish_everything(FINISH_ERROR, f"engine step failed: {type(e).__name__}: {e}")
-                    self.cache = self._new_cache()
+                    self.runner.reset()
         except BaseException as e:  # the thread ends here: nothing may be left waiting on it
             log.exception("the engine thread died")
             with self._cv:

@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
-from k2jax.model import count_params, segment_positions
+from k2jax.layers.kda import KDAState
+from k2jax.layers.mla import MLACache
+from k2jax.model import count_params, empty_cache, segment_positions
 from tests.conftest import error_ratio
 
 
@@ -132,3 +134,86 @@ def test_bad_inputs_fail_at_the_boundary(tiny_model):
         model(jnp.full((1, 4), cfg.vocab_size, jnp.int32))
     with pytest.raises(ValueError, match="segment_ids shape"):
         model(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 5), jnp.int32))
+
+
+# ---- the same call with a cache: prefill, chunked prefill, decode ---------------------------------------------
+_cached_call = nnx.jit(lambda m, t, s, c: m(t, s, cache=c))
+
+
+def store(cache, updates):
+    """The caches after a call: each KDA layer's new state; each MLA layer's latents appended to its view (what
+    k2jax.serving.cache does in its slots)."""
+    out = []
+    for c, u in zip(cache, updates):
+        if isinstance(c, KDAState):
+            out.append(u)
+        else:
+            out.append(MLACache(jnp.concatenate([c.ckv, u.ckv], 1), jnp.concatenate([c.kpe, u.kpe], 1),
+                                c.lengths + u.ckv.shape[1]))
+    return tuple(out)
+
+
+def run_in_pieces(model, tokens, cuts, segment_ids=None):
+    """logits [B, T, V] of tokens [B, T] run as pieces [0, cuts[0]), [cuts[0], cuts[1]), ..., each one a call
+    continuing the caches the earlier pieces left (the first from `empty_cache`)."""
+    cache = empty_cache(model.config, tokens.shape[0])
+    outs = []
+    bounds = [0] + list(cuts) + [tokens.shape[1]]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        seg = None if segment_ids is None else segment_ids[:, lo:hi]
+        logits, updates = _cached_call(model, tokens[:, lo:hi], seg, cache)
+        outs.append(logits)
+        cache = store(cache, updates)
+    return jnp.concatenate(outs, axis=1)
+
+
+CACHE_CONFIGS = {
+    "nope": dict(),  # 3 KDA layers (chunk 16) + 1 NoPE MLA
+    "rope": dict(mla_use_nope=False, q_lora_rank=16, kda_layers=(1, 3), full_attn_layers=(2, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(CACHE_CONFIGS))
+def test_pieces_continuing_the_cache_equal_one_pass(name):
+    """Prefill from empty caches, pieces that end mid KDA chunk and on chunk boundaries, and one-token decode
+    steps: all the model's one call with a cache, equal to the call without one."""
+    cfg = load_config("tiny", **CACHE_CONFIGS[name])
+    model = KimiLinear(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(7), (2, 40), 0, cfg.vocab_size)
+    ref = _forward(model, tokens)
+    for cuts in ([7, 16, 37, 38, 39], [32]):
+        assert error_ratio(ref, run_in_pieces(model, tokens, cuts)) < 1e-5, cuts
+
+
+def test_cached_call_returns_updates_and_logits_at():
+    cfg = load_config("tiny")
+    model = KimiLinear(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(8), (2, 12), 0, cfg.vocab_size)
+    lengths = jnp.asarray([12, 5], jnp.int32)
+    seg = (jnp.arange(12)[None] < lengths[:, None]).astype(jnp.int32)  # right-padded prompts
+    logits, updates = model(tokens, seg, cache=empty_cache(cfg, 2), logits_at=lengths - 1)
+    assert logits.shape == (2, cfg.vocab_size)
+    full = _forward(model, tokens, seg)
+    assert error_ratio(full[jnp.arange(2), lengths - 1], logits) < 1e-6
+    kinds = [type(u).__name__ for u in updates]
+    assert kinds == ["KDAState", "KDAState", "KDAState", "MLALatents"]
+    assert updates[3].ckv.shape == (2, 12, cfg.kv_lora_rank)
+    # The KDA state of the short row is the one after its 5th token.
+    _, alone = model(tokens[1:, :5], cache=empty_cache(cfg, 1))
+    assert error_ratio(alone[0].recurrent[0], updates[0].recurrent[1]) < 1e-6
+    logits, _, aux = model(tokens, seg, cache=empty_cache(cfg, 2), return_aux=True)
+    assert logits.shape == (2, 12, cfg.vocab_size) and aux["expert_load"].shape[-1] == cfg.num_experts
+
+
+def test_bad_caches_fail_at_the_boundary(tiny_model):
+    cfg, model = tiny_model
+    tokens = jnp.zeros((2, 4), jnp.int32)
+    cache = empty_cache(cfg, 2)
+    with pytest.raises(ValueError, match="4 per-layer caches"):
+        model(tokens, cache=cache[:3])
+    with pytest.raises(ValueError, match=r"cache\[3\] of MLA layer 3 must be an MLACache"):
+        model(tokens, cache=cache[:3] + (cache[0],))
+    with pytest.raises(ValueError, match="logits_at"):
+        model(tokens, cache=cache, logits_at=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="positions shape"):
+        model(tokens, positions=jnp.zeros((2, 5), jnp.int32))

@@ -9,10 +9,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from k2jax import KimiLinear, load_config
+from k2jax.layers.moe import RouterBias
 from k2jax.model import (block_layout, count_params, layer_pattern, stack_layers, unstack_layers,
-                         update_router_biases)
+                         update_router_biases, updated_router_biases)
 from k2jax.sharding import make_mesh, param_shardings
 from tests.conftest import error_ratio
+from tests.k2jax.test_model import run_in_pieces
 
 # 6 layers: 0 = KDA + dense FFN, then (KDA, MLA) MoE layers twice (the scanned run, 2 MoE layers per step), then
 # layer 5 = KDA MoE unrolled. The reference KDA is the cheapest to compile.
@@ -150,3 +152,18 @@ def test_router_bias_update_is_the_same_in_both_layouts(models):
         np.testing.assert_array_equal(a[key], 0.5 * np.sign(np.mean(load[i]) - np.asarray(load[i])))
     with pytest.raises(ValueError, match="expert_load must be"):
         update_router_biases(plain, load[:4], 0.5)
+    # The pure form (what a jitted train step runs) gives the same new biases as the in-place update.
+    fresh = stack_layers(unstack_layers(scanned))
+    pure = jax.jit(lambda b, l: updated_router_biases(cfg.replace(scan_layers=True), b, l, 0.5))
+    c = _flat(pure(nnx.state(fresh, RouterBias), load))
+    d = _flat(nnx.state(stacked, RouterBias))
+    assert c.keys() == d.keys() and all(np.array_equal(c[k], d[k]) for k in c)
+
+
+def test_scanned_model_with_a_cache_equals_per_layer(models):
+    """Prefill and continuation through the scanned stack (its caches stacked per run position) equal the
+    per-layer model's."""
+    cfg, flat, scanned = models
+    tokens = jax.random.randint(jax.random.key(9), (2, 13), 0, cfg.vocab_size)
+    a, b = run_in_pieces(flat, tokens, [5, 12]), run_in_pieces(scanned, tokens, [5, 12])
+    assert error_ratio(a, b) < 1e-6

@@ -203,12 +203,18 @@ def _x(B, T, seed=0):
 
 
 # One compiled program per input structure keeps the file fast (eager flax compiles every op separately).
-_fwd = nnx.jit(lambda m, x, seg, st: m(x, segment_ids=seg, state=st, return_state=True))
-_step = nnx.jit(lambda m, xt, st: m.step(xt, st))
+_fwd = nnx.jit(lambda m, x, seg, st: m(x, segment_ids=seg, cache=st))
+
+@nnx.jit
+def _step(m, xt, st):
+    """One decode token per row (x_t [B, hidden]) through the layer's call with a cache."""
+    y, st = m(xt[:, None], cache=st)
+    return y[:, 0], st
 
 
 def fwd(layer, x, seg=None, state=None):
-    """(y, new_state) of a jitted layer call."""
+    """(y, new_state) of a jitted layer call with a cache (zero states when `state` is None)."""
+    state = KDAState.zeros(x.shape[0], layer.config) if state is None else state
     return _fwd(layer, jnp.asarray(x, jnp.float32), None if seg is None else jnp.asarray(seg, jnp.int32), state)
 
 
@@ -289,8 +295,9 @@ def test_kda_layer_bf16_under_jit(layer):
     @jax.jit
     def run(params, x, seg):
         m = nnx.merge(graphdef, params)
-        y, st = m(x, segment_ids=seg, return_state=True)
-        yt, st2 = m.step(x[:, -1], st)
+        y, st = m(x, segment_ids=seg, cache=KDAState.zeros(x.shape[0], cfg16))
+        yt, st2 = m(x[:, -1:], cache=st)
+        yt = yt[:, 0]
         return y, st, yt, st2
 
     y, st, yt, st2 = run(params, jnp.asarray(x, jnp.bfloat16), jnp.asarray(seg))
@@ -374,7 +381,7 @@ def test_kda_layer_gradients_finite(layer):
     seg = jnp.asarray([[0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2], [1] * 11], jnp.int32)
 
     def loss(m, x):
-        return jnp.sum(m(x, segment_ids=seg) ** 2)
+        return jnp.sum(m(x, segment_ids=seg)[0] ** 2)
 
     grads, gx = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(layer, x)
     leaves = jax.tree.leaves(grads)
@@ -393,10 +400,12 @@ def test_kda_layer_bad_input():
         layer(jnp.zeros((5, 64)))
     with pytest.raises(ValueError, match="segment_ids"):
         layer(jnp.zeros((2, 5, 64)), segment_ids=jnp.ones((2, 6), jnp.int32))
-    with pytest.raises(ValueError, match="state.recurrent"):
+    with pytest.raises(ValueError, match="cache.recurrent"):
         bad = KDAState.zeros(2, CFG)._replace(recurrent=jnp.zeros((2, H, K, K + 1)))
-        layer(jnp.zeros((2, 5, 64)), state=bad)
-    with pytest.raises(ValueError, match="x_t"):
-        layer.step(jnp.zeros((2, 1, 64)), KDAState.zeros(2, CFG))
-    with pytest.raises(ValueError, match="state.conv_q"):
-        layer.step(jnp.zeros((3, 64)), KDAState.zeros(2, CFG))
+        layer(jnp.zeros((2, 5, 64)), cache=bad)
+    with pytest.raises(ValueError, match="hidden_size=64"):
+        layer(jnp.zeros((2, 64)), cache=KDAState.zeros(2, CFG))  # one decode token is [B, 1, hidden]
+    with pytest.raises(ValueError, match="cache.conv_q"):
+        layer(jnp.zeros((3, 1, 64)), cache=KDAState.zeros(2, CFG))
+    with pytest.raises(ValueError, match="KDAState"):
+        layer(jnp.zeros((2, 1, 64)), cache=(1, 2, 3, 4))

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.layers.mla import MultiHeadLatentAttention
+from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
 from tests.conftest import error_ratio
 
@@ -256,7 +256,7 @@ def test_mla_rope_interleave_false_equals_interleaved_weights_permuted():
     cfg = tiny_rope()
     halves, pairs = make_mla(cfg.replace(rope_interleave=False)), make_mla(cfg)
     x = rand_x(cfg, 2, 7)
-    assert error_ratio(pairs(x), halves(x)) > 1e-3  # the same weights read in the two layouts differ
+    assert error_ratio(pairs(x)[0], halves(x)[0]) > 1e-3  # the same weights read in the two layouts differ
     P, n, H = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.num_attention_heads
     to_pairs = np.stack([np.arange(P // 2), np.arange(P // 2) + P // 2], axis=1).reshape(-1)  # [0, 4, 1, 5, ...]
     q = np.array(halves.q_b_proj.kernel[...]).reshape(-1, H, n + P)
@@ -269,7 +269,7 @@ def test_mla_rope_interleave_false_equals_interleaved_weights_permuted():
     pairs.kv_a_layernorm.weight[...] = halves.kv_a_layernorm.weight[...]
     pairs.q_b_proj.kernel[...] = jnp.asarray(q.reshape(-1, H * (n + P)))
     pairs.kv_a_proj_with_mqa.kernel[...] = jnp.asarray(kv)
-    assert error_ratio(pairs(x), halves(x)) <= 1e-6
+    assert error_ratio(pairs(x)[0], halves(x)[0]) <= 1e-6
 
 
 def test_yarn_attention_factor_replaces_the_mscale_rule():
@@ -301,7 +301,7 @@ def test_mla_matches_reference(name):
     m = make_mla(cfg)
     x = rand_x(cfg, 2, 9)
     pos = jnp.asarray([[0, 1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48]], jnp.int32)
-    y = m(x, positions=pos)
+    y = m(x, positions=pos)[0]
     ref = ref_mla(params64(m), cfg, x, positions=pos)
     assert y.shape == x.shape and y.dtype == jnp.float32
     assert error_ratio(ref, y) <= 1e-5, name
@@ -322,7 +322,7 @@ def test_mla_single_token():
     cfg = tiny_rope()
     m = make_mla(cfg)
     x = rand_x(cfg, 3, 1)
-    assert error_ratio(ref_mla(params64(m), cfg, x), m(x)) <= 1e-5
+    assert error_ratio(ref_mla(params64(m), cfg, x), m(x)[0]) <= 1e-5
 
 
 # ---- segments, padding, causality ------------------------------------------------------------------------------
@@ -334,9 +334,9 @@ def test_packed_row_equals_separate_rows(name):
     pad = rand_x(cfg, 1, 3, seed=4)
     x = jnp.concatenate([a, b, pad], axis=1)
     seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3], jnp.int32)
-    y = m(x, segment_ids=seg, positions=segment_positions(seg))
-    assert error_ratio(m(a), y[:, :5]) <= 1e-5
-    assert error_ratio(m(b), y[:, 5:9]) <= 1e-5
+    y = m(x, segment_ids=seg, positions=segment_positions(seg))[0]
+    assert error_ratio(m(a)[0], y[:, :5]) <= 1e-5
+    assert error_ratio(m(b)[0], y[:, 5:9]) <= 1e-5
     np.testing.assert_array_equal(np.asarray(y[:, 9:]), 0.0)
     # Against the loop reference too (it restarts attention at each id).
     assert error_ratio(ref_mla(params64(m), cfg, x, seg, segment_positions(seg)), y) <= 1e-5
@@ -350,9 +350,9 @@ def test_left_padding_equals_unpadded(name):
     x = jnp.concatenate([jnp.concatenate([rand_x(cfg, 1, 3, seed=7), a], axis=1), other], axis=0)
     seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8], jnp.int32)
     pos = jnp.asarray([[0, 0, 0, 0, 1, 2, 3, 4], list(range(8))], jnp.int32)
-    y = m(x, segment_ids=seg, positions=pos)
-    assert error_ratio(m(a), y[:1, 3:]) <= 1e-5
-    assert error_ratio(m(other), y[1:]) <= 1e-5
+    y = m(x, segment_ids=seg, positions=pos)[0]
+    assert error_ratio(m(a)[0], y[:1, 3:]) <= 1e-5
+    assert error_ratio(m(other)[0], y[1:]) <= 1e-5
     np.testing.assert_array_equal(np.asarray(y[0, :3]), 0.0)
 
 
@@ -361,16 +361,15 @@ def test_causality():
     m = make_mla(cfg)
     x = rand_x(cfg, 2, 8)
     x2 = x.at[:, 5].add(1.0)
-    y, y2 = m(x), m(x2)
+    y, y2 = m(x)[0], m(x2)[0]
     np.testing.assert_allclose(np.asarray(y[:, :5]), np.asarray(y2[:, :5]), rtol=1e-6, atol=0)
     assert np.all(np.abs(np.asarray(y[:, 5:] - y2[:, 5:])).max(axis=-1) > 1e-3)
 
 
-# ---- absorbed (latent) form ------------------------------------------------------------------------------------
-def causal_segment_mask(seg):
-    T = seg.shape[1]
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return same & jnp.tril(jnp.ones((T, T), bool))[None]
+# ---- absorbed (latent) form: the call with a cache ---------------------------------------------------------------
+def latents(m, cfg, x, **kw):
+    """x's MLALatents from a call with an empty cache."""
+    return m(x, cache=MLACache.empty(x.shape[0], cfg), **kw)[1]
 
 
 @pytest.mark.parametrize("name", ["nope", "rope_yarn"])
@@ -380,15 +379,20 @@ def test_latent_form_equals_expanded(name):
     x = rand_x(cfg, 2, 9)
     seg = jnp.asarray([[1] * 4 + [2] * 3 + [0] * 2, [0] * 2 + [3] * 7], jnp.int32)
     pos = segment_positions(seg)
-    y = m(x, segment_ids=seg, positions=pos)
-    ckv, kpe = m.latent_cache(x, pos)
-    assert ckv.shape == (2, 9, cfg.kv_lora_rank) and kpe.shape == (2, 9, cfg.qk_rope_head_dim)
-    y_lat = m.attend_latent(x, pos, ckv, kpe, causal_segment_mask(seg))
-    assert error_ratio(y, y_lat) <= 1e-5, name
-    np.testing.assert_array_equal(np.asarray(y_lat[0, 7:]), 0.0)
-    # Decoding the last token of row 1 against the cache of the whole row.
-    y_step = m.attend_latent(x[:, -1:], pos[:, -1:], ckv, kpe, causal_segment_mask(seg)[:, -1:])
-    assert error_ratio(y[1, -1], y_step[1, 0]) <= 1e-5
+    y = m(x, segment_ids=seg, positions=pos)[0]
+    # Row 0's first two tokens (segment 1) in the cache, the rest attending over it in the absorbed form: its
+    # segment-1 tokens continue the cache, segment 2 and the padding do not see it. Row 1 has nothing cached.
+    lat = latents(m, cfg, x[:, :2], segment_ids=seg[:, :2], positions=pos[:, :2])
+    assert lat.ckv.shape == (2, 2, cfg.kv_lora_rank) and lat.kpe.shape == (2, 2, cfg.qk_rope_head_dim)
+    y_lat, new = m(x[:, 2:], segment_ids=seg[:, 2:], positions=pos[:, 2:],
+                   cache=MLACache(lat.ckv, lat.kpe, jnp.asarray([2, 0], jnp.int32)))
+    assert new.ckv.shape == (2, 7, cfg.kv_lora_rank)
+    assert error_ratio(y[:, 2:], y_lat) <= 1e-5, name
+    np.testing.assert_array_equal(np.asarray(y_lat[0, 5:]), 0.0)
+    # Decoding the last token of row 1 against the cache of the row's real tokens before it.
+    lat1 = latents(m, cfg, x[1:, 2:8], positions=pos[1:, 2:8])
+    y_step, _ = m(x[1:, 8:], cache=MLACache(lat1.ckv, lat1.kpe, jnp.asarray([6], jnp.int32)))
+    assert error_ratio(y[1, -1], y_step[0, 0]) <= 1e-5
 
 
 def test_latent_cache_kpe_is_hf_rotated_half_layout():
@@ -397,21 +401,31 @@ def test_latent_cache_kpe_is_hf_rotated_half_layout():
     m = make_mla(cfg)
     x = rand_x(cfg, 2, 6)
     pos = jnp.asarray([[3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5]], jnp.int32)
-    _, kpe = m.latent_cache(x, pos)
+    kpe = latents(m, cfg, x, positions=pos).kpe
     raw = np.asarray(x, np.float64) @ params64(m)["kv_a_proj_with_mqa"][:, cfg.kv_lora_rank:]
     inv_freq, ms = ref_freqs(cfg)
     rot = ref_rotate_pairs(raw, np.asarray(pos), inv_freq, ms)
     half = np.concatenate([rot[..., 0::2], rot[..., 1::2]], axis=-1)
     assert error_ratio(half, kpe) <= 1e-5
+    # Without positions, a call with a cache places x after the cached tokens: positions lengths + t.
+    shifted = m(x, cache=MLACache.empty(2, cfg)._replace(lengths=jnp.asarray([3, 0], jnp.int32)))[1].kpe
+    assert error_ratio(half, shifted) <= 1e-5
 
 
 def test_nope_k_pe_not_rotated():
     cfg = tiny_nope()
     m = make_mla(cfg)
     x = rand_x(cfg, 1, 4)
-    _, kpe = m.latent_cache(x, jnp.asarray([[7, 100, 3, 9]], jnp.int32))
+    kpe = latents(m, cfg, x, positions=jnp.asarray([[7, 100, 3, 9]], jnp.int32)).kpe
     raw = np.asarray(x, np.float64) @ params64(m)["kv_a_proj_with_mqa"][:, cfg.kv_lora_rank:]
     assert error_ratio(raw, kpe) <= 1e-6
+
+
+def test_call_without_cache_returns_no_latents():
+    cfg = tiny_nope()
+    m = make_mla(cfg)
+    y, new = m(rand_x(cfg, 2, 3))
+    assert new is None and y.shape == (2, 3, cfg.hidden_size)
 
 
 # ---- bf16 under jit on CPU -------------------------------------------------------------------------------------
@@ -419,24 +433,27 @@ def test_nope_k_pe_not_rotated():
 def test_bf16_jit_runs_and_is_close(name):
     cfg32 = CONFIGS[name]()
     m32 = make_mla(cfg32)
-    m16 = MultiHeadLatentAttention(cfg32.replace(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    cfg16 = cfg32.replace(dtype="bfloat16", param_dtype="bfloat16")
+    m16 = MultiHeadLatentAttention(cfg16, rngs=nnx.Rngs(0))
     nnx.update(m16, jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(m32, nnx.Param)))
     x = rand_x(cfg32, 2, 8)
     seg = jnp.asarray([[1] * 5 + [2] * 3, [0] * 2 + [1] * 6], jnp.int32)
     pos = segment_positions(seg)
-    mask = causal_segment_mask(seg)
 
     @nnx.jit
     def run(m, x):
-        y = m(x, segment_ids=seg, positions=pos)
-        ckv, kpe = m.latent_cache(x, pos)
-        return y, m.attend_latent(x, pos, ckv, kpe, mask), ckv
+        y = m(x, segment_ids=seg, positions=pos)[0]
+        # Row 0's first two tokens cached, the rest through the absorbed form (row 1: nothing cached).
+        lat = m(x[:, :2], segment_ids=seg[:, :2], positions=pos[:, :2], cache=MLACache.empty(2, cfg16))[1]
+        y_lat = m(x[:, 2:], segment_ids=seg[:, 2:], positions=pos[:, 2:],
+                  cache=MLACache(lat.ckv, lat.kpe, jnp.asarray([2, 0], jnp.int32)))[0]
+        return y, y_lat, lat.ckv
 
     y, y_lat, ckv = run(m16, x.astype(jnp.bfloat16))
     assert y.dtype == y_lat.dtype == ckv.dtype == jnp.bfloat16
-    ref = m32(x, segment_ids=seg, positions=pos)
+    ref = m32(x, segment_ids=seg, positions=pos)[0]
     assert error_ratio(ref, y) <= 3e-2
-    assert error_ratio(ref, y_lat) <= 3e-2
+    assert error_ratio(ref[:, 2:], y_lat) <= 3e-2
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------------------
@@ -456,15 +473,17 @@ def test_bad_shapes_raise():
         m(x, positions=jnp.zeros((2, 3), jnp.int32))
     with pytest.raises(ValueError, match="positions"):
         m(x, positions=jnp.zeros((2, 4), jnp.float32))
-    ckv, kpe = m.latent_cache(x)
-    mask = jnp.ones((2, 4, 4), bool)
-    with pytest.raises(ValueError, match="cache_ckv"):
-        m.attend_latent(x, None, ckv[:, :3], kpe, mask)
-    with pytest.raises(ValueError, match="cache_ckv"):
-        m.attend_latent(x, None, ckv[..., :8], kpe, mask)
-    with pytest.raises(ValueError, match="kv_mask"):
-        m.attend_latent(x, None, ckv, kpe, mask[:, :3])
-    with pytest.raises(ValueError, match="kv_mask"):
-        m.attend_latent(x, None, ckv, kpe, mask.astype(jnp.int32))
-    with pytest.raises(ValueError, match="q_positions"):
-        m.attend_latent(x, jnp.zeros((2, 5), jnp.int32), ckv, kpe, mask)
+    lat = latents(m, cfg, x)
+    lengths = jnp.asarray([1, 2], jnp.int32)
+    with pytest.raises(ValueError, match="cache.ckv"):
+        m(x, cache=MLACache(lat.ckv[:, :3], lat.kpe, lengths))
+    with pytest.raises(ValueError, match="cache.ckv"):
+        m(x, cache=MLACache(lat.ckv[..., :8], lat.kpe, lengths))
+    with pytest.raises(ValueError, match="cache.lengths"):
+        m(x, cache=MLACache(lat.ckv, lat.kpe, lengths[:1]))
+    with pytest.raises(ValueError, match="cache.lengths"):
+        m(x, cache=MLACache(lat.ckv, lat.kpe, lengths.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="positions"):
+        m(x, positions=jnp.zeros((2, 5), jnp.int32), cache=MLACache(lat.ckv, lat.kpe, lengths))
+    with pytest.raises(ValueError, match="MLACache"):
+        m(x, cache=(lat.ckv, lat.kpe, lengths))

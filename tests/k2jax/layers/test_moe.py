@@ -328,7 +328,7 @@ def test_update_router_bias_direction():
 
 
 def test_load_balance_loss():
-    uniform = M.load_balance_loss(jnp.full((4,), 0.25), jnp.full((4,), 5.0), 2)
+    uniform = M.load_balance_loss(jnp.full((4,), 0.25), jnp.full((4,), 5.0))
     np.testing.assert_allclose(float(uniform), 1.0, rtol=1e-6)
-    skewed = M.load_balance_loss(jnp.array([0.7, 0.1, 0.1, 0.1]), jnp.array([14.0, 2.0, 2.0, 2.0]), 2)
+    skewed = M.load_balance_loss(jnp.array([0.7, 0.1, 0.1, 0.1]), jnp.array([14.0, 2.0, 2.0, 2.0]))
     np.testing.assert_allclose(float(skewed), 4 * (0.7 * 0.7 + 3 * 0.1 * 0.1), rtol=1e-6)

@@ -10,6 +10,7 @@ from k2jax import KimiLinear, load_config
 from k2jax.layers.kda import KDAState
 from k2jax.quantize import quantize_model_experts
 from k2jax.serving import cache as kvcache
+from k2jax.serving.runner import decode, prefill
 from k2jax.serving.sampling import row_keys, sample
 from pallas_kernels.int4 import dequantize_int4
 from tests.conftest import error_ratio
@@ -33,8 +34,8 @@ class Runner:
         graphdef, self.state = nnx.split(model)
         ref_def, self.ref_state = nnx.split(reference or model)
         m = lambda st: nnx.merge(graphdef, st)  # noqa: E731
-        self._prefill = jax.jit(lambda st, c, t, n, s: kvcache.prefill(m(st), c, t, n, s))
-        self._decode = jax.jit(lambda st, c, t, a: kvcache.decode(m(st), c, t, a, kv_len=MAX_LEN))
+        self._prefill = jax.jit(lambda st, c, t, n, s: prefill(m(st), c, t, n, s))
+        self._decode = jax.jit(lambda st, c, t, a: decode(m(st), c, t, a, kv_len=MAX_LEN))
         self._full = jax.jit(lambda st, t: nnx.merge(ref_def, st)(t)[0])
 
     def prefill(self, cache, rows, slots):
@@ -147,13 +148,13 @@ def test_bad_shapes_are_rejected():
     model = KimiLinear(cfg, rngs=nnx.Rngs(0))
     cache = kvcache.init_cache(cfg, 2, 8)
     with pytest.raises(ValueError, match="max_len=8"):
-        kvcache.prefill(model, cache, jnp.zeros((1, 16), jnp.int32), jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32))
+        prefill(model, cache, jnp.zeros((1, 16), jnp.int32), jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32))
     with pytest.raises(ValueError, match="distinct"):
-        kvcache.prefill(model, cache, jnp.zeros((2, 8), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros(2, jnp.int32))
+        prefill(model, cache, jnp.zeros((2, 8), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError, match="kv_len"):
-        kvcache.decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool), kv_len=9)
+        decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool), kv_len=9)
     with pytest.raises(ValueError, match="active"):
-        kvcache.decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(3, bool), kv_len=8)
+        decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(3, bool), kv_len=8)
 
 
 # ---- cache sizes -----------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
-from k2jax.serving.loading import load_model, make_mesh, shard_model
+from k2jax.serving.loading import load_model
 from k2jax.serving.scheduler import Engine, EngineStoppedError, SamplingParams
+from k2jax.sharding import make_mesh, shard_model
 from k2jax.tokenizer import ByteTokenizer
 
 MAX_LEN = 32
@@ -52,12 +53,12 @@ def _full_logits_fn(model):
 
 
 def test_buckets_and_prefill_shapes(engine):
-    assert engine.buckets == [16, 32]
-    assert engine._prefill_shapes() == [(1, 16), (2, 16), (1, 32)]
+    assert engine.runner.buckets == [16, 32]
+    assert engine.runner.prefill_shapes() == [(1, 16), (2, 16), (1, 32)]
 
 
 def test_greedy_equals_full_forward_argmax_each_step(engine):
-    model = nnx.merge(engine.graphdef, engine.params)
+    model = nnx.merge(engine.runner.graphdef, engine.runner.params)
     full = _full_logits_fn(model)
     prompt = _prompt(1, 9)
     out = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True, logprobs=0))[0]
@@ -72,7 +73,7 @@ def test_greedy_equals_full_forward_argmax_each_step(engine):
 
 
 def test_output_independent_of_batch_and_no_recompilation(engine):
-    c0 = engine.compile_count
+    c0 = engine.runner.compile_count
     sampled = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=7, ignore_eos=True,
                              logprobs=2)
     greedy = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -93,7 +94,7 @@ def test_output_independent_of_batch_and_no_recompilation(engine):
         assert b.token_ids == a.token_ids
         if a.logprobs is not None:
             np.testing.assert_allclose([x.logprob for x in b.logprobs], [x.logprob for x in a.logprobs], atol=1e-4)
-    assert engine.compile_count == c0, "a request after warm-up triggered a compilation"
+    assert engine.runner.compile_count == c0, "a request after warm-up triggered a compilation"
     assert all(s is None for s in engine.slots)
 
 
@@ -182,10 +183,10 @@ def test_background_thread_abort_and_reuse(engine):
 
 
 def test_mesh_serving_matches_single_device(engine):
-    mesh = make_mesh(tensor=2, expert=2)  # 8 CPU devices: data 2 x expert 2 x tensor 2
+    mesh = make_mesh({"data": -1, "expert": 2, "tensor": 2})  # 8 CPU devices: data 2 x expert 2 x tensor 2
     model = shard_model(KimiLinear(serving_config(), rngs=nnx.Rngs(0)), mesh)
     sharded = tiny_engine(model, mesh=mesh)
-    assert sharded.cache.layers[0].recurrent.sharding.spec[1] == "tensor"
+    assert sharded.runner.cache.layers[0].recurrent.sharding.spec[1] == "tensor"
     prompts = [_prompt(11, 10), _prompt(12, 7)]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     assert [o.token_ids for o in sharded.generate(prompts, params)] == \
@@ -195,8 +196,8 @@ def test_mesh_serving_matches_single_device(engine):
 def test_int4_experts_engine_matches_its_model():
     eng = tiny_engine(int4_experts=True)
     assert eng.config.quantization["experts"] == "int4"
-    assert not any("w1" == str(p[-1]) for p, _ in nnx.to_flat_state(eng.params))  # float experts not kept
-    full = _full_logits_fn(nnx.merge(eng.graphdef, eng.params))
+    assert not any("w1" == str(p[-1]) for p, _ in nnx.to_flat_state(eng.runner.params))  # float experts not kept
+    full = _full_logits_fn(nnx.merge(eng.runner.graphdef, eng.runner.params))
     prompt = _prompt(13, 6)
     out = eng.generate([prompt], SamplingParams(max_tokens=3, ignore_eos=True))[0]
     seq = list(prompt)
@@ -209,7 +210,7 @@ def test_load_model_from_orbax_and_hf(engine, tmp_path):
     from k2jax.checkpoint import save_params
     from k2jax.hf import save_hf_checkpoint
 
-    model = nnx.merge(engine.graphdef, engine.params)
+    model = nnx.merge(engine.runner.graphdef, engine.runner.params)
     save_params(model, tmp_path / "orbax")
     save_hf_checkpoint(model, tmp_path / "hf")
     ref = nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -247,11 +248,11 @@ def test_ids_the_tokenizer_cannot_decode_are_never_sampled():
         assert abs(lp.logprob - ref[tok]) < 1e-4
         assert [i for i, _ in lp.top] == list(np.argsort(-ref, kind="stable")[:5])
         seq.append(tok)
-    c0 = eng.compile_count
+    c0 = eng.runner.compile_count
     sampled = [SamplingParams(max_tokens=6, temperature=t, top_k=k, seed=s, ignore_eos=True, logprobs=5)
                for t, k, s in ((1.0, 0, 1), (2.0, 400, 2), (0.7, 50, 3))]
     outs = [eng.generate([prompt], sp)[0] for sp in sampled]  # one at a time: the shapes compiled above
-    assert eng.compile_count == c0, "the vocabulary mask recompiled per request"
+    assert eng.runner.compile_count == c0, "the vocabulary mask recompiled per request"
     for o in outs:
         assert o.finish_reason == "length", o.error
         assert all(t < 264 for t in o.token_ids)
@@ -280,15 +281,15 @@ def test_a_failing_prefill_fails_only_its_requests(engine, monkeypatch):
     carries on unchanged, nothing hangs, and the next requests are served."""
     greedy = SamplingParams(max_tokens=8, ignore_eos=True)
     ref = engine.generate([_prompt(17, 5)], greedy)[0].token_ids
-    real = engine._prefill
+    real = engine.runner.prefill
     poison = 263
 
-    def prefill(tokens, *args):
-        if (tokens == poison).any():
+    def prefill(prompts, *args):
+        if any(poison in p for p in prompts):
             raise RuntimeError("injected prefill failure")
-        return real(tokens, *args)
+        return real(prompts, *args)
 
-    monkeypatch.setattr(engine, "_prefill", prefill)
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
     running = engine.submit(_prompt(17, 5), greedy)
     engine.step()
     bad = engine.submit([poison, 9, 10], greedy)
@@ -306,20 +307,20 @@ def test_a_failing_decode_fails_its_requests_and_the_engine_recovers(engine, mon
     donated cache, a fresh one replaces it and the next requests get the same output as before."""
     greedy = SamplingParams(max_tokens=6, ignore_eos=True)
     ref = engine.generate([_prompt(18, 7)], greedy)[0].token_ids
-    real = engine._decode
+    real = engine.runner.decode
 
     def decode_once_broken(*args, **kwargs):
-        monkeypatch.setattr(engine, "_decode", real)
-        for leaf in jax.tree.leaves(engine.cache):  # as a call that failed after taking the donated cache
+        monkeypatch.setattr(engine.runner, "decode", real)
+        for leaf in jax.tree.leaves(engine.runner.cache):  # as a call that failed after taking the donated cache
             leaf.delete()
         raise RuntimeError("injected decode failure")
 
-    monkeypatch.setattr(engine, "_decode", decode_once_broken)
+    monkeypatch.setattr(engine.runner, "decode", decode_once_broken)
     hs = [engine.submit(_prompt(18, 7), greedy) for _ in range(2)]
     while engine.has_work:
         engine.step()
     assert all(h.wait(0).finish_reason == "error" and "injected decode failure" in h.wait(0).error for h in hs)
-    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(engine.cache))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(engine.runner.cache))
     assert engine.generate([_prompt(18, 7)] * 2, greedy)[1].token_ids == ref
 
 

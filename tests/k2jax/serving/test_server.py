@@ -64,13 +64,13 @@ def slow_decode(served, monkeypatch):
     """Every decode step of the served engine takes at least 20 ms more, so that a request of ~25 tokens is
     still running when a test disconnects or times it out."""
     engine, _ = served
-    real = engine._decode
+    real = engine.runner.decode
 
     def slow(*args, **kwargs):
         time.sleep(0.02)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_decode", slow)
+    monkeypatch.setattr(engine.runner, "decode", slow)
 
 
 def _finished(engine, reason: str) -> int:
