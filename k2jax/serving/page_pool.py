@@ -80,7 +80,7 @@ def latent_pages_logical_names() -> tuple:
     return ("layers", None, None, None)
 
 
-# ---- jittable reads and writes ----------------------------------------------------------------------------------------
+# ---- jittable reads and writes ------------------------------------------------------------------------------------
 def gather_pages(latents, page_table, lengths, kv_len: int, *, layer: int | None = None):
     """Contiguous latents of each row's first kv_len positions, zero at positions >= lengths[b].
 

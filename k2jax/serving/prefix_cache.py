@@ -55,7 +55,7 @@ class Node:
     """A radix tree node (see the module docstring). Read its fields; never change them."""
 
     __slots__ = ("tokens", "start", "pages", "parent", "children", "snapshot", "lock_count", "last_access",
-                 "snapshot_used", "id", "alive")
+                 "snapshot_used", "id", "alive", "cleared")
 
     def __init__(self, tokens: np.ndarray, start: int, pages: list[int], parent: "Node | None", node_id: int):
         self.tokens, self.start, self.pages, self.parent = tokens, start, pages, parent
@@ -66,6 +66,7 @@ class Node:
         self.snapshot_used = 0  # the last time its snapshot was stored or served
         self.id = node_id
         self.alive = True
+        self.cleared = False  # dropped by PrefixCache.clear
 
     @property
     def end(self) -> int:
@@ -156,9 +157,10 @@ class PrefixCache:
                         pages_in_use=len(self._page_refs), snapshots_in_use=self._num_snapshots,
                         snapshot_bytes=self._snapshot_bytes, nodes=self._num_nodes, tokens_cached=self._tokens_cached)
 
-    def match(self, tokens: Sequence[int]) -> Match:
+    def match(self, tokens: Sequence[int], *, record: bool = True) -> Match:
         """The longest reusable prefix of `tokens` (int [n]). A request must still run at least its last prompt
-        token to get logits, so pass prompt[:-1]. Marks the reused path as recently used and counts the query."""
+        token to get logits, so pass prompt[:-1]. Marks the reused path as recently used and, if `record`, counts
+        the query in the stats (an engine that retries an admission records it once)."""
         tokens = self._as_tokens(tokens, "match")
         with self._lock:
             node, pos, child, k, path = self._walk(tokens)
@@ -175,27 +177,31 @@ class PrefixCache:
             self._touch(path)
             if self.needs_snapshots:
                 path[-1].snapshot_used = path[-1].last_access
-            c = self._counters
-            c["queries"] += 1
-            c["tokens_queried"] += len(tokens)
-            c["hits" if num > 0 else "misses"] += 1
-            c["cached_tokens"] += num
+            if record:
+                c = self._counters
+                c["queries"] += 1
+                c["tokens_queried"] += len(tokens)
+                c["hits" if num > 0 else "misses"] += 1
+                c["cached_tokens"] += num
             snap = path[-1].snapshot if self.needs_snapshots and num > 0 else None
             return Match(num, self._path_pages(path, num), None if snap is None else snap.handle, path[-1], matched)
 
     # ---- locking --------------------------------------------------------------------------------------------------
     def lock(self, node: Node) -> None:
-        """Pin `node` and its ancestors against eviction (counted: call unlock once per lock)."""
+        """Pin `node` and its ancestors against eviction (counted: call unlock once per lock). The root (a miss's
+        node) is never evicted: locking it does nothing."""
         with self._lock:
             if not node.alive:
                 raise ValueError(f"lock: {node} was evicted")
-            while node is not None:
+            while node is not self.root:
                 node.lock_count += 1
                 node = node.parent
 
     def unlock(self, node: Node) -> None:
-        """Undo one `lock(node)`."""
+        """Undo one `lock(node)`. A node dropped by `clear` (the only way a locked node dies) is ignored."""
         with self._lock:
+            if node is self.root or (not node.alive and node.cleared):
+                return
             if not node.alive or node.lock_count < 1:
                 raise ValueError(f"unlock: {node} is not locked")
             self._unpin(node)
@@ -300,15 +306,14 @@ class PrefixCache:
 
     def clear(self) -> int:
         """Drop everything, locked or not (the pool was lost or the model changed: nothing cached is valid);
-        returns the bytes freed. Matches and locks taken before are void."""
+        returns the bytes freed. Matches taken before are void; unlocking their nodes does nothing."""
         with self._lock:
             freed = self.bytes_in_use
             for nd in list(self._nodes()):
                 self._unref_pages(nd.pages)
                 self._drop_node_snapshot(nd)
-                nd.alive = False
+                nd.alive, nd.cleared = False, True
             self.root.children.clear()
-            self.root.lock_count = 0
             self._num_nodes = self._tokens_cached = 0
             return freed
 
@@ -451,7 +456,7 @@ class PrefixCache:
         return snap.nbytes
 
     def _unpin(self, node) -> None:
-        while node is not None:
+        while node is not self.root:
             node.lock_count -= 1
             node = node.parent
 

@@ -8,6 +8,7 @@ import pytest
 
 from k2jax import load_config
 from k2jax.serving import page_pool as pp
+from k2jax.serving.cache import cache_bytes_per_sequence
 from k2jax.serving.page_pool import NO_PAGE, PageAllocator, PagePoolExhausted, PageTables
 
 PS = 4  # tokens per page
@@ -42,7 +43,6 @@ def test_sizes_follow_the_config():
     assert pool.shape == (2, 5, PS, cfg.kv_lora_rank + cfg.qk_rope_head_dim) and pool.dtype == jnp.bfloat16
     assert pp.page_bytes(cfg, PS) == pool.nbytes // 5
     # Per token, the pool stores exactly what the dense slot cache stores for the MLA layers.
-    from k2jax.serving.cache import cache_bytes_per_sequence
     kda_only = cache_bytes_per_sequence(cfg, 0)
     assert pp.page_bytes(cfg, PS) == cache_bytes_per_sequence(cfg, PS) - kda_only
     with pytest.raises(ValueError, match="no MLA layer"):

@@ -200,6 +200,25 @@ def test_evict_snapshots_frees_buffers_keeping_internal_latents():
     assert tree.stats()["nodes"] == 0 and alloc.num_used == 0  # the snapshotless parent went with its leaf
 
 
+def test_clear_drops_everything_even_locked_and_the_tree_carries_on():
+    tree, alloc, released = _tree()
+    for i in range(3):
+        _insert(tree, alloc, [i + 3] * 9, _snap(i))
+    hit, miss = tree.match([3] * 9 + [1]), tree.match([7, 7])
+    tree.lock(hit.node)
+    tree.lock(miss.node)
+    assert tree.clear() == 3 * (3 * PAGE_BYTES + SNAP_BYTES)
+    assert tree.bytes_in_use == 0 and alloc.num_used == 0 and sorted(released) == [0, 1, 2]
+    tree.unlock(hit.node)  # void now: nothing to undo
+    tree.unlock(miss.node)
+    assert tree.match([3] * 9, record=False).num_tokens == 0
+    _insert(tree, alloc, [3] * 9, _snap("new"))
+    assert tree.match([3] * 9).snapshot == "new"
+    s = tree.stats()
+    assert (s["queries"], s["hits"], s["misses"]) == (3, 2, 1)  # the unrecorded match is not counted
+    tree.check_consistency()
+
+
 def test_bad_calls_name_the_problem():
     tree, alloc, _ = _tree()
     with pytest.raises(ValueError, match="snapshot of the state after the tokens is required"):
