@@ -174,12 +174,10 @@ def _place_diag16(SD, SR):
 def _take_diag16(dS):
     """Transpose of `_place_diag16`: [..., C, C] -> (diag [..., C/8, 8, 8], rect [..., nb, 8, 8])."""
     C = dS.shape[-1]
-    nb = C // SUB
-    lead = dS.shape[:-2]
-    eye = np.eye(nb, dtype=np.float32)[:, None, :, None]
-    D16 = jnp.sum(dS.reshape(lead + (nb, SUB, nb, SUB)) * eye, axis=-2)          # [..., nb, 16, 16]
-    SD = jnp.stack([D16[..., :8, :8], D16[..., 8:, 8:]], axis=-3)
-    return SD.reshape(lead + (C // DIAG, DIAG, DIAG)), D16[..., 8:, :8]
+    sl = lambda i, j: dS[..., i * DIAG:(i + 1) * DIAG, j * DIAG:(j + 1) * DIAG]  # noqa: E731
+    diag = jnp.stack([sl(i, i) for i in range(C // DIAG)], axis=-3)
+    rect = jnp.stack([sl(2 * b + 1, 2 * b) for b in range(C // SUB)], axis=-3)
+    return diag, rect
 
 
 def _place_A(SA, C):
@@ -237,7 +235,9 @@ def scores_vjp(dSq, dSk, f: Factors, op: Operands):
         (gq, gkr), (xq, xk) = _split2(gx), _split2(op.XA)
         rows = lambda x: jnp.pad(x.reshape(lead + ((nb - 1) * SUB, K)),  # noqa: E731
                                  [(0, 0)] * len(lead) + [(SUB, 0), (0, 0)])
-        cols = lambda x: jnp.pad(jnp.sum(x, axis=-3), [(0, 0)] * len(lead) + [(0, SUB), (0, 0)])  # noqa: E731
+        # explicit sum over the few anchors: as a reduction XLA:CPU turned it into a slow matmul
+        cols = lambda x: jnp.pad(sum(x[..., i, :, :] for i in range(nb - 1)),  # noqa: E731
+                                 [(0, 0)] * len(lead) + [(0, SUB), (0, 0)])
         dQ = dQ + rows(gq * f.PA)
         dK = dK + rows(gkr * f.PA) + cols(gk * f.NA)
         dG = dG + rows(xq * gq + xk * gkr) - cols(op.KA * gk)
