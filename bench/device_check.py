@@ -333,7 +333,8 @@ def section_int4(chk: Check, deadline):
         ref = jnp.dot(x.astype(jnp.float32), dequantize_int4(qw, jnp.float32))
         flops = 2 * M * K * N
         t_q, t_b = chk.time(f, x, qw), chk.time(bf16, x, wb)
-        chk.add("int4", {"op": "dense", "M": M, "K": K, "N": N, "impl": "int4 pallas", "err": error_ratio(ref, f(x, qw)),
+        chk.add("int4", {"op": "dense", "M": M, "K": K, "N": N, "impl": "int4 pallas",
+                         "err": error_ratio(ref, f(x, qw)),
                          **chk.rate(flops, qw.nbytes + 2 * (M * K + M * N), t_q)})
         chk.add("int4", {"op": "dense", "M": M, "K": K, "N": N, "impl": "bf16 dot",
                          **chk.rate(flops, wb.nbytes + 2 * (M * K + M * N), t_b)})
@@ -499,7 +500,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         "device": {"platform": chk.platform, "device_kind": chk.kind, "jax": jax.__version__, "smoke": chk.smoke},
         "peak": {"bf16_flops": chk.peak_flops, "hbm_bytes_per_s": chk.peak_bw},
-        "elapsed_s": chk.elapsed(), "section_s": chk.section_s, "sections": chk.rows, "failures": chk.failures, "markdown": report,
+        "elapsed_s": chk.elapsed(), "section_s": chk.section_s, "sections": chk.rows, "failures": chk.failures,
+        "markdown": report,
     }, indent=1, default=float))
     print(f"wrote {out}")
     if chk.failures:

@@ -127,7 +127,8 @@ def _row(r):
 def table(peak, rows, notes, matmul_n) -> str:
     head = [
         f"KDA on {jax.default_backend().upper()} ({jax.devices()[0].device_kind}, {os.cpu_count()} cores visible, "
-        f"load average (1/5/15 min) at the end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}), jax {jax.__version__}; B={B}, H={H}, K=V={D}, float32, "
+        f"load average (1/5/15 min) at the end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}), "
+        f"jax {jax.__version__}; B={B}, H={H}, K=V={D}, float32, "
         "jit, median wall time (compile and one warm-up run excluded).",
         f"FLOPs per head: forward 6*T*d^2 + 3*T*C*d + T*C^2 (C={C}, d={D}); fwd+bwd counted as "
         f"{1 + BWD_FACTOR:g}x forward (backward = {BWD_FACTOR:g}x forward).",
