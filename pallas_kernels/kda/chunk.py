@@ -8,11 +8,11 @@ the group's chunks, two matmuls per chunk (Vnew = U - W S; S+ = decay S + Kg^T V
 whole group as two more batched matmuls (O = Qg S + Aqk Vnew). Groups are sized so a step's temporaries stay in
 cache (`GROUP_ELEMS`): whole-sequence temporaries were several times slower on CPU.
 
-The backward (`jax.custom_vjp`) keeps Aqk, Akk, T, W, Vnew and the chunk-start states from the forward, walks
-the groups last to first with the reverse state recurrence (two matmuls per chunk: dVnew = Aqk^T dO + Kg dS+ and
-dS = decay dS+ + Qg^T dO - W^T dVnew) and does everything else batched per group (kda_backward.md section 2).
-Memory kept for the backward, beyond the inputs: 3 C + K + V + K V / C floats per token and head (f32),
-e.g. 1.4 KiB at C = 64, K = V = 128.
+The backward (`jax.custom_vjp`) keeps Aqk, Akk, T, Vnew and the chunk-start states from the forward (W = T Xw is
+recomputed: one batched matmul is cheaper than writing and reading it back), walks the groups last to first with
+the reverse state recurrence (two matmuls per chunk: dVnew = Aqk^T dO + Kg dS+ and dS = decay dS+ + Qg^T dO -
+W^T dVnew) and does everything else batched per group (kda_backward.md section 2). Memory kept for the backward,
+beyond the inputs: 3 C + V + K V / C floats per token and head (f32), e.g. 1.3 KiB at C = 64, K = V = 128.
 
 Segments (see `kda_reference`): padding tokens (id 0) get zero q, k, v, g, beta, which makes them inert; `cm`
 masks the rows that continue the state carried into their chunk, `em` the rows of the chunk's last segment, and
@@ -178,7 +178,7 @@ def _forward(q, k, v, g, beta, seg, S0, cfg, save):
             S = decay[j][..., None] * S + mm("lck,lcv->lkv", Kg[j], vnew)
         starts, vnews = jnp.concatenate(starts), jnp.concatenate(vnews)          # [L, K, V], [L, C, V]
         o = mm("lck,lkv->lcv", it.Qg, starts) + mm("lrc,lcv->lrv", it.Aqk, vnews)
-        res = (it.Aqk, it.Akk, it.T, it.W, vnews, starts) if save else None
+        res = (it.Aqk, it.Akk, it.T, vnews, starts) if save else None
         return S, (_to_seq(o, B, H, v.dtype), res)
 
     S, (o, res) = lax.scan(step, S0.reshape(B * H, K, V), jnp.arange(NG))
@@ -193,7 +193,7 @@ def _backward(q, k, v, g, beta, seg, res, do, dS, cfg):
     chunks = lambda x: x.reshape((cfg.Gc, B * H) + x.shape[1:])  # noqa: E731
 
     def step(dSp, xs):
-        i, (Aqk, Akk, T, W, vnews, starts) = xs
+        i, (Aqk, Akk, T, vnews, starts) = xs
         x = _load(i, q, k, v, g, beta, seg, cfg)
         dO = _to_work(_group_slice(do, i, cfg))
         if x.real is not None:
@@ -203,8 +203,10 @@ def _backward(q, k, v, g, beta, seg, res, do, dS, cfg):
         Qg = x.Q * jnp.exp(G)
         Kg = x.K * jnp.exp(jnp.minimum(gl - G, 0.0))
         decay = jnp.exp(gl[..., 0, :])
+        W = mm("lrc,lck->lrk", T, x.beta[..., None] * jnp.exp(G) * x.K)      # recomputed: cheaper than kept
         if x.masks.cm is not None:
-            Qg, Kg, decay = Qg * x.masks.cm, Kg * x.masks.em, decay * x.masks.cm[..., -1, :]
+            Qg, Kg, W = Qg * x.masks.cm, Kg * x.masks.em, W * x.masks.cm
+            decay = decay * x.masks.cm[..., -1, :]
         dAqk = mm("lcv,lrv->lcr", dO, vnews)
         dvi = mm("lrc,lrv->lcv", Aqk, dO)
         QdO = chunks(mm("lck,lcv->lkv", Qg, dO))
