@@ -11,12 +11,15 @@ from three anchored terms, each one batched matmul of a row operand (X * row fac
 - level A, rows of 16-row block i >= 1 against all columns before it, anchored at the block's first row a:
   (X_r e^{G_r - G_a}) . (K_c e^{G_a - G_c}); both factors <= 1 because G is non-increasing.
 - rect, in each 16-row block the rows 8..15 against the columns 0..7, anchored at row 8: the same form.
-- diag, the 8 x 8 diagonal blocks, from gates clamped at -CLAMP (g' = max(g, -CLAMP)) and an anchor m midway
-  through the block: (X_r e^{G'_r - m}) . (K_c e^{m - G'_c}), every factor within e^{+-3.5 CLAMP}. Clamping
+- diag, the 8 x 8 diagonal blocks, from gates clamped at -CLAMP (g' = max(g, -CLAMP), G' their cumsum in the
+  block). Rows 0..3 are anchored at row 0 and pair with columns 0..3; rows 4..7 are anchored at row 4 and pair
+  with columns 0..7: (X_r e^{G'_r - G'_a}) . (K_c e^{G'_a - G'_c}), every factor within e^{+-4 CLAMP}. The two
+  anchor groups are two slots of one matmul's contraction (zero where a row or column is not in the group).
+  Anchors are the first row of their rows, so no output depends, even in rounding, on a later token. Clamping
   changes a pair only if a token between them has g < -CLAMP, and then both the true and the computed
   e^{G_r - G_c} are below e^{-CLAMP} = 2e-9: the error is far below float32 rounding of the rest.
-The unused parts of each product (upper triangle, other blocks) may overflow; they are removed by select before
-anything uses them, and the backward masks score gradients before any product with a factor.
+The unused parts of each product (upper triangle, other blocks) are finite and removed by select before anything
+uses them; the backward masks score gradients before any product with a factor.
 
 WY/UT (section 2): A = Diag(beta) S_k, T = (I + A)^{-1}, W = T (beta Gamma K), U = T (beta V). T is formed
 explicitly (16 x 16 diagonal blocks by block doubling, then block forward substitution): the backward needs
@@ -35,6 +38,7 @@ SUB = 16      # block rows of level A and of the inverse's diagonal blocks; chun
 DIAG = 8      # diagonal block size of the clamped term
 CLAMP = 20.0  # per-token gate clamp inside the diagonal blocks (see module docstring)
 _HI = lax.Precision.HIGHEST
+_LOW4 = (np.arange(8) < 4)[:, None]   # rows 0..3 of an 8-row diagonal block (the anchor-0 group)
 
 
 def mm(spec, a, b):
@@ -50,17 +54,23 @@ def _block_cumsum(x, n):
 
 def _block_revcumsum(x, n):
     """Reverse cumulative sum (sum over later-or-equal rows) within blocks of n rows."""
-    C, F = x.shape[-2:]
-    x = x.reshape(x.shape[:-2] + (C // n, n, F))
-    return (jnp.sum(x, axis=-2, keepdims=True) - jnp.cumsum(x, axis=-2) + x).reshape(x.shape[:-3] + (C, F))
+    return jnp.flip(_block_cumsum(jnp.flip(x, -2), n), -2)
+
+
+def _exclusive_cumsum(x, reverse=False):
+    """Sums of the strictly earlier (reverse: later) entries along axis -2, never (a + b) - b: every output is a
+    sum of exactly the entries it depends on, so changing a later entry cannot move it even by rounding."""
+    if reverse:
+        return jnp.flip(_exclusive_cumsum(jnp.flip(x, -2)), -2)
+    pad = [(0, 0)] * (x.ndim - 2) + [(1, 0), (0, 0)]
+    return jnp.pad(jnp.cumsum(x[..., :-1, :], axis=-2), pad)
 
 
 def _chunk_revcumsum(x):
     """Reverse cumulative sum over the whole chunk (axis -2), in two levels of 8-row blocks."""
     C, F = x.shape[-2:]
     within = _block_revcumsum(x, DIAG).reshape(x.shape[:-2] + (C // DIAG, DIAG, F))
-    totals = within[..., 0, :]
-    later = jnp.sum(totals, axis=-2, keepdims=True) - jnp.cumsum(totals, axis=-2)   # sum of the later blocks
+    later = _exclusive_cumsum(within[..., 0, :], reverse=True)              # sums of the later blocks
     return (within + later[..., None, :]).reshape(x.shape)
 
 
@@ -68,9 +78,7 @@ def gate_cumsums(g):
     """g [..., C, K] log-decays -> (G chunk-local cumsum, Gd 8-row-block-local cumsum of max(g, -CLAMP))."""
     C, K = g.shape[-2:]
     within = _block_cumsum(g, DIAG).reshape(g.shape[:-2] + (C // DIAG, DIAG, K))
-    totals = within[..., -1, :]
-    offsets = jnp.cumsum(totals, axis=-2) - totals          # sum of the earlier blocks of the chunk
-    G = (within + offsets[..., None, :]).reshape(g.shape)
+    G = (within + _exclusive_cumsum(within[..., -1, :])[..., None, :]).reshape(g.shape)
     return G, _block_cumsum(jnp.maximum(g, -CLAMP), DIAG)
 
 
@@ -87,8 +95,9 @@ class Factors(NamedTuple):
     NA: jnp.ndarray | None  # [..., nb-1, C-16, K] level A columns per anchor, zero at and after it (None if C=16)
     PR: jnp.ndarray   # [..., nb, 8, K]  rect rows 8..15 of each 16-block
     NR: jnp.ndarray   # [..., nb, 8, K]  rect columns 0..7 of each 16-block
-    PD: jnp.ndarray   # [..., C/8, 8, K] diag rows
-    ND: jnp.ndarray   # [..., C/8, 8, K] diag columns
+    PD: jnp.ndarray   # [..., C/8, 8, K] diag rows (rows 0..3 relative to row 0, rows 4..7 to row 4)
+    ND0: jnp.ndarray  # [..., C/8, 8, K] diag columns for the anchor at row 0 (zero for columns 4..7)
+    ND4: jnp.ndarray  # [..., C/8, 8, K] diag columns for the anchor at row 4
 
 
 def _expneg(x):
@@ -113,8 +122,9 @@ def score_factors(G, Gd) -> Factors:
     PR = _expneg(G16[..., 8:, :] - a8)
     NR = _expneg(a8 - G16[..., :8, :])
     Gd8 = Gd.reshape(lead + (C // DIAG, DIAG, K))
-    mid = 0.5 * (Gd8[..., :1, :] + Gd8[..., -1:, :])
-    return Factors(PA, NA, PR, NR, jnp.exp(Gd8 - mid), jnp.exp(mid - Gd8))
+    a0, a4 = Gd8[..., :1, :], Gd8[..., 4:5, :]
+    PD = jnp.exp(Gd8 - jnp.where(_LOW4, a0, a4))
+    return Factors(PA, NA, PR, NR, PD, jnp.where(_LOW4, jnp.exp(a0 - Gd8), 0.0), jnp.exp(a4 - Gd8))
 
 
 class Operands(NamedTuple):
@@ -124,8 +134,8 @@ class Operands(NamedTuple):
     KA: jnp.ndarray | None  # [..., nb-1, C-16, K]
     XR: jnp.ndarray         # [..., nb, 2 * 8, K]
     KR: jnp.ndarray         # [..., nb, 8, K]
-    XD: jnp.ndarray         # [..., C/8, 2 * 8, K]
-    KD: jnp.ndarray         # [..., C/8, 8, K]
+    XD: jnp.ndarray         # [..., C/8, 2 * 8, 2K] (slot 0: rows 0..3, anchor 0; slot 1: rows 4..7, anchor 4)
+    KD: jnp.ndarray         # [..., C/8, 8, 2K]
 
 
 def _blocks(x, n):
@@ -156,7 +166,19 @@ def score_operands(Q, Kc, f: Factors) -> Operands:
         KA = Kc[..., None, : C - SUB, :] * f.NA
     return Operands(XA, KA,
                     XR=_rows2(Q16[..., 8:, :] * f.PR, K16[..., 8:, :] * f.PR), KR=K16[..., :8, :] * f.NR,
-                    XD=_rows2(Q8 * f.PD, K8 * f.PD), KD=K8 * f.ND)
+                    XD=_rows2(_slots(Q8 * f.PD), _slots(K8 * f.PD)),
+                    KD=jnp.concatenate([K8 * f.ND0, K8 * f.ND4], axis=-1))
+
+
+def _slots(x):
+    """[..., 8, K] diag-block rows -> [..., 8, 2K]: rows 0..3 in the first K columns, rows 4..7 in the last K."""
+    return jnp.concatenate([jnp.where(_LOW4, x, 0.0), jnp.where(_LOW4, 0.0, x)], axis=-1)
+
+
+def _unslot(x):
+    """Each row's own slot of [..., 8, 2K] -> [..., 8, K]."""
+    K = x.shape[-1] // 2
+    return jnp.where(_LOW4, x[..., :K], x[..., K:])
 
 
 def _place_diag16(SD, SR):
@@ -208,15 +230,15 @@ def scores_vjp(dSq, dSk, f: Factors, op: Operands):
     C = dSq.shape[-1]
     nb = C // SUB
     lead = dSq.shape[:-2]
-    K = op.KD.shape[-1]
+    K = op.KR.shape[-1]
     flat = lambda x: x.reshape(lead + (C, K))  # noqa: E731
     # diag term (clamped gates): its gate gradients go to Gd
     dSD = _rows2(*(_take_diag16(d)[0] for d in (dSq, dSk)))                     # [..., C/8, 16, 8]
     gx = mm("...brc,...bck->...brk", dSD, op.KD)
-    gk = mm("...brc,...brk->...bck", dSD, op.XD)
-    (gq, gkr), (xq, xk) = _split2(gx), _split2(op.XD)
-    dQ, dK = flat(gq * f.PD), flat(gkr * f.PD + gk * f.ND)
-    dGd = flat(xq * gq + xk * gkr - op.KD * gk)
+    gk = mm("...brc,...brk->...bck", dSD, op.XD)                              # [..., C/8, 8, 2K]
+    (gq, gkr), (xq, xk) = (tuple(_unslot(y) for y in _split2(z)) for z in (gx, op.XD))
+    dQ, dK = flat(gq * f.PD), flat(gkr * f.PD + gk[..., :K] * f.ND0 + gk[..., K:] * f.ND4)
+    dGd = flat(xq * gq + xk * gkr - jnp.sum((op.KD * gk).reshape(gk.shape[:-1] + (2, K)), axis=-2))
     # rect term: rows 8..15 and columns 0..7 of each 16-block
     dSR = _rows2(*(_take_diag16(d)[1] for d in (dSq, dSk)))                     # [..., nb, 16, 8]
     gx = mm("...brc,...bck->...brk", dSR, op.KR)

@@ -305,3 +305,15 @@ def test_extreme_gates_inside_diagonal_blocks():
     # Chunk-local cumulative gates near -2000 carry ~1e-4 absolute float32 error into every exponent difference:
     # the tolerances of test_strong_gates_stay_finite_and_match (measured here: o 1.0e-5, grads <= 4.9e-5).
     assert_all_close(ref, got, 5e-5, 5e-4)
+
+
+def test_outputs_before_a_changed_token_are_bitwise_unchanged():
+    # Causality to the last bit (the model's causality test compares logits exactly): changing token t, in the
+    # middle of an 8-row diagonal block, must not move any earlier output even by rounding.
+    T, t = 64, 21
+    args, _ = make_inputs(59, T=T)
+    changed = [x.at[:, t].set(x[:, t] * 0.5 - 0.25) for x in args[:5]]
+    o1, _ = kda_chunk(*args[:5], initial_state=args[5], output_final_state=True)
+    o2, _ = kda_chunk(*changed, initial_state=args[5], output_final_state=True)
+    np.testing.assert_array_equal(np.asarray(o1[:, :t]), np.asarray(o2[:, :t]))
+    assert float(jnp.abs(o1[:, t:] - o2[:, t:]).max()) > 1e-3
