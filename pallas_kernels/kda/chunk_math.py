@@ -7,7 +7,7 @@ same-segment difference and keeps every anchored factor below 1), Gamma = exp(G)
 
 Intra-chunk scores, S_q[r, c] = sum_k Q_rk K_ck e^{G_rk - G_ck} (c <= r) and S_k likewise with K rows (c < r), come
 from three anchored terms, each one batched matmul of a row operand (X * row factor) with a column operand
-(K * column factor), never an exp of a difference that can be positive:
+(K * column factor), with no exp that can overflow:
 - level A, rows of 16-row block i >= 1 against all columns before it, anchored at the block's first row a:
   (X_r e^{G_r - G_a}) . (K_c e^{G_a - G_c}); both factors <= 1 because G is non-increasing.
 - rect, in each 16-row block the rows 8..15 against the columns 0..7, anchored at row 8: the same form.
@@ -124,7 +124,8 @@ def score_factors(G, Gd) -> Factors:
     Gd8 = Gd.reshape(lead + (C // DIAG, DIAG, K))
     a0, a4 = Gd8[..., :1, :], Gd8[..., 4:5, :]
     PD = jnp.exp(Gd8 - jnp.where(_LOW4, a0, a4))
-    return Factors(PA, NA, PR, NR, PD, jnp.where(_LOW4, jnp.exp(a0 - Gd8), 0.0), jnp.exp(a4 - Gd8))
+    ND0 = jnp.exp(jnp.where(_LOW4, a0 - Gd8, -jnp.inf))   # exactly 0 for columns 4..7
+    return Factors(PA, NA, PR, NR, PD, ND0, jnp.exp(a4 - Gd8))
 
 
 class Operands(NamedTuple):
@@ -209,6 +210,8 @@ def _place_A(SA, C):
 
 
 def _take_A(dS, C):
+    """Transpose of `_place_A`: [..., C, C] -> [..., nb-1, 16, C-16] (the caller's masks zero what is not level A's,
+    except the diagonal 16-blocks, which meet zero column factors)."""
     return dS[..., SUB:, : C - SUB].reshape(dS.shape[:-2] + (C // SUB - 1, SUB, C - SUB))
 
 
