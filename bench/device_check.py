@@ -4,6 +4,9 @@ against the references, and a loud failure when a Pallas kernel does not compile
     python bench/device_check.py [--out bench/out/device_check.json] [--budget 450] [--sections kda,step,...]
     python bench/device_check.py --smoke        # CPU: tiny shapes, Pallas kernels interpreted (tested in CI)
 
+On a lent machine, one call from the repository root (that image's python3 has JAX with CUDA, Flax and Optax):
+    python3 bench/device_check.py --out $OUT/device_check.json      # with a command timeout of ~600 s
+
 Sections (each within a share of --budget seconds; a section stops its size sweep before a size it cannot finish):
 - kda:       chunked KDA forward and forward+backward at Kimi-Linear shapes (B=1, H=32, K=V=128, bf16, T=4k..64k):
              the Pallas kernels (kda_pallas, compiled) against the XLA chunk path (kda_chunk) and the per-token
