@@ -1,4 +1,5 @@
-"""Chunked KDA in pure JAX/XLA: the WY/UT form of kimi_linear.md section 2, differentiable by plain autodiff.
+"""Chunked KDA in pure JAX/XLA: the WY/UT form of the Kimi Linear tech report (arXiv 2510.26692, Eqs. 6-7; fla's
+`chunk_kda`), differentiable by plain autodiff.
 
 Layout: chunk-major [N, B, H, C, F]. One `lax.scan` step handles a group of chunks (a few on CPU; see
 `GROUP_ELEMS`): the intra-chunk part (gate cumsum, Aqk, Akk, the unit-lower inverse, W, U) is batched over the
