@@ -3,7 +3,7 @@
     python bench/kda.py [--quick] [--lengths 512,2048,8192] [--impls reference,chunk,pallas] [--out results.md]
 
 Shapes: B=1, H=4, K=V=128, float32, under jit; compile and one warm-up run are excluded, each cell is the median
-of --repeats runs. FLOPs follow the Kimi Linear tech report's per-head count (kimi_linear.md section 8):
+of --repeats runs. FLOPs follow the Kimi Linear tech report's per-head count (arXiv 2510.26692):
 forward = 6*T*d^2 + 3*T*C*d + T*C^2 with C=64, d=128; backward counted as 2x forward (the customary convention),
 so forward+backward = 3x forward. The plain float32 matmul (--matmul N, N^3) is the machine's practical limit:
 it is timed right before every timed KDA call and each cell reports the median of (KDA rate / matmul rate), so
