@@ -47,7 +47,7 @@ from flax import nnx  # noqa: E402
 
 import k2jax  # noqa: E402
 from bench._timing import median_seconds  # noqa: E402
-from k2jax.metrics import train_flops_per_token  # noqa: E402
+from k2jax.training.metrics import train_flops_per_token  # noqa: E402
 from pallas_kernels.attention import attention  # noqa: E402
 from pallas_kernels.int4 import dequantize_int4, int4_matmul, int4_ragged_dot, quantize_int4  # noqa: E402
 from pallas_kernels.kda import kda_chunk, kda_pallas, kda_reference, kda_step_pallas, kda_step_reference  # noqa: E402
