@@ -14,4 +14,5 @@ from pallas_kernels.kda.pallas import kda_pallas
 from pallas_kernels.kda.pallas_step import kda_step_pallas
 from pallas_kernels.kda.reference import kda_reference, kda_step_reference
 
-__all__ = ["kda", "kda_chunk", "kda_context_parallel", "kda_pallas", "kda_reference", "kda_step", "kda_step_pallas", "kda_step_reference"]
+__all__ = ["kda", "kda_chunk", "kda_context_parallel", "kda_pallas", "kda_reference", "kda_step", "kda_step_pallas",
+           "kda_step_reference"]

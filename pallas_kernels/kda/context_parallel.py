@@ -1,17 +1,23 @@
 """KDA with the sequence split over a mesh axis (context parallelism), called inside `jax.shard_map`.
 
 The recurrence is affine in the state: a stretch of tokens maps its start state S to `P S + Q` per (row, head),
-P [K, K] and Q [K, V]. So each shard
+P [K, K] and Q [K, V]. Forward, each shard
 1. runs `kda` on its own tokens from a zero start, with the value block augmented by K zero columns and the start
    state [0 | I] (exact, since the state map is linear): the run returns the outputs from a zero start o0 [.., V],
    per-token read-out vectors r_t = scale * P_t^T q_t [.., K] (P_t: the map from the shard's start to token t),
-   and the end state [Q | P]. No new kernel and no per-token [K, K] matrix; the extra work is the K extra value
-   columns (about 1.4x the local forward and backward at K = V, see bench/context_parallel.py);
+   and the end state [Q | P]. No new kernel and no per-token [K, K] matrix;
 2. gets its true start state S_in from an inclusive scan of the (P, Q) pairs over the axis, log2(n) rounds of
    `ppermute` (Kogge-Stone), then one shift by a shard;
 3. corrects its outputs: o_t = o0_t + S_in^T r_t (one [K] x [K, V] product per token).
-The backward is autodiff through these steps: `kda`'s own VJP for the local run, `ppermute`'s transpose (the
-reverse shift) for the scan, so the cotangent of each shard's start state travels back down the axis.
+Backward (a custom VJP: the same in reverse), each shard
+1. forms D = sum_t r_t do_t^T, the cotangent of its start state through its own outputs;
+2. gets the cotangent dE of its end state from the transposed scan down the axis: a shard's start-state cotangent
+   is G = P^T dE + D, and dE of a shard is G of the next one;
+3. runs the VJP of a plain local `kda` from S_in with cotangents (do, dE): every input's exact gradient.
+Nothing of the augmented run is kept for the backward (only r, S_in and P): memory stays near one local `kda`
+call. Work, counted for one 48B-model layer (H = 32, K = V = 128, 1M tokens on 64-256 devices;
+bench/context_parallel.py): 1.68-1.73x the flops of a local `kda` forward + backward, of which the zero-start
+run is 0.55 and the scans and corrections the rest.
 
 Why a ppermute scan and not an all-gather of (P, Q): with n shards, an all-gather puts n * B * H * K * (K + V)
 floats on every device (1 GiB at n = 256, H = 32, K = V = 128, B = 1) and leaves n sequential [K, K] x [K, V]
@@ -40,8 +46,11 @@ second pieces (shard n - 1 down to 0, seeded on shard n - 1 with the end of the 
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from pallas_kernels.kda._checks import check_sequence_inputs
@@ -77,36 +86,107 @@ def kda_context_parallel(q, k, v, g, beta, *, axis_name, scale=None, initial_sta
         raise ValueError(f"kda_context_parallel: axis_name {axis_name!r} is not a mesh axis of an enclosing "
                          f"jax.shard_map; call the op inside shard_map with the sequence split over that axis") from e
     S0 = None if initial_state is None else initial_state.astype(F32)
-    m = 2 if layout == "zigzag" else 1   # pieces per shard
+    cfg = _Config(axis_name, n, 2 if layout == "zigzag" else 1, scale, chunk_size, impl, bool(output_final_state))
+    return _context_parallel(q, k, v, g, beta, S0, segment_ids, cfg)
 
-    # 1. The local run from a zero start, the m pieces as m * B batch rows (piece-major).
-    pieces = lambda x: x if m == 1 else _halves_to_rows(x)  # noqa: E731
-    seg = None if segment_ids is None else pieces(segment_ids)
-    o0, r, P, Q = _zero_start_run(*(pieces(x) for x in (q, k, v, g, beta)), seg, scale=scale,
-                                  chunk_size=chunk_size, impl=impl)
+
+class _Config(NamedTuple):
+    axis_name: Any
+    n: int                     # shards on the axis
+    m: int                     # pieces per shard: 1 (contiguous) or 2 (zigzag)
+    scale: float | None
+    chunk_size: int
+    impl: str
+    output_final_state: bool
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _context_parallel(q, k, v, g, beta, S0, seg, cfg):
+    o, final, _ = _forward(q, k, v, g, beta, S0, seg, cfg)
+    return o, final
+
+
+def _forward(q, k, v, g, beta, S0, seg, cfg):
+    """Returns (o, final state or None, what the backward needs)."""
+    B, m, n, axis = q.shape[0], cfg.m, cfg.n, cfg.axis_name
+    rows = lambda x: x if m == 1 else _halves_to_rows(x)  # noqa: E731  the m pieces as m * B rows, piece-major
     by_piece = lambda x: x.reshape((m, B) + x.shape[1:])  # noqa: E731
+    seg = None if seg is None else rows(seg)
+    # 1. the local run from a zero start
+    o0, r, P, Q = _zero_start_run(*(rows(x) for x in (q, k, v, g, beta)), seg, cfg)
     P, Q = by_piece(P), by_piece(Q)
-
-    # 2. Start states: c = 1 where a piece continues the state of the piece before it in the row.
-    c = jnp.ones((m, B), F32) if seg is None else _continues(by_piece(seg), axis_name, n)
+    # 2. start states; c: 1 where a piece continues the end state of the piece before it in the row
+    c, c_next = (jnp.ones((m, B), F32),) * 2 if seg is None else _continues(by_piece(seg), axis, n)
     if m == 1:
-        start, end = _chain(P[0], Q[0], c[0], S0, axis_name, n, reverse=False)
+        start, end = _chain(P[0], Q[0], c[0], S0, axis, n, reverse=False)
         starts, last_shard, final = start[None], n - 1, end
     else:
-        start_a, end_a = _chain(P[0], Q[0], c[0], S0, axis_name, n, reverse=False)
+        start_a, end_a = _chain(P[0], Q[0], c[0], S0, axis, n, reverse=False)
         # the second halves run from shard n - 1 down to 0; the first of them follows the first half's end
-        seed_b = c[1][:, None, None, None] * end_a   # used on shard n - 1 only
-        start_b, end_b = _chain(P[1], Q[1], c[1], seed_b, axis_name, n, reverse=True)
+        seed_b = _bcast(c[1]) * end_a   # used on shard n - 1 only
+        start_b, end_b = _chain(P[1], Q[1], c[1], seed_b, axis, n, reverse=True)
         starts, last_shard, final = jnp.stack([start_a, start_b]), 0, end_b
-
-    # 3. Correction: o = o0 + S_in^T r.
+    # 3. the correction o = o0 + S_in^T r
     starts = starts.reshape((m * B,) + starts.shape[2:])
     o = (o0.astype(F32) + mm("bthk,bhkv->bthv", r.astype(F32), starts)).astype(v.dtype)
     o = o if m == 1 else _rows_to_halves(o, B)
-    if not output_final_state:
-        return o, None
-    final = lax.psum(jnp.where(lax.axis_index(axis_name) == last_shard, final, 0.0), axis_name)
-    return o, final
+    if cfg.output_final_state:
+        final = lax.psum(jnp.where(lax.axis_index(axis) == last_shard, final, 0.0), axis)
+    else:
+        final = None
+    return o, final, (r, starts, P, c_next)
+
+
+def _forward_rule(q, k, v, g, beta, S0, seg, cfg):
+    o, final, res = _forward(q, k, v, g, beta, S0, seg, cfg)
+    return (o, final), (q, k, v, g, beta, S0, seg, res)
+
+
+def _backward_rule(cfg, saved, cts):
+    """The forward in reverse. The cotangent of a piece's start state is G = P^T dE + D (dE: that of its end state,
+    D = sum_t r_t do_t^T: that through its own outputs), and dE = c' G' with G', c' of the next piece in the row: the
+    same affine scan, transposed, down the axis. Then the local VJP of `kda` from the true start state with the
+    true end-state cotangent gives every input's gradient."""
+    q, k, v, g, beta, S0, seg, (r, starts, P, c_next) = saved
+    do, dfinal = cts
+    B, m, n, axis = q.shape[0], cfg.m, cfg.n, cfg.axis_name
+    rows = lambda x: x if m == 1 else _halves_to_rows(x)  # noqa: E731
+    do = rows(do)
+    D = mm("bthk,bthv->bhkv", r.astype(F32), do.astype(F32)).reshape((m, B) + starts.shape[1:])
+    PT = jnp.swapaxes(P, -1, -2)
+    dfinal = None if dfinal is None else dfinal.astype(F32)
+    if m == 1:   # from shard n - 1 down to 0
+        dE, _ = _chain(PT[0], D[0], c_next[0], dfinal, axis, n, reverse=True)
+        dE = dE[None]
+    else:        # the second halves from shard 0 up to n - 1, then the first halves from n - 1 down to 0
+        dE_b, G_b = _chain(PT[1], D[1], c_next[1], dfinal, axis, n, reverse=False)
+        seed_a = _bcast(c_next[0]) * G_b   # on shard n - 1: the piece after its first half is its second half
+        dE_a, _ = _chain(PT[0], D[0], c_next[0], seed_a, axis, n, reverse=True)
+        dE = jnp.stack([dE_a, dE_b])
+    dE = dE.reshape((m * B,) + dE.shape[2:])
+
+    def local(q, k, v, g, beta, start):
+        return kda(q, k, v, g, beta, scale=cfg.scale, initial_state=start, output_final_state=True,
+                   segment_ids=None if seg is None else rows(seg), chunk_size=cfg.chunk_size, impl=cfg.impl)
+
+    _, vjp = jax.vjp(local, *(rows(x) for x in (q, k, v, g, beta)), starts)
+    *grads, dstart = vjp((do, dE))
+    grads = tuple(x if m == 1 else _rows_to_halves(x, B) for x in grads)
+    if S0 is None:
+        return (*grads, None, None)
+    # the row's initial state is the start state of the first piece of shard 0
+    dS0 = jnp.where(lax.axis_index(axis) == 0, dstart[:B], 0.0)
+    if axis not in jax.typeof(S0).manual_axis_type.varying:   # one copy for the whole axis: sum its uses
+        dS0 = lax.psum(dS0, axis)
+    return (*grads, dS0, None)
+
+
+_context_parallel.defvjp(_forward_rule, _backward_rule)
+
+
+def _bcast(c):
+    """[B] -> [B, 1, 1, 1]."""
+    return c[:, None, None, None]
 
 
 def _halves_to_rows(x):
@@ -122,7 +202,7 @@ def _rows_to_halves(x, B):
     return x.reshape((B, 2 * x.shape[2]) + x.shape[3:])
 
 
-def _zero_start_run(q, k, v, g, beta, segment_ids, *, scale, chunk_size, impl):
+def _zero_start_run(q, k, v, g, beta, segment_ids, cfg):
     """`kda` from a zero start with the value block [v | 0] and start state [0 | I].
 
     Returns o0 [B, T, H, V] (outputs from a zero start), r [B, T, H, K] (o = o0 + S_in^T r for a start state
@@ -133,8 +213,8 @@ def _zero_start_run(q, k, v, g, beta, segment_ids, *, scale, chunk_size, impl):
     v_aug = jnp.concatenate([v, jnp.zeros((B, T, H, K), v.dtype)], axis=-1)
     s_aug = jnp.concatenate([jnp.zeros((B, H, K, V), F32), jnp.broadcast_to(jnp.eye(K, dtype=F32), (B, H, K, K))],
                             axis=-1)
-    o, s = kda(q, k, v_aug, g, beta, scale=scale, initial_state=s_aug, output_final_state=True,
-               segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+    o, s = kda(q, k, v_aug, g, beta, scale=cfg.scale, initial_state=s_aug, output_final_state=True,
+               segment_ids=segment_ids, chunk_size=cfg.chunk_size, impl=cfg.impl)
     return o[..., :V], o[..., V:], s[..., V:], s[..., :V]
 
 
@@ -149,9 +229,10 @@ def _first_last_ids(seg):
 
 
 def _continues(seg, axis_name, n):
-    """seg int [m, B, T] (this shard's pieces) -> c [m, B] float32: 1 where the piece starts from the end state of
-    the piece before it in the row (its first real id equals the last real id before it, or no real token comes
-    before it, or it has no real token), 0 where its first real token restarts the state."""
+    """seg int [m, B, T] (this shard's pieces) -> (c, c_next) [m, B] float32: c = 1 where the piece starts from the
+    end state of the piece before it in the row (its first real id equals the last real id before it, or no real
+    token comes before it, or it has no real token), 0 where its first real token restarts the state; c_next: c of
+    the piece after it in the row (1 after the row's last piece, where it is unused)."""
     m, B, T = seg.shape
     first, last = _first_last_ids(seg.reshape(m * B, T))
     ids = lax.all_gather(jnp.stack([first, last], axis=-1).reshape(m, B, 2), axis_name)   # [n, m, B, 2]
@@ -166,8 +247,9 @@ def _continues(seg, axis_name, n):
     where_last = lax.cummax(jnp.where(lasts != 0, jnp.arange(N)[:, None], -1), axis=0)     # last real piece <= p
     prev_pos = jnp.concatenate([jnp.full((1, B), -1, where_last.dtype), where_last[:-1]])  # ... < p
     prev = jnp.where(prev_pos >= 0, jnp.take_along_axis(lasts, jnp.maximum(prev_pos, 0), axis=0), 0)
-    cont = (prev == 0) | (firsts == 0) | (firsts == prev)                                   # [N, B]
-    return cont[own_pos].astype(F32)
+    cont = ((prev == 0) | (firsts == 0) | (firsts == prev)).astype(F32)                      # [N, B]
+    cont = jnp.concatenate([cont, jnp.ones((1, B), F32)])
+    return cont[own_pos], cont[own_pos + 1]
 
 
 def _shift(n, d, reverse):
@@ -186,7 +268,7 @@ def _chain(P, Q, c, seed, axis_name, n, *, reverse):
     if reverse:
         pos = n - 1 - pos
     first = pos == 0
-    c = c[:, None, None, None]
+    c = _bcast(c)
     # (Pm, Qm): the map from the end of the piece before the covered range to this piece's end. The first piece's
     # map is folded with its seed into a constant (P = 0), so the scan's Q part ends as the true end state.
     Qm = Q if seed is None else jnp.where(first, mm("bhij,bhjv->bhiv", P, seed) + Q, Q)

@@ -125,8 +125,11 @@ def test_without_final_state_returns_none():
         return o
 
     seq = P(None, "context")
-    o = jax.eval_shape(jax.shard_map(local, mesh=context_mesh(4), in_specs=(seq,) * 5, out_specs=seq), *args[:5])
+    sharded = jax.shard_map(local, mesh=context_mesh(4), in_specs=(seq,) * 5, out_specs=seq)
+    o = jax.eval_shape(sharded, *args[:5])
     assert o.shape == args[2].shape and o.dtype == args[2].dtype
+    grads = jax.eval_shape(jax.grad(lambda *a: sharded(*a).sum(), argnums=tuple(range(5))), *args[:5])
+    assert [x.shape for x in grads] == [x.shape for x in args[:5]]
 
 
 def to_zigzag(x, n):
@@ -192,8 +195,8 @@ def test_bad_calls_are_rejected():
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_lowers_with_the_pallas_kernels_inside_shard_map(platform):
-    """impl="auto" inside shard_map lowers to the Pallas kernels (forward and backward) for TPU and GPU; the
-    kernels declare how their outputs vary over the manual axes (shard_map's check_vma)."""
+    """impl="auto" inside shard_map lowers to the Pallas kernels for TPU and GPU; the kernels declare how their
+    outputs vary over the manual axes (shard_map's check_vma)."""
     n, T = 4, 4 * 64
     context = contextlib.nullcontext()
     if platform == "cuda":   # an abstract GPU mesh stands in for the devices (see test_kda_pallas._lower)
@@ -225,7 +228,8 @@ def test_lowers_with_the_pallas_kernels_inside_shard_map(platform):
     with context:
         text = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*specs).lower(
             lowering_platforms=(platform,)).as_text()
-    assert text.count("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") == 2
+    # forward: the zero-start run; backward: the local run from the true start state, again and its VJP
+    assert text.count("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") == 3
     assert text.count("collective_permute") >= 6   # the scan's rounds and shift, forward and backward
 
 
