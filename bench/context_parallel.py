@@ -46,9 +46,9 @@ def _sub_jaxprs(params):
 
 
 def count(jaxpr):
-    """(matmul flops, collective bytes sent) per device of a jaxpr: dot_general flops and the operand bytes of
-    collectives, scan bodies times their length, the largest branch of a cond."""
-    flops = sent = 0
+    """(matmul flops, collective bytes sent, ppermutes) per device of a jaxpr: dot_general flops and the operand
+    bytes of collectives, scan bodies times their length, the largest branch of a cond."""
+    flops = sent = permutes = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
@@ -57,16 +57,14 @@ def count(jaxpr):
             flops += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
         elif name in COLLECTIVES:
             sent += sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in eqn.invars)
+            permutes += name == "ppermute"
         subs = [count(j) for j in _sub_jaxprs(eqn.params)]
         if not subs:
             continue
-        if name == "cond":
-            f, s = max(subs)
-        else:
-            f, s = (sum(x) for x in zip(*subs))
+        totals = max(subs) if name == "cond" else tuple(sum(x) for x in zip(*subs))
         times = eqn.params.get("length", 1) if name == "scan" else 1
-        flops, sent = flops + times * f, sent + times * s
-    return flops, sent
+        flops, sent, permutes = (a + times * b for a, b in zip((flops, sent, permutes), totals))
+    return flops, sent, permutes
 
 
 def inputs(B, T, H, K, V, dtype, seed=0):
@@ -129,14 +127,14 @@ def measured(a):
           f"{'temp MiB/dev':>13} {'x local kda':>12}")
     single = grad_fn(loss_single(a.chunk))
     t1 = median_seconds(single, *args, repeats=a.repeats)
-    f1, _ = program_counts(single, args)
+    f1 = program_counts(single, args)[0]
     print(f"{'1 (kda)':>8} {t1:8.3f} {1.0:8.2f} {f1 / 1e9:10.3f} {1.0:9.2f} {0:13.1f} "
           f"{temp_bytes(single, args) / 2**20:13.1f} {'':>12}")
     for n in (2, 4, 8):
         mesh = Mesh(np.array(jax.devices()[:n]), ("context",))
         fn = grad_fn(loss_context(mesh, a.chunk))
         t = median_seconds(fn, *args, repeats=a.repeats)
-        f, sent = program_counts(fn, args)
+        f, sent, _ = program_counts(fn, args)
         local = grad_fn(loss_single(a.chunk))
         local_args = tuple(x[:, : a.T // n] if x.ndim >= 3 and x.shape[1] == a.T else x for x in args)
         mem, mem_local = temp_bytes(fn, args), temp_bytes(local, local_args)
@@ -156,10 +154,10 @@ def counted(chunk):
                                specs(B, Tl, H, K, V, jnp.bfloat16))[0]
         zero_start = program_counts(loss_single(chunk), specs(B, Tl, H, K, V + K, jnp.bfloat16))[0]
         mesh = AbstractMesh((n,), ("context",))
-        f, sent = program_counts(jax.grad(loss_context(mesh, chunk), argnums=tuple(range(6))),
-                                 specs(B, T, H, K, V, jnp.bfloat16))
+        f, sent, permutes = program_counts(jax.grad(loss_context(mesh, chunk), argnums=tuple(range(6))),
+                                           specs(B, T, H, K, V, jnp.bfloat16))
         print(f"{n:>8} {Tl:>10} {local / 1e9:10.1f} {f / 1e9:9.1f} {f / local - 1:6.0%} {zero_start / local:11.0%} "
-              f"{(f - local - zero_start) / local:10.1%} {2 * math.ceil(math.log2(n)) + 2:>10} {sent / 2**20:13.1f}")
+              f"{(f - local - zero_start) / local:10.1%} {permutes:>10} {sent / 2**20:13.1f}")
 
 
 def main():

@@ -67,11 +67,15 @@ def single_device(args, cot, seg, with_state=True):
     return o, s, vjp(cot)
 
 
-def context_parallel(args, cot, seg, mesh, *, with_state=True, layout="contiguous", batch_axis=None):
-    """(o, final_state, grads) of kda_context_parallel with the rows split over the mesh's `context` axis."""
+def context_parallel(args, cot, seg, mesh, *, with_state=True, layout="contiguous", batch_axis=None,
+                     state_varies=False):
+    """(o, final_state, grads) of kda_context_parallel with the rows split over the mesh's `context` axis.
+    state_varies: give the op an initial state typed as varying over `context` (each shard its own copy)."""
     seq, row = P(batch_axis, "context"), P(batch_axis)
 
     def local(q, k, v, g, beta, s0, seg):
+        if state_varies:
+            s0 = jax.lax.pcast(s0, ("context",), to="varying")
         return kda_context_parallel(q, k, v, g, beta, axis_name="context", initial_state=s0 if with_state else None,
                                     output_final_state=True, segment_ids=seg, chunk_size=CHUNK, layout=layout)
 
@@ -162,8 +166,9 @@ def test_two_dimensional_mesh():
     n = 4   # mesh data=2 x context=4: rows split over data, time over context
     args, cot = make_inputs(31, T=n * T_SHARD)
     seg = segment_ids(n)
+    # the initial state as a per-shard copy (only shard 0's is read; pcast's transpose sums the copies' gradients)
     assert_agree(single_device(args, cot, seg), context_parallel(args, cot, seg, context_mesh(n, data=2),
-                                                                 batch_axis="data"))
+                                                                 batch_axis="data", state_varies=True))
 
 
 def test_bfloat16():
