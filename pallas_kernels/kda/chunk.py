@@ -32,6 +32,7 @@ from jax import lax
 from pallas_kernels.kda._checks import check_sequence_inputs
 from pallas_kernels.kda.chunk_math import SUB, Masks, chunk_intra, chunk_intra_vjp, gate_cumsums, mm
 from pallas_kernels.kda.pallas import chunk_masks, segment_numbers
+from pallas_kernels.vma import vary_like
 
 # Elements of one [Gc * B * H, C, max(K, V)] array of a scan step: chunks per group are the largest power of two
 # within this. Measured on 2 CPU cores (B=1, H=4, K=V=128): 1, 2 or 4 chunks per step equal within noise, 8 about
@@ -55,6 +56,7 @@ def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
         raise ValueError(f"kda_chunk: chunk_size must be a positive multiple of {SUB}, got {chunk_size!r}")
     scale = float(K ** -0.5 if scale is None else scale)
     S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    S0 = vary_like(S0, q, k, v, g, beta)   # inside shard_map the scan's state carry varies like the inputs
     if T == 0:
         return jnp.zeros((B, 0, H, V), v.dtype), (S0 if output_final_state else None)
     C = int(chunk_size)
@@ -250,7 +252,8 @@ def _core_fwd(q, k, v, g, beta, seg, S0, cfg):
 def _core_bwd(cfg, saved, cts):
     q, k, v, g, beta, seg, res = saved
     do, dS = cts
-    (dq, dk, dv, dg, dbeta), dS0 = _backward(q, k, v, g, beta, seg, res, do, dS.astype(jnp.float32), cfg)
+    dS = vary_like(dS.astype(jnp.float32), q, k, v, g, beta)   # a zero cotangent may come without the axes
+    (dq, dk, dv, dg, dbeta), dS0 = _backward(q, k, v, g, beta, seg, res, do, dS, cfg)
     return dq, dk, dv, dg, dbeta, jax.tree.map(jnp.zeros_like, seg), dS0
 
 

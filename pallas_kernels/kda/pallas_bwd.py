@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -22,6 +21,7 @@ from pallas_kernels.kda.pallas_fwd import (BC, F32, ChunkRefs, grid_specs, loop_
                                            loop_block_v,
                                            causal_masks, chunk_intra, col, col_to_row, compiler_params, dot_nn,
                                            dot_nt, dot_tn, expneg, iota, load_chunk, load_rows, row)
+from pallas_kernels.vma import varying_out
 
 
 def intra_grads(r: ChunkRefs, off, ch, dAq, dAk, C, scale):
@@ -166,7 +166,8 @@ def kda_bwd_call(q, k, v, g, b, sid, cm, em, h, do, dht, *, scale, chunk_size, b
     V = v.shape[-1]
     C = chunk_size
     NT = T // C
-    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    inputs = (q, k, v, g, b, sid, cm, em, h, do, dht)
+    like = lambda x: varying_out(x.shape, x.dtype, *inputs)  # noqa: E731
     if backend in ("triton", "interpret_loop"):
         BV = loop_block_v(V, block_v)
         NV = V // BV
@@ -176,7 +177,7 @@ def kda_bwd_call(q, k, v, g, b, sid, cm, em, h, do, dht, *, scale, chunk_size, b
         scratch = []
         part = lambda d: pl.BlockSpec((None, None, None, T, d), lambda b_, h_, j: (j, b_, h_, 0, 0))  # noqa: E731
         k_side = [(part(K), q), (part(K), k), (part(K), g), (part(1), b)]
-        k_shapes = [jax.ShapeDtypeStruct((NV,) + x.shape, F32) for _, x in k_side]
+        k_shapes = [varying_out((NV,) + x.shape, F32, *inputs) for _, x in k_side]
     else:
         NV = 1
         grid = (B, H, NT)
@@ -191,12 +192,12 @@ def kda_bwd_call(q, k, v, g, b, sid, cm, em, h, do, dht, *, scale, chunk_size, b
         grid=grid,
         in_specs=[seq(K), seq(K), vseq, seq(K), seq(1), tok, tok, tok, per_chunk, vseq, state],
         out_specs=[spec for spec, _ in k_side] + [vseq, state],
-        out_shape=k_shapes + [like(v), jax.ShapeDtypeStruct((B, H, K, V), F32)],
+        out_shape=k_shapes + [like(v), varying_out((B, H, K, V), F32, *inputs)],
         scratch_shapes=scratch,
         compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")),
         interpret=backend.startswith("interpret"),
         name="kda_bwd",
-    )(q, k, v, g, b, sid, cm, em, h, do, dht)
+    )(*inputs)
     if dq.ndim == 5:   # loop driver: sum the per-value-block parts
         dq, dk, dg, db = (d.sum(axis=0).astype(x.dtype) for d, (_, x) in zip((dq, dk, dg, db), k_side))
     return dq, dk, dv, dg, db, dh0

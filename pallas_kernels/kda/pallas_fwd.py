@@ -41,6 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.vma import varying_out
+
 F32 = jnp.float32
 BC = 16  # rows of a secondary sub-block (anchored chunking)
 _HI = lax.Precision.HIGHEST
@@ -363,10 +365,11 @@ def kda_fwd_call(q, k, v, g, b, sid, cm, em, h0, *, scale, chunk_size, save_stat
         vseq = seq(V)
         kernel = functools.partial(_fwd_grid_kernel, C=C, scale=scale, save_states=save_states)
         scratch = [pltpu.VMEM((K, V), F32)]
-    out_shape = [jax.ShapeDtypeStruct((B, H, T, V), v.dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)]
+    inputs = (q, k, v, g, b, sid, cm, em, h0)
+    out_shape = [varying_out((B, H, T, V), v.dtype, *inputs), varying_out((B, H, K, V), F32, *inputs)]
     out_specs = [vseq, state]
     if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((B, H, NT, K, V), h_dtype))
+        out_shape.append(varying_out((B, H, NT, K, V), h_dtype, *inputs))
         out_specs.append(per_chunk)
     outs = pl.pallas_call(
         kernel,
@@ -378,5 +381,5 @@ def kda_fwd_call(q, k, v, g, b, sid, cm, em, h0, *, scale, chunk_size, save_stat
         compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")),
         interpret=backend.startswith("interpret"),
         name="kda_fwd",
-    )(q, k, v, g, b, sid, cm, em, h0)
+    )(*inputs)
     return tuple(outs) if save_states else (*outs, None)
