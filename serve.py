@@ -18,28 +18,46 @@ import sys
 import time
 from pathlib import Path
 
-from k2jax.serving.limits import ServerLimits
+from k2jax.config import ConfigError, ModelConfig, parse_overrides
+from k2jax.serving.config import ServeConfig
+
+# flag -> ServeConfig field (dotted: a field of its `limits`)
+_SERVE_FLAGS = {"slots": "slots", "max_len": "max_len", "min_bucket": "min_bucket", "int4_experts": "int4_experts",
+                "tensor_parallel": "tensor_parallel", "expert_parallel": "expert_parallel", "host": "host",
+                "port": "port", "max_body_bytes": "limits.max_body_bytes", "max_waiting": "limits.max_waiting",
+                "request_timeout": "limits.request_timeout_s", "default_max_tokens": "limits.default_max_tokens"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    d = ServeConfig()
+
+    def default(field: str) -> str:  # the help text's default, from ServeConfig
+        value = d
+        for part in field.split("."):
+            value = getattr(value, part)
+        return f"(ServeConfig.{field}, default {value})"
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model")
     src.add_argument("--checkpoint", help="HF folder or orbax checkpoint directory")
     src.add_argument("--config", help="build a randomly initialised model from this config (no --checkpoint)")
-    src.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                     help="config field override (YAML value), repeatable, e.g. vocab_size=264")
+    src.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="model config field (model.<field> or a bare field, e.g. vocab_size=264) or serve setting "
+                          "(serve.<field>, e.g. serve.limits.max_waiting=8); value parsed as YAML; repeatable")
     src.add_argument("--tokenizer", help="'byte', or a folder/file (default: the checkpoint folder if it has one, "
                                          "else 'byte')")
     src.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter and compute dtype")
-    src.add_argument("--int4-experts", action="store_true", help="serve the routed experts from INT4 weights")
-    src.add_argument("--tensor-parallel", type=int, default=1,
-                     help="devices on the 'tensor' mesh axis (the 'data' axis takes the remaining devices)")
-    src.add_argument("--expert-parallel", type=int, default=1, help="devices on the 'expert' mesh axis")
+    src.add_argument("--int4-experts", action="store_const", const=True,
+                     help="serve the routed experts from INT4 weights " + default("int4_experts"))
+    src.add_argument("--tensor-parallel", type=int, help="devices on the 'tensor' mesh axis " +
+                     default("tensor_parallel"))
+    src.add_argument("--expert-parallel", type=int, help="devices on the 'expert' mesh axis " +
+                     default("expert_parallel"))
     src.add_argument("--seed-init", type=int, default=0, help="init seed with --config")
     eng = p.add_argument_group("engine")
-    eng.add_argument("--slots", type=int, default=8, help="concurrent sequences (decode batch)")
-    eng.add_argument("--max-len", type=int, default=None, help="context per sequence (prompt + generated)")
-    eng.add_argument("--min-bucket", type=int, default=16, help="smallest prompt-length bucket")
+    eng.add_argument("--slots", type=int, help="concurrent sequences (decode batch) " + default("slots"))
+    eng.add_argument("--max-len", type=int, help="context per sequence (prompt + generated) " + default("max_len"))
+    eng.add_argument("--min-bucket", type=int, help="smallest prompt-length bucket " + default("min_bucket"))
     eng.add_argument("--no-warmup", action="store_true", help="compile lazily instead of all buckets up front")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -53,34 +71,33 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     http = p.add_argument_group("http")
     http.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API instead")
-    http.add_argument("--host", default="127.0.0.1")
-    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--host", help=default("host"))
+    http.add_argument("--port", type=int, help=default("port"))
     http.add_argument("--model-name", help="model id the API answers to (default: the checkpoint folder name)")
-    d = ServerLimits()
-    http.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
-                      help="larger request bodies get 413 (default %(default)s)")
-    http.add_argument("--max-waiting", type=int, default=d.max_waiting,
-                      help="requests queued behind busy slots before new ones get 429 (default %(default)s)")
-    http.add_argument("--request-timeout", type=float, default=d.request_timeout_s, metavar="SECONDS",
-                      help="a request still running after this is aborted with 504 (default %(default)s)")
-    http.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
-                      help="max_tokens of a chat request that names none (default %(default)s)")
+    http.add_argument("--max-body-bytes", type=int,
+                      help="larger request bodies get 413 " + default("limits.max_body_bytes"))
+    http.add_argument("--max-waiting", type=int,
+                      help="requests queued behind busy slots before new ones get 429 " + default("limits.max_waiting"))
+    http.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                      help="a request still running after this is aborted with 504 " +
+                           default("limits.request_timeout_s"))
+    http.add_argument("--default-max-tokens", type=int,
+                      help="max_tokens of a chat request that names none " + default("limits.default_max_tokens"))
     return p
 
 
-def _overrides(items: list[str]) -> dict:
-    import yaml
+def settings(args: argparse.Namespace) -> tuple[ServeConfig, dict]:
+    """(ServeConfig, model config overrides) of a command line: the flags, then `--override serve.*` over them;
+    ConfigError naming the field, the value and what is allowed (nothing is loaded before)."""
+    changes = parse_overrides(args.override, {"model": ModelConfig, "serve": ServeConfig})
+    flags = {field: getattr(args, flag) for flag, field in _SERVE_FLAGS.items() if getattr(args, flag) is not None}
+    if args.no_warmup:
+        flags["warmup"] = False
+    serve = ServeConfig().with_overrides({**flags, **changes["serve"]})
+    return serve, changes["model"]
 
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--override {item!r}: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
-
-def _build(args):
+def _build(args, serve: ServeConfig, model_overrides: dict):
     from flax import nnx
 
     from k2jax import KimiLinear, load_config
@@ -89,20 +106,26 @@ def _build(args):
     from k2jax.sharding import make_mesh, shard_model
     from k2jax.tokenizer import load_tokenizer
 
+    tp, ep = serve.tensor_parallel, serve.expert_parallel
     mesh = None
-    if args.tensor_parallel * args.expert_parallel > 1:
+    if tp * ep > 1:
         try:  # the four-axis mesh of k2jax.sharding; serving's replicas go on 'data'
-            mesh = make_mesh({"data": -1, "expert": args.expert_parallel, "tensor": args.tensor_parallel})
+            mesh = make_mesh({"data": -1, "expert": ep, "tensor": tp})
         except ValueError as e:
-            raise SystemExit(f"--tensor-parallel {args.tensor_parallel} x --expert-parallel "
-                             f"{args.expert_parallel}: {e}")
-    overrides = _overrides(args.override)
+            raise SystemExit(f"--tensor-parallel {tp} x --expert-parallel {ep}: {e}")
     if args.checkpoint:
-        model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh, config_overrides=overrides)
+        if any("." in k for k in model_overrides):
+            raise SystemExit("error: --override model.<field>.<key> needs --config (with --checkpoint, give the "
+                             "whole field)")
+        model = load_model(args.checkpoint, dtype=args.dtype, mesh=mesh, config_overrides=model_overrides)
     elif args.config:
         if args.dtype:
-            overrides.update(param_dtype=args.dtype, dtype=args.dtype)
-        model = KimiLinear(load_config(args.config, **overrides), rngs=nnx.Rngs(args.seed_init))
+            model_overrides = {**model_overrides, "param_dtype": args.dtype, "dtype": args.dtype}
+        try:
+            config = load_config(args.config).with_overrides(model_overrides)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}")
+        model = KimiLinear(config, rngs=nnx.Rngs(args.seed_init))
         if mesh is not None:
             shard_model(model, mesh)
     else:
@@ -118,8 +141,8 @@ def _build(args):
     except ValueError as e:
         hint = f" (with --config, add --override vocab_size={tokenizer.vocab_size})" if args.config else ""
         raise SystemExit(f"the tokenizer {tok_src!r} does not fit the model: {e}{hint}")
-    engine = Engine(model, tokenizer, num_slots=args.slots, max_len=args.max_len, min_bucket=args.min_bucket,
-                    int4_experts=args.int4_experts, mesh=mesh)
+    engine = Engine(model, tokenizer, num_slots=serve.slots, max_len=serve.max_len, min_bucket=serve.min_bucket,
+                    int4_experts=serve.int4_experts, mesh=mesh)
     return engine, tokenizer
 
 
@@ -131,29 +154,27 @@ def _prompts(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     prompts = _prompts(args)
     if not args.http and not prompts:
         raise SystemExit("nothing to do: give --prompt, --prompts-file or --http")
-    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting,
-                          request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens)
     try:
-        limits.validate()
-    except ValueError as e:
-        raise SystemExit(str(e))
+        serve, model_overrides = settings(args)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
     from k2jax.serving.scheduler import SamplingParams
 
-    engine, tokenizer = _build(args)
-    if not args.no_warmup:
+    engine, tokenizer = _build(args, serve, model_overrides)
+    if serve.warmup:
         print(f"warm-up: compiled {len(engine.runner.buckets)} length buckets in {engine.warmup():.1f} s",
               file=sys.stderr)
     if args.http:
         from k2jax.serving.server import make_server
 
         name = args.model_name or Path(args.checkpoint or args.config).name
-        print(f"serving {name!r} on http://{args.host}:{args.port} (slots={engine.num_slots}, "
+        print(f"serving {name!r} on http://{serve.host}:{serve.port} (slots={engine.num_slots}, "
               f"context={engine.max_len})", file=sys.stderr)
-        make_server(engine, tokenizer, name, args.host, args.port, limits).run()
+        make_server(engine, tokenizer, name, serve.host, serve.port, serve.limits).run()
         return 0
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p)
            for p in prompts]

@@ -18,3 +18,24 @@ def median_seconds(fn, *args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _wall(fn, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def interleaved_rate(fn, args, flops: float, ref_fn, ref_args, ref_flops: float, *, repeats: int):
+    """(median seconds of fn, median of fn's FLOP rate / ref_fn's FLOP rate) with ref_fn timed right before every
+    timed call of fn, so slow drifts in the load of a shared machine cancel in the ratio. Compile and warm-up
+    calls of both are excluded."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(ref_fn(*ref_args))
+    times, ratios = [], []
+    for _ in range(repeats):
+        t_ref = _wall(ref_fn, ref_args)
+        t = _wall(fn, args)
+        times.append(t)
+        ratios.append((flops / t) / (ref_flops / t_ref))
+    return statistics.median(times), statistics.median(ratios)

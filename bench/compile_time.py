@@ -4,8 +4,9 @@
     python bench/compile_time.py --layers 7 28 --scanned-only
 
 The model is configs/tiny.yaml with the 48B layer schedule (every 4th layer MLA, layer 0 dense FFN, the rest
-MoE) at the requested depth. The step is value_and_grad of the next-token loss, jitted on one CPU device, batch
-2 x 64 tokens; the persistent compilation cache is off. Reported: trace + lower seconds, XLA compile seconds, and
+MoE) at the requested depth. The step is training's (k2jax.training.step: loss, gradients, AdamW update, router
+bias update), lowered by the dry run on one CPU device, batch 2 x 64 tokens; the persistent compilation cache is
+off. Reported: trace + lower seconds, XLA compile seconds, and
 their sum; with --scan, layers are scanned in groups of the repeating pattern (config.scan_layers), so the
 program holds one copy of the pattern whatever the depth.
 """
@@ -15,17 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from k2jax import KimiLinear, load_config  # noqa: E402
-from k2jax.training.dry_run import next_token_loss  # noqa: E402
+from k2jax.config_files import load_config  # noqa: E402
 from k2jax.model import block_layout  # noqa: E402
+from k2jax.training.dry_run import dry_run  # noqa: E402
 
 
 def config_with_depth(layers: int, scan: bool):
@@ -36,16 +34,10 @@ def config_with_depth(layers: int, scan: bool):
 
 
 def compile_seconds(config, batch: int = 2, seq_len: int = 64) -> tuple[float, float]:
-    """(trace + lower seconds, compile seconds) of the jitted value_and_grad step."""
-    model = nnx.eval_shape(lambda: KimiLinear(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    step = jax.jit(jax.value_and_grad(lambda st, t: next_token_loss(nnx.merge(graphdef, st), t)))
-    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
-    t0 = time.perf_counter()
-    lowered = step.trace(state, tokens).lower()
-    t1 = time.perf_counter()
-    lowered.compile()
-    return t1 - t0, time.perf_counter() - t1
+    """(trace + lower seconds, compile seconds) of the training step, layers as the config says."""
+    r = dry_run(config, {"data": 1}, batch, seq_len, scan_layers=config.scan_layers, devices=jax.devices()[:1],
+                verbose=False)
+    return r["lower_s"], r["compile_s"]
 
 
 def main(argv=None):

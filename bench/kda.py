@@ -3,9 +3,11 @@
     python bench/kda.py [--quick] [--lengths 512,2048,8192] [--impls reference,chunk,pallas] [--out results.md]
 
 Shapes: B=1, H=4, K=V=128, float32, under jit; compile and one warm-up run are excluded, each cell is the median
-of --repeats runs. FLOPs follow the Kimi Linear tech report's per-head count (kimi_linear.md section 8):
+of --repeats runs. FLOPs follow the Kimi Linear tech report's per-head count (arXiv 2510.26692):
 forward = 6*T*d^2 + 3*T*C*d + T*C^2 with C=64, d=128; backward counted as 2x forward (the customary convention),
-so forward+backward = 3x forward. The plain float32 matmul row (--matmul N, N^3) is the machine's practical limit.
+so forward+backward = 3x forward. The plain float32 matmul (--matmul N, N^3) is the machine's practical limit:
+it is timed right before every timed KDA call and each cell reports the median of (KDA rate / matmul rate), so
+the percentage stays meaningful on a shared, noisy machine (wall times there are not).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels.kda.dispatch import IMPLS, kda  # noqa: E402
-from bench._timing import median_seconds  # noqa: E402
+from bench._timing import interleaved_rate, median_seconds  # noqa: E402
 
 B, H, D, C = 1, 4, 128, 64
 BWD_FACTOR = 2.0
@@ -58,11 +60,16 @@ def build(impl: str):
     return jax.jit(fwd), jax.jit(jax.grad(loss))
 
 
-def matmul_gflops(n: int, repeats: int) -> float:
+def matmul_call(n: int):
+    """(jitted float32 n x n matmul, its operands, its FLOPs): the reference rate."""
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-    t = median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
-    return 2 * n**3 / t / 1e9
+    return jax.jit(jnp.dot), (a, b), 2.0 * n**3
+
+
+def matmul_gflops(n: int, repeats: int) -> float:
+    fn, args, flops = matmul_call(n)
+    return flops / median_seconds(fn, *args, repeats=repeats) / 1e9
 
 
 def _ratio(ref, x) -> float:
@@ -76,11 +83,14 @@ def pallas_check(T: int, args, cot, oracle: str) -> str:
     (o_p, s_p), (o_o, s_o) = fp(*args), fo(*args)
     grads = max(_ratio(a, b) for a, b in zip(fbo(args, cot), fbp(args, cot)))
     return (f"| {T} | pallas (interpret) vs {oracle} | o {_ratio(o_o, o_p):.1e} | state {_ratio(s_o, s_p):.1e} "
-            f"| grads (max of 6) {grads:.1e} | — |")
+            f"| grads (max of 6) {grads:.1e} | — | — | — | — |")
 
 
 def run(lengths, impls, repeats, ref_bwd_max, matmul_n):
     peak = matmul_gflops(matmul_n, repeats)
+    mm, mm_args, mm_flops = matmul_call(matmul_n)
+    rate = lambda fn, args, flops: interleaved_rate(fn, args, flops, mm, mm_args, mm_flops,  # noqa: E731
+                                                    repeats=repeats)
     rows, notes = [], []
     for T in lengths:
         args, cot = make_inputs(T)
@@ -92,14 +102,14 @@ def run(lengths, impls, repeats, ref_bwd_max, matmul_n):
                 print(rows[-1], flush=True)
                 continue
             f, fb = build(impl)
-            tf = median_seconds(f, *args, repeats=repeats)
+            tf, pf = rate(f, args, flops)
             if impl == "reference" and T > ref_bwd_max:
-                tb = None
+                tb = pb = None
                 notes.append(f"reference fwd+bwd skipped at T={T} (> --ref-bwd-max {ref_bwd_max}): too slow on CPU.")
             else:
-                tb = median_seconds(fb, args, cot, repeats=repeats)
+                tb, pb = rate(fb, (args, cot), (1 + BWD_FACTOR) * flops)
             gb = None if tb is None else (1 + BWD_FACTOR) * flops / tb / 1e9
-            rows.append((T, impl, tf, flops / tf / 1e9, tb, gb))
+            rows.append((T, impl, tf, flops / tf / 1e9, pf, tb, gb, pb))
             print(_row(rows[-1]), flush=True)
     return peak, rows, notes
 
@@ -107,22 +117,26 @@ def run(lengths, impls, repeats, ref_bwd_max, matmul_n):
 def _row(r):
     if isinstance(r, str):
         return r
-    T, impl, tf, gf, tb, gb = r
+    T, impl, tf, gf, pf, tb, gb, pb = r
     fmt = lambda x, spec: "—" if x is None else format(x, spec)  # noqa: E731
-    return f"| {T} | {impl} | {tf * 1e3:.1f} | {gf:.2f} | {fmt(tb and tb * 1e3, '.1f')} | {fmt(gb, '.2f')} |"
+    pct = lambda x: "—" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    return (f"| {T} | {impl} | {tf * 1e3:.1f} | {gf:.2f} | {pct(pf)} | {fmt(tb and tb * 1e3, '.1f')} "
+            f"| {fmt(gb, '.2f')} | {pct(pb)} |")
 
 
 def table(peak, rows, notes, matmul_n) -> str:
     head = [
         f"KDA on {jax.default_backend().upper()} ({jax.devices()[0].device_kind}, {os.cpu_count()} cores visible, "
-        f"load average at the end {os.getloadavg()[0]:.1f}), jax {jax.__version__}; B={B}, H={H}, K=V={D}, float32, "
+        f"load average (1/5/15 min) at the end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}), "
+        f"jax {jax.__version__}; B={B}, H={H}, K=V={D}, float32, "
         "jit, median wall time (compile and one warm-up run excluded).",
         f"FLOPs per head: forward 6*T*d^2 + 3*T*C*d + T*C^2 (C={C}, d={D}); fwd+bwd counted as "
         f"{1 + BWD_FACTOR:g}x forward (backward = {BWD_FACTOR:g}x forward).",
-        f"Practical limit: plain float32 matmul {matmul_n}^3 = {peak:.1f} GFLOP/s.",
+        f"Practical limit: plain float32 matmul {matmul_n}^3 = {peak:.1f} GFLOP/s at the start; '% mm' = median of "
+        "(KDA rate / rate of that matmul timed right before each call).",
         "",
-        "| T | impl | fwd ms | fwd GFLOP/s | fwd+bwd ms | fwd+bwd GFLOP/s |",
-        "|---|---|---|---|---|---|",
+        "| T | impl | fwd ms | fwd GFLOP/s | fwd % mm | fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd % mm |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + [_row(r) for r in rows] + [""] + [f"Note: {n}" for n in notes])
 

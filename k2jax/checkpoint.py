@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from k2jax.config import ModelConfig, from_dict, load_config
+from k2jax.config import ModelConfig
+from k2jax.config_files import load_config
 from k2jax.sharding import logical_names, logical_to_mesh_spec
 
 
@@ -54,7 +55,7 @@ def saved_config(directory: str | os.PathLike) -> ModelConfig:
     if not (path / "config").exists():
         raise ValueError(f"{path}: not a k2jax params checkpoint (no config/ item)")
     d = ckptr.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    return from_dict(dict(d), source=str(path / "config"))
+    return ModelConfig.from_dict(dict(d), source=str(path / "config"))
 
 
 def restore_params(config: ModelConfig | str | os.PathLike | None, directory: str | os.PathLike, mesh=None):

@@ -46,7 +46,7 @@ def _hf_to_orbax(args) -> Path:
 
 def _orbax_to_hf(args) -> Path:
     from k2jax.checkpoint import restore_params, saved_config
-    from k2jax.config import load_config
+    from k2jax.config_files import load_config
     from k2jax.hf import save_hf_checkpoint
 
     if Path(args.out).exists() and not args.overwrite:

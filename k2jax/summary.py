@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.config import load_config
+from k2jax.config_files import load_config
 from k2jax.model import KimiLinear, count_params
 
 

@@ -68,7 +68,6 @@ IM_SYSTEM, IM_USER, IM_ASSISTANT = "<|im_system|>", "<|im_user|>", "<|im_assista
 IM_MIDDLE, IM_END = "<|im_middle|>", "<|im_end|>"
 CHAT_TOKENS = (IM_SYSTEM, IM_USER, IM_ASSISTANT, IM_MIDDLE, IM_END)
 _ROLE_OPENERS = {"system": IM_SYSTEM, "user": IM_USER, "assistant": IM_ASSISTANT, "tool": IM_SYSTEM}
-K2_DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 
 
 # ---- chat format -----------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Two conventions exist for each family, and both load and save:
 error naming it (the key tables below). `save_hf_checkpoint(..., format=...)` writes either; REMOTE_CODE is the
 default.
 
-Our parameter tree mirrors the HF module names without the `model.` prefix; the layouts differ (kimi_linear.md §6):
+Our parameter tree mirrors the HF module names without the `model.` prefix; the layouts differ (HF tensors as the
+released model.safetensors.index.json names them):
 
     ours                                        HF
     Linear kernel [in, out]                     `*.weight` [out, in]                     (transpose)

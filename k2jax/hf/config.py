@@ -10,7 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from k2jax.config import ConfigError, ModelConfig, field_names
+from k2jax.config import ConfigError, ModelConfig
 from k2jax.hf.compressed_tensors import compressed_tensors_config, quantization_from_compressed_tensors
 from k2jax.layers.qat import int4_experts
 from k2jax.layers.rope import yarn_attention_factor, yarn_get_mscale
@@ -185,7 +185,7 @@ def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelC
     if model_type not in _MODEL_TYPES:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported; expected one of {_MODEL_TYPES}")
     family, convention = model_family(model_type), hf_convention(hf)
-    fields = field_names() - {"name", "dtype", "param_dtype", "quantization"}
+    fields = ModelConfig.field_names() - {"name", "dtype", "param_dtype", "quantization"}
     unknown = sorted(k for k in hf if k not in fields and k not in _SPELLINGS and k not in _TRANSLATED
                      and k not in _FIXED and k not in _INERT)
     if unknown:
@@ -216,8 +216,9 @@ def config_from_hf(hf: dict, *, dtype=None, source: str = CONFIG_FILE) -> ModelC
                                                                                         TRANSFORMERS)))
     if family == "kimi_linear":
         out.update(_kimi_layer_fields(hf, out, source))
-        # The remote code takes the routing weights from the bias-corrected scores (an aliasing quirk,
-        # kimi_linear.md §5); transformers' KimiLinear from the plain sigmoid scores.
+        # The remote code takes the routing weights from the bias-corrected scores (KimiMoEGate adds the correction
+        # bias in place to the tensor it later gathers the weights from); transformers' KimiLinear from the plain
+        # sigmoid scores.
         out.setdefault("moe_router_weights_from_biased_scores", convention == REMOTE_CODE)
     else:
         out["kda_layers"] = out["full_attn_layers"] = None

@@ -4,5 +4,6 @@
 - `step`: the jitted train and eval steps; `state`: the training state on a mesh and resuming from checkpoints.
 - `loop`: `train()`; `distributed`: multi-host start-up and collectives; `cli`: the `train.py` command line.
 - `optim`, `data`, `metrics`: optimizers and schedules, data sources (MQAR, text), metrics and FLOP counts.
-- `dry_run`: lower one training step on simulated devices and report per-device memory.
+- `dry_run`: lower the training step on simulated devices and report per-device memory (its command line is
+  `cli`'s, behind `train.py --dry-run` and `python -m k2jax.dry_run`).
 """

@@ -24,14 +24,12 @@ with index p of P generates rows [p B / P, (p + 1) B / P) of each global batch.
 
 from __future__ import annotations
 
-import threading
-
 import dataclasses
 import glob as globlib
 import json
-import os
+import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -1,9 +1,12 @@
-"""Pod planning without a pod: build the model and optimizer abstractly (nothing allocated) on a simulated mesh,
-lower (and by default compile) one training step, and report per-device memory.
+"""Pod planning without a pod: build the training state abstractly (nothing allocated) on a simulated mesh, lower
+(and by default compile) the training step of k2jax.training.step, the very step `train` runs, and report
+per-device memory.
 
     python -m k2jax.dry_run --config kimi_linear_48b_a3b --mesh fsdp=8,expert=8 --batch 64 --seq-len 4096
-    python train.py --config configs/kimi_linear_48b_a3b.yaml --dry-run --devices 64
+    python train.py --config configs/kimi_linear_48b_a3b.yaml --dry-run --devices 64 --batch 64
 
+The command line is k2jax.training.cli's: the run config and its `model.*=` / `train.*=` overrides, --data, and
+the batch and sequence length (default: the run config's train.batch_size and train.seq_len) all shape the step.
 The mesh is made of simulated CPU devices (`--xla_force_host_platform_device_count`, set here before JAX starts
 its backends, or by re-executing the command when it already has). Parameters and optimizer state per device are
 exact (their shardings' shard shapes); activations are XLA's temporary buffers of the step compiled for CPU
@@ -11,22 +14,22 @@ exact (their shardings' shard shapes); activations are XLA's temporary buffers o
 matmul whose backward holds per-block float32 weight gradients, chunked KDA without Pallas), so on TPU/GPU expect
 less: read it as an upper estimate, and compare meshes, remat policies and `moe_capacity_factor` with it (the
 dropless default reserves the worst case, ep x the balanced expert rows, on every device). Layers are scanned in
-groups of their repeating pattern (config.scan_layers), so lowering the 27-layer model costs about 7 layers.
+groups of their repeating pattern (scan_layers is switched on: same memory, and lowering the 27-layer model costs
+about 7 layers).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
 
-import yaml
+from k2jax.config import ConfigError, ModelConfig
+from k2jax.config_files import load_config
+from k2jax.sharding import MESH_AXES
+from k2jax.training.config import TrainConfig
 
-from k2jax.config import ModelConfig, load_config
-
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
 _REEXEC_MARK = "K2JAX_DRY_RUN_DEVICES"
 
 
@@ -85,96 +88,72 @@ def default_mesh(n_devices: int, config: ModelConfig) -> dict[str, int]:
 
 
 # ---- the step ----------------------------------------------------------------------------------------------------
-def _default_optimizer(name: str):
-    try:
-        from k2jax.training.optim import make_optimizer
-        from k2jax.training.config import TrainConfig
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying their shardings."""
+    import jax
 
-        return make_optimizer(TrainConfig(optimizer=name, steps=1000))[0]
-    except ImportError:  # the training package is optional here
-        import optax
-
-        return optax.adamw(1e-4)
+    return sum(math.prod(s.sharding.shard_shape(tuple(s.shape))) * s.dtype.itemsize for s in jax.tree.leaves(tree))
 
 
-def next_token_loss(model, tokens):
-    """Mean next-token cross entropy: tokens int [B, T + 1] -> float32 scalar."""
+def batch_spec(tcfg: TrainConfig, mesh) -> dict:
+    """The global batch a train step takes, as ShapeDtypeStructs [batch_size, seq_len] in the data sharding:
+    tokens, targets, loss_mask, and segment_ids for text data (packed documents; MQAR rows are one sequence)."""
     import jax
     import jax.numpy as jnp
 
-    logits = model(tokens[:, :-1])
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.mean(logz - gold)
+    from k2jax.sharding import batch_sharding
+
+    shape = (tcfg.batch_size, tcfg.seq_len)
+    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32}
+    if not tcfg.is_mqar:
+        dtypes["segment_ids"] = jnp.int32
+    return {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding(mesh, shape)) for k, d in dtypes.items()}
 
 
-def _per_device_bytes(shapes, shardings) -> int:
-    import jax
-
-    total = 0
-    for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)):
-        total += math.prod(sh.shard_shape(tuple(s.shape))) * s.dtype.itemsize
-    return total
-
-
-def dry_run(config: ModelConfig | str, mesh_shape, batch: int, seq_len: int, *, optimizer: str = "adamw",
+def dry_run(config: ModelConfig | str, mesh_shape, batch: int | None = None, seq_len: int | None = None, *,
+            train: TrainConfig | None = None, optimizer: str | None = None, scan_layers: bool = True,
             compile: bool = True, devices=None, verbose: bool = True) -> dict:
-    """Lower (and with `compile`, compile) one training step of `config` on a mesh of `mesh_shape` without
-    allocating anything.
+    """Lower (and with `compile`, compile) the training step of `config` and `train` on a mesh of `mesh_shape`
+    without allocating anything: `k2jax.training.step.make_train_step` over the abstract TrainState.
 
-    config: a ModelConfig or a configs/ name (layers are scanned: scan_layers is forced on); mesh_shape: as
-    k2jax.sharding.make_mesh; batch: global sequences per step; seq_len: tokens per sequence (targets are the
-    next tokens, so inputs are [batch, seq_len]). `devices`: defaults to the first prod(mesh) CPU devices.
-    Returns bytes per device {'params', 'optimizer', 'batch', and with compile 'activations' (XLA temp),
-    'peak' (arguments + outputs - donated + temp), 'generated_code'}, plus 'mesh', 'lower_s', 'compile_s'.
+    config: a ModelConfig or a configs/ name; train: the run's TrainConfig (default: TrainConfig()), whose
+    batch_size / seq_len / optimizer `batch`, `seq_len` and `optimizer` replace when given (inputs and targets
+    are [batch, seq_len]); mesh_shape: as k2jax.sharding.make_mesh; scan_layers: lower the layers scanned (same
+    memory, far less lowering time) instead of as the config says. `devices`: defaults to the first prod(mesh)
+    CPU devices. Returns bytes per device {'params', 'optimizer', 'batch_bytes', and with compile 'activations'
+    (XLA temp), 'peak' (arguments + outputs - donated + temp), 'generated_code'}, plus 'mesh', 'batch',
+    'seq_len', 'lower_s', 'compile_s'. Raises ConfigError when the batch does not divide over the mesh.
     """
     import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
 
-    from k2jax.model import KimiLinear
-    from k2jax.sharding import batch_sharding, make_mesh, param_shardings
+    from k2jax.sharding import make_mesh
+    from k2jax.training.loop import check_batch
+    from k2jax.training.optim import make_optimizer
+    from k2jax.training.state import TrainState
+    from k2jax.training.step import make_train_step, router_bias_rows
 
     if isinstance(config, str):
         config = load_config(config)
-    if not isinstance(batch, int) or batch <= 0 or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"dry_run: batch and seq_len must be positive integers, got {batch}, {seq_len}")
-    config = config.replace(scan_layers=True)
-    if devices is None:
-        devices = jax.devices("cpu")
-    mesh = make_mesh(mesh_shape, devices=devices)
-    tx = _default_optimizer(optimizer)
-
-    # rngs=None: every parameter from one fixed key. Shapes are all that matter here, and tracing nnx.Rngs'
-    # counter updates costs time quadratic in the parameter count.
-    abstract = nnx.eval_shape(lambda: KimiLinear(config, rngs=None))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    p_sh, r_sh = param_shardings(params, mesh), param_shardings(rest, mesh)
-    opt_shapes = jax.eval_shape(tx.init, params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    o_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_sh, transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
-    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
-    t_sh = batch_sharding(mesh, tokens.shape)
-
-    def step(params, rest, opt_state, tokens):
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(nnx.merge(graphdef, p, rest), tokens))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    def spec(shape_tree, shard_tree):
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape_tree, shard_tree)
-
-    jitted = jax.jit(step, in_shardings=(p_sh, r_sh, o_sh, t_sh), out_shardings=(p_sh, o_sh, replicated),
-                     donate_argnums=(0, 2))
-    out = {"mesh": dict(mesh.shape), "batch": batch, "seq_len": seq_len,
-           "params": _per_device_bytes(params, p_sh) + _per_device_bytes(rest, r_sh),
-           "optimizer": _per_device_bytes(opt_shapes, o_sh),
-           "batch_bytes": math.prod(t_sh.shard_shape(tokens.shape)) * 4}
+    for name, value in (("batch", batch), ("seq_len", seq_len)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"dry_run: batch and seq_len must be positive integers, got {name}={value!r}")
+    changes = {k: v for k, v in (("batch_size", batch), ("seq_len", seq_len), ("optimizer", optimizer)) if v}
+    tcfg = (train or TrainConfig()).replace(**changes)
+    mcfg = config.replace(scan_layers=True) if scan_layers else config
+    mesh = make_mesh(mesh_shape, devices=jax.devices("cpu") if devices is None else devices)
+    check_batch(tcfg, dict(mesh.shape))
+    tx, schedule = make_optimizer(tcfg)
+    st = TrainState(mcfg, tcfg, mesh, tx)
+    state = st.abstract_state()
+    bias_rows = router_bias_rows(mcfg, state["biases"])
+    step = make_train_step(st.graphdef, mcfg, tcfg, tx, schedule, bias_rows)
+    batch_in = batch_spec(tcfg, mesh)
+    out = {"mesh": dict(mesh.shape), "batch": tcfg.batch_size, "seq_len": tcfg.seq_len,
+           "params": _per_device_bytes([state["params"], state["biases"], state["rest"]]),
+           "optimizer": _per_device_bytes(state["opt"]), "batch_bytes": _per_device_bytes(batch_in)}
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        lowered = jitted.trace(spec(params, p_sh), spec(rest, r_sh), spec(opt_shapes, o_sh), tokens).lower()
+        lowered = step.trace(state, batch_in, jax.ShapeDtypeStruct((), "int32")).lower()
     out["lower_s"] = time.perf_counter() - t0
     if compile:
         t0 = time.perf_counter()
@@ -187,7 +166,7 @@ def dry_run(config: ModelConfig | str, mesh_shape, batch: int, seq_len: int, *, 
             out["peak"] = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                               + mem.temp_size_in_bytes)
     if verbose:
-        print(report(config, out))
+        print(report(mcfg, tcfg, out))
     return out
 
 
@@ -195,11 +174,12 @@ def _gib(n: int) -> str:
     return f"{n / 2 ** 30:9.3f} GiB"
 
 
-def report(config: ModelConfig, r: dict) -> str:
+def report(config: ModelConfig, train: TrainConfig, r: dict) -> str:
     """The dry run's result as a short table."""
     n = math.prod(r["mesh"].values())
     lines = [f"dry run: {config.name}, {n} simulated devices, mesh {r['mesh']}, batch {r['batch']} x seq_len "
-             f"{r['seq_len']} (param_dtype {config.param_dtype}, dtype {config.dtype}, remat {config.remat})",
+             f"{r['seq_len']} (param_dtype {config.param_dtype}, dtype {config.dtype}, remat {config.remat}, "
+             f"{train.optimizer}, grad_accum_steps {train.grad_accum_steps}, data {train.data})",
              f"  per device  parameters      {_gib(r['params'])}",
              f"              optimizer state {_gib(r['optimizer'])}"]
     if "activations" in r:
@@ -210,64 +190,25 @@ def report(config: ModelConfig, r: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- command line ------------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dry_run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="kimi_linear_48b_a3b", help="configs/ name, YAML or HF config.json")
-    p.add_argument("--mesh", help="'fsdp=8,expert=8' or 'data,fsdp,expert,tensor' sizes (default: the run "
-                                  "config's train.mesh, else chosen for --devices)")
-    p.add_argument("--devices", type=int, help="simulated device count (default: the mesh's size, else 8)")
-    p.add_argument("--batch", type=int, help="global batch in sequences (default: one per batch shard)")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--optimizer", choices=("adamw", "muon"), help="default: the run config's, else adamw")
-    p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"),
-                   help="per-layer remat policy (default: the model config's `remat`)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="model config override, value parsed as YAML (repeatable), e.g. --set moe_capacity_factor=2")
-    p.add_argument("--no-compile", action="store_true", help="lower only (no activation estimate)")
-    p.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)  # accepted from train.py
-    return p
+def plan(config: str, overrides: list[str], *, mesh: str | None = None, devices: int | None = None,
+         compile: bool = True, argv_for_reexec: list[str] | None = None) -> dict:
+    """The dry run of a command line: load the run config with its overrides (k2jax.training.config), choose the
+    mesh (`mesh` text, else the run config's train.mesh unless `devices` disagrees with it, else `default_mesh`
+    for `devices` or 8), make that many simulated devices, and run `dry_run`. Raises ConfigError / ValueError for
+    bad input before JAX starts."""
+    from k2jax.training.config import load_run_config
+    from k2jax.training.loop import check_batch
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """CLI entry (also behind `train.py --dry-run`); unknown arguments are ignored so train.py can pass its own."""
-    args, _ = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
-    config, train = _load(args.config)
-    train_remat = getattr(train, "remat", "none")  # older TrainConfigs carried the remat policy
-    remat = args.remat or (train_remat if train_remat != "none" else None)
-    if remat:
-        overrides["remat"] = remat
-    config = config.replace(**overrides) if overrides else config
-    optimizer = args.optimizer or getattr(train, "optimizer", "adamw")
-    if args.mesh:
-        mesh = parse_mesh(args.mesh)
-    elif getattr(train, "mesh", None) and args.devices is None:
-        mesh = {a: train.mesh.get(a, 1) for a in MESH_AXES}
+    mcfg, tcfg = load_run_config(config, overrides)
+    if mesh is not None:
+        shape = parse_mesh(mesh)
+    elif tcfg.mesh and (devices is None or devices == math.prod(tcfg.mesh.values())):
+        shape = {a: tcfg.mesh.get(a, 1) for a in MESH_AXES}
     else:
-        mesh = default_mesh(args.devices or 8, config)
-    n = math.prod(mesh.values())
-    if args.devices is not None and args.devices != n:
-        raise SystemExit(f"--devices {args.devices} does not match the mesh {mesh} ({n} devices)")
-    ensure_cpu_devices(n, argv_for_reexec=list(getattr(sys, "orig_argv", [None] + sys.argv)[1:]))
-    batch = args.batch or mesh["data"] * mesh["fsdp"] * mesh["expert"]
-    return dry_run(config, mesh, batch, args.seq_len, optimizer=optimizer, compile=not args.no_compile)
-
-
-def _load(name_or_path: str):
-    """(ModelConfig, TrainConfig or None): a run config with a `train:` section (k2jax.training.config) or a plain
-    model config."""
-    try:
-        from k2jax.training.config import load_run_config
-    except ImportError:
-        return load_config(name_or_path), None
-    return load_run_config(name_or_path)
-
-
-if __name__ == "__main__":
-    main()
+        shape = default_mesh(devices or 8, mcfg)
+    n = math.prod(shape.values())
+    if devices is not None and devices != n:
+        raise ConfigError(f"--devices {devices} does not match the mesh {shape} ({n} devices)")
+    check_batch(tcfg, shape)  # before the devices: a re-executed process would fail the same way
+    ensure_cpu_devices(n, argv_for_reexec)
+    return dry_run(mcfg, shape, train=tcfg, compile=compile)

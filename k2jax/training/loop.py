@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -74,16 +74,16 @@ def build_mesh(tcfg: TrainConfig):
         raise ConfigError(f"train.mesh {shape}: {e}") from None
 
 
-def _check_batch(tcfg: TrainConfig, mesh) -> None:
-    import jax
-
-    dp = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape)
+def check_batch(tcfg: TrainConfig, mesh_shape: Mapping[str, int], process_count: int = 1) -> None:
+    """ConfigError unless each micro-batch divides over the data-parallel devices of a mesh of `mesh_shape`
+    ({axis: size}) and the global batch over the `process_count` hosts."""
+    dp = math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert"))
     micro = tcfg.batch_size // tcfg.grad_accum_steps
     if micro % dp:
         raise ConfigError(f"train.batch_size / grad_accum_steps = {micro} sequences per micro-batch must be "
                           f"divisible by the {dp} data-parallel devices (mesh data x fsdp x expert)")
-    if tcfg.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {jax.process_count()} "
+    if tcfg.batch_size % process_count:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {process_count} "
                           f"processes")
 
 
@@ -186,7 +186,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     pid, nproc = jax.process_index(), jax.process_count()
     source = make_source(mcfg, tcfg, pid, nproc)
     mesh = build_mesh(tcfg)
-    _check_batch(tcfg, mesh)
+    check_batch(tcfg, dict(mesh.shape), jax.process_count())
     tx, schedule = make_optimizer(tcfg)
     if tcfg.run_dir is None:
         tcfg = tcfg.replace(run_dir=str(Path("runs") / mcfg.name))

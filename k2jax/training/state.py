@@ -33,7 +33,9 @@ class TrainState:
         from k2jax.sharding import param_shardings
 
         self.mcfg, self.tcfg, self.mesh, self.tx = mcfg, tcfg, mesh, tx
-        abstract = nnx.eval_shape(lambda: KimiLinear(mcfg, rngs=nnx.Rngs(0)))
+        # rngs=None: shapes only (every parameter from one fixed key), the same tree as `fresh` builds; tracing
+        # nnx.Rngs' counter updates would cost time quadratic in the parameter count.
+        abstract = nnx.eval_shape(lambda: KimiLinear(mcfg, rngs=None))
         self.graphdef, abstract_vars = nnx.split(abstract)
         self.var_shardings = param_shardings(abstract_vars, mesh)
         self.abstract_vars = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -55,6 +57,12 @@ class TrainState:
                                                    is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                          abstract_opt, self.opt_shardings)
+
+    def abstract_state(self) -> dict:
+        """The training state as ShapeDtypeStructs in their shardings: what `fresh` allocates."""
+        state = self.split_variables(self.abstract_vars)
+        state["opt"] = self.abstract_opt
+        return state
 
     def split_variables(self, variables) -> dict:
         """A model's variables (nnx.State) -> {'params': nnx.Param, 'biases': RouterBias, 'rest': the others}."""
@@ -117,11 +125,10 @@ def checkpoint_differences(saved, mcfg: ModelConfig, tcfg: TrainConfig, targets)
     field explains it, the arrays (paths, shapes, dtypes) against `targets` = (variables, optimizer state).
     Empty when it can."""
     from k2jax.checkpoint import array_differences, flat_arrays, jsonable
-    from k2jax.config import from_dict
 
     ours = jsonable(mcfg.to_dict())
     try:  # fields added to ModelConfig since the checkpoint was written take their defaults
-        theirs = jsonable(from_dict(dict(saved.config), source=str(saved.directory / "config")).to_dict())
+        theirs = jsonable(ModelConfig.from_dict(dict(saved.config), source=str(saved.directory / "config")).to_dict())
     except (ConfigError, TypeError, ValueError) as e:
         return [f"the saved model config is not readable by this version of k2jax: {e}"]
     diffs = [f"model.{k}: saved {theirs.get(k)!r}, this run {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))

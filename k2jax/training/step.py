@@ -1,8 +1,9 @@
 """The jitted training and evaluation steps: loss, gradient accumulation, optimizer update, router-bias balancing.
 
-One step: the global batch is split into `grad_accum_steps` micro-batches (a scan), each runs the model with
-`return_aux=True`; the loss is the masked token cross-entropy summed over the whole global batch and divided by its
-number of loss tokens (so accumulation changes nothing but memory), plus `aux_loss_weight` times the MoE balance
+One step: the global batch is split into `grad_accum_steps` micro-batches (a scan), each runs the model to its final
+hidden states (and MoE statistics); the loss is the masked token cross-entropy of the lm_head's logits, computed
+blockwise without [B, T, vocab] logits (`lm_head_cross_entropy`), summed over the whole global batch and divided by
+its number of loss tokens (so accumulation changes nothing but memory), plus `aux_loss_weight` times the MoE balance
 loss. Gradients are clipped and applied by the optax optimizer to the nnx.Param variables only; then every router's
 `e_score_correction_bias` (RouterBias) moves by `model.moe_bias_update_rate` against its layer's expert load over the
 global batch (aux-loss-free balancing). A step whose loss or gradient norm is not finite leaves the state unchanged.
@@ -15,6 +16,7 @@ from typing import Callable
 
 from k2jax.config import ModelConfig
 from k2jax.training.config import TrainConfig
+from pallas_kernels.cross_entropy import linear_cross_entropy
 
 
 def router_bias_rows(mcfg: ModelConfig, biases) -> dict[tuple, tuple[int, ...]]:
@@ -57,18 +59,56 @@ def cache_key(kind: str, mcfg: ModelConfig, tcfg: TrainConfig | None = None) -> 
     return json.dumps([kind, mcfg.to_dict(), t], sort_keys=True, default=str)
 
 
+def output_weight(model, h_dtype):
+    """The [hidden, vocab] matrix KimiLinear.logits multiplies the final hidden states by, in the dtype it does:
+    the lm_head kernel in the compute dtype, or the tied embedding transposed in the hidden states' dtype."""
+    import jax.numpy as jnp
+
+    if model.config.tie_word_embeddings:
+        return model.embed_tokens[...].astype(h_dtype).T
+    return model.lm_head.kernel[...].astype(jnp.dtype(model.config.dtype))
+
+
+def lm_head_cross_entropy(model, h, targets, loss_mask):
+    """(loss_sum, correct) of the model's logits at hidden states h [B, T, hidden] against targets int [B, T],
+    weighted by loss_mask [B, T], without building the [B, T, vocab] logits: pallas_kernels.cross_entropy's
+    blockwise lm_head + cross-entropy (custom VJP), on each device's rows of the batch under a mesh (shard_map,
+    the sums added over the batch axes). Equal to the full-logits loss; logits are float32 (for a bfloat16 untied
+    lm_head the full path rounded them to bfloat16 first)."""
+    import jax
+    from jax.sharding import PartitionSpec
+
+    from k2jax.sharding import logical_to_mesh_spec
+
+    w = output_weight(model, h.dtype)
+    x = h.astype(w.dtype)
+
+    def local(x, w, targets, loss_mask):
+        B, T, D = x.shape
+        sums = linear_cross_entropy(x.reshape(B * T, D), w, targets.reshape(B * T), mask=loss_mask.reshape(B * T))
+        return jax.lax.psum(sums, rows) if rows else sums
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = () if mesh.empty else logical_to_mesh_spec(("batch", "length"), mesh, targets.shape)[0]
+    rows = (rows,) if isinstance(rows, str) else tuple(rows or ())
+    if not rows:
+        return local(x, w, targets, loss_mask)
+    spec = PartitionSpec(rows)
+    # check_vma=False: the op's scan carries start from constants, which shard_map's varying-axes check rejects.
+    return jax.shard_map(local, in_specs=(spec, PartitionSpec(), spec, spec), out_specs=PartitionSpec(),
+                         check_vma=False)(x, w, targets, loss_mask)
+
+
 def _forward_loss(graphdef, params, biases, rest, batch):
     """Masked cross-entropy pieces of one micro-batch: (loss_sum, correct, aux dict)."""
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     model = nnx.merge(graphdef, params, biases, rest)
-    logits, aux = model(batch["tokens"], batch.get("segment_ids"), return_aux=True)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    w = batch["loss_mask"]
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * w)
-    return jnp.sum(ce * w), correct, aux
+    h, auxes = model.hidden_states(batch["tokens"], batch.get("segment_ids"))
+    loss_sum, correct = lm_head_cross_entropy(model, h, batch["targets"], batch["loss_mask"])
+    aux = {k: jnp.stack([a[k] for a in auxes]) for k in (auxes[0] if auxes else {})}  # as KimiLinear(return_aux)
+    return loss_sum, correct, aux
 
 
 def _balance_loss(aux):

@@ -1,5 +1,5 @@
-"""The lm_head + cross-entropy as k2jax.training.step computes it today: full [N, V] float32 logits (the ground
-truth)."""
+"""The lm_head + cross-entropy with full [N, V] float32 logits, as k2jax.training.step computed it before it took
+the chunked op: the ground truth."""
 
 from __future__ import annotations
 

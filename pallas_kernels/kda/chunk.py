@@ -1,36 +1,43 @@
-"""Chunked KDA in pure JAX/XLA: the WY/UT form of kimi_linear.md section 2, differentiable by plain autodiff.
+"""Chunked KDA in pure JAX/XLA (the WY/UT form of kimi_linear.md section 2) with a hand-written backward.
 
-Layout: chunk-major [N, B, H, C, F]. One `lax.scan` step handles a group of chunks (a few on CPU; see
-`GROUP_ELEMS`): the intra-chunk part (gate cumsum, Aqk, Akk, the unit-lower inverse, W, U) is batched over the
-group's chunks and heads, then the state recurrence runs over the group's chunks. Each step is rematerialised in
-the backward pass. Measured on CPU (B=1, H=4, K=V=128, T=2048), this beat computing the intra-chunk part for all
-chunks at once by about 5x forward: whole-sequence temporaries are larger than the cache and, above ~32 MiB,
-are fresh mmap pages on every call.
+Structure (both directions): one `lax.scan` over groups of `Gc` consecutive chunks. A step slices its group out
+of the caller's [B, T, H, F] arrays (no whole-sequence transposes or float32 copies), computes every
+state-independent quantity of the group's B * Gc * H chunks at once as batched matmuls (`chunk_math`: gate
+cumsums, anchored intra-chunk scores, the UT inverse, W and U), then runs the sequential state recurrence over
+the group's chunks, two matmuls per chunk (Vnew = U - W S; S+ = decay S + Kg^T Vnew), and the outputs of the
+whole group as two more batched matmuls (O = Qg S + Aqk Vnew). Groups are sized so a step's temporaries stay in
+cache (`GROUP_ELEMS`): whole-sequence temporaries were several times slower on CPU.
 
-Overflow safety (the model's gate has no lower bound): every exp is of a quantity forced to be <= 0 by a select
-on the mask *before* the exp, never by multiplying an inf by a zero mask. The [C, C] products are built from
-anchored sub-blocks (`_scores`): off-diagonal blocks as (X_r exp(G_r - g_a)) @ (K_c exp(g_a - G_c))^T with g_a the
-cumulative gate at the first row of the row block (both factors <= 1 within a segment), recursing into the
-diagonal blocks (16 then 4 rows) and doing only the 4x4 diagonal blocks elementwise: no [C, C, K] tensor, and the
-largest elementwise temporary is [C, 4, K] per chunk.
+The backward (`jax.custom_vjp`) keeps Aqk, Akk, T, Vnew and the chunk-start states from the forward (W = T Xw is
+recomputed: one batched matmul is cheaper than writing and reading it back), walks the groups last to first with
+the reverse state recurrence (two matmuls per chunk: dVnew = Aqk^T dO + Kg dS+ and dS = decay dS+ + Qg^T dO -
+W^T dVnew) and does everything else batched per group (kda_backward.md section 2). Memory kept for the backward,
+beyond the inputs: 3 C + V + K V / C floats per token and head (f32), e.g. 1.3 KiB at C = 64, K = V = 128.
 
-Segments (see `kda_reference`): pad tokens (id 0) get zero q, k, v, beta and g, which makes them exactly inert
-(no read, no state change, zero output); a forward-filled id marks restarts, and `sid` numbers the segments of a
-row. Per chunk, `cm` masks the rows that continue the state carried into the chunk and `em` the rows of the chunk's
-last segment (kda_backward.md section 2h); the gate cumsum restarts at every segment start.
+Segments (see `kda_reference`): padding tokens (id 0) get zero q, k, v, g, beta, which makes them inert; `cm`
+masks the rows that continue the state carried into their chunk, `em` the rows of the chunk's last segment, and
+`same` the same-segment pairs (kda_backward.md section 2h).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from pallas_kernels.kda._checks import check_sequence_inputs
+from pallas_kernels.kda.chunk_math import SUB, Masks, chunk_intra, chunk_intra_vjp, gate_cumsums, mm
+from pallas_kernels.kda.pallas import chunk_masks, segment_numbers
+from pallas_kernels.vma import vary_like
 
-SUB = 16  # chunk sizes are multiples of this; also the block size of the triangular solve
+# Elements of one [Gc * B * H, C, max(K, V)] array of a scan step: chunks per group are the largest power of two
+# within this. Measured on 2 CPU cores (B=1, H=4, K=V=128): 1, 2 or 4 chunks per step equal within noise, 8 about
+# 20% slower, all chunks at once about 2x slower.
+GROUP_ELEMS = 1 << 16
 
 
 def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
@@ -40,233 +47,219 @@ def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
     q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] log-decay (<= 0); beta: [B, T, H];
     initial_state: [B, H, K, V] or None (zeros); segment_ids: int [B, T] or None (0 = padding).
     chunk_size: a positive multiple of 16; T need not be a multiple of it (padded internally with inert rows).
-    Returns (o [B, T, H, V] in v.dtype, final_state [B, H, K, V] float32 or None).
+    Returns (o [B, T, H, V] in v.dtype, final_state [B, H, K, V] float32 or None); differentiable in q, k, v,
+    g, beta and initial_state.
     """
     B, T, H, K, V = check_sequence_inputs(q, k, v, g, beta, initial_state, segment_ids, op="kda_chunk")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0 \
             or chunk_size % SUB:
         raise ValueError(f"kda_chunk: chunk_size must be a positive multiple of {SUB}, got {chunk_size!r}")
-    scale = K ** -0.5 if scale is None else scale
+    scale = float(K ** -0.5 if scale is None else scale)
     S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    S0 = vary_like(S0, q, k, v, g, beta)   # inside shard_map the scan's state carry varies like the inputs
     if T == 0:
         return jnp.zeros((B, 0, H, V), v.dtype), (S0 if output_final_state else None)
-    xs = _prepare(q, k, v, g, beta, segment_ids, jnp.asarray(scale, jnp.float32), chunk_size=int(chunk_size))
-    S, o = _chunk_scan(S0, xs)
-    return _finish(o, T, v.dtype), (S if output_final_state else None)
-
-
-# The three stages are jitted separately so that eager callers reuse the compiled scan for every T that pads to
-# the same chunk count, with or without segments (pads and masks are inputs); under an outer jit they inline.
-@partial(jax.jit, static_argnames=("chunk_size",))
-def _prepare(q, k, v, g, beta, segment_ids, scale, *, chunk_size):
-    """Pad to whole groups of chunks, make pads inert, build segment masks; returns the scan inputs
-    (q*scale, k, v, g, beta, sid, cm, em), each [N / group, group, B, H or 1, C, ...]."""
-    B, T, H, K = q.shape
-    C, f32 = chunk_size, jnp.float32
+    C = int(chunk_size)
     n_chunks = -(-T // C)
-    group = group_size(n_chunks, B * H * C * max(K, v.shape[-1]))
-    Tp = -(-n_chunks // group) * group * C
-    q, k, v, g, beta = (_pad_time(x.astype(f32), Tp) for x in (q, k, v, g, beta))
-    q = q * scale
-    if segment_ids is not None:
-        real, sid = _segment_index(_pad_time(segment_ids.astype(jnp.int32), Tp))
-        q, k, v, g = (jnp.where(real[:, :, None, None], x, 0.0) for x in (q, k, v, g))
-        beta = jnp.where(real[:, :, None], beta, 0.0)
-        sid = _chunked(sid[:, :, None], C)  # [N, B, 1, C]
-    else:
-        sid = jnp.zeros((Tp // C, B, 1, C), jnp.int32)
-    # cm: rows continuing the state carried into their chunk; em: rows in the chunk's last segment.
-    sid_prev = jnp.concatenate([jnp.zeros_like(sid[:1, ..., -1:]), sid[:-1, ..., -1:]], axis=0)
-    cm, em = sid == sid_prev, sid == sid[..., -1:]
-    xs = tuple(_chunked(x, C) for x in (q, k, v, g, beta)) + (sid, cm, em)
-    return jax.tree.map(lambda x: x.reshape((x.shape[0] // group, group) + x.shape[1:]), xs)
+    Gc = group_chunks(n_chunks, B * H * C * max(K, V))
+    Tp = -(-n_chunks // Gc) * Gc * C
+    xs, seg = _prepare(q, k, v, g, beta, segment_ids, Tp=Tp, C=C)
+    o, S = _run(*xs, seg, S0, cfg=Config(scale, C, Gc))
+    o = o if Tp == T else o[:, :T]
+    return o, (S if output_final_state else None)
 
 
-@jax.jit
-def _chunk_scan(S0, xs):
-    """The scan over groups of chunks; returns (final state, o [N / group, group, B, H, C, V])."""
-    # Rematerialise each step in the backward pass: saving every step's intermediates costs more on CPU (large
-    # temporaries) than recomputing them.
-    return jax.lax.scan(jax.checkpoint(_group_step), S0, xs)
+def group_chunks(n_chunks, elems_per_chunk):
+    """Chunks per scan step: a power of two, at most n_chunks rounded up, within GROUP_ELEMS (at least 1)."""
+    gc = 1
+    while gc < n_chunks and 2 * gc * elems_per_chunk <= GROUP_ELEMS:
+        gc *= 2
+    return gc
 
 
-@partial(jax.jit, static_argnums=(1, 2))
-def _finish(o, T, dtype):
-    """[N / group, group, B, H, C, V] -> [B, T, H, V] in dtype."""
-    B, H, C, V = o.shape[2:]
-    o = o.reshape((-1, B, H, C, V)).transpose(1, 0, 3, 2, 4).reshape(B, -1, H, V)
-    return o[:, :T].astype(dtype)
+class Config(NamedTuple):
+    scale: float
+    C: int    # chunk size
+    Gc: int   # chunks per scan step
 
 
-# Chunks per scan step: the largest power of two whose inputs stay within this many elements (1 chunk at B=1, H=4,
-# K=V=128; more for small shapes, so fewer, larger steps). Measured on CPU: bigger groups were slower at real sizes.
-GROUP_ELEMS = 1 << 15
+class Segments(NamedTuple):
+    """Per-token segment data, float32 [B, Tp]: real (1 = not padding), sid (segment number), cm, em."""
+    real: jnp.ndarray
+    sid: jnp.ndarray
+    cm: jnp.ndarray
+    em: jnp.ndarray
 
 
-def group_size(n_chunks, elems_per_chunk):
-    """Chunks processed together per scan step: a power of two, at most n_chunks rounded up."""
-    gr = 1
-    while gr < n_chunks and 2 * gr * elems_per_chunk <= GROUP_ELEMS:
-        gr *= 2
-    return gr
+@partial(jax.jit, static_argnames=("Tp", "C"))
+def _prepare(q, k, v, g, beta, segment_ids, *, Tp, C):
+    """Pad time to Tp with zeros (inert tokens) and turn segment ids into per-token masks (None without ids)."""
+    B, T = q.shape[:2]
+    pad = lambda x: x if Tp == T else jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    xs = tuple(pad(x) for x in (q, k, v, g, beta))
+    if segment_ids is None:
+        return xs, None
+    sid, real = segment_numbers(segment_ids, B, T)
+    sid = jnp.pad(sid, ((0, 0), (0, Tp - T)), mode="edge")
+    real = jnp.pad(real, ((0, 0), (0, Tp - T)))
+    sid, cm, em = (x[..., 0] for x in chunk_masks(sid, C))
+    return xs, Segments(real.astype(jnp.float32), sid, cm, em)
 
 
-def _pad_time(x, Tp):
-    """Zero-pad axis 1 (time) to length Tp."""
-    return jnp.pad(x, [(0, 0), (0, Tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+# ----------------------------------------------------------------------------------------------- group steps
+
+class Group(NamedTuple):
+    """One group's inputs in the working layout [Gc * B * H, C, F] float32 (chunk-major, q scaled, padding zeroed).
+    One flat batch dim: XLA:CPU (jax 0.10.2, YNNPACK) crashed at run time on batched matmuls whose batch dims
+    included a size-1 dim (Gc = 1)."""
+    Q: jnp.ndarray
+    K: jnp.ndarray
+    V: jnp.ndarray
+    g: jnp.ndarray
+    beta: jnp.ndarray   # [L, C]
+    masks: Masks
+    real: jnp.ndarray | None  # [L, C, 1]
 
 
-def _chunked(x, C):
-    """[B, T, H, *F] -> [N, B, H, C, *F] (chunk-major, batch dims leading)."""
-    B, T, H = x.shape[:3]
-    x = x.reshape(B, T // C, C, H, *x.shape[3:])
-    return jnp.moveaxis(x, (1, 3), (0, 2))
+def _group_slice(x, i, cfg):
+    """Rows of group i of a [B, Tp, ...] array, as [B, Gc, C, ...]."""
+    n = cfg.C * cfg.Gc
+    x = lax.dynamic_slice_in_dim(x, i * n, n, axis=1)
+    return x.reshape((x.shape[0], cfg.Gc, cfg.C) + x.shape[2:])
 
 
-def _segment_index(seg):
-    """seg: int32 [B, T] -> (real bool [B, T], sid int32 [B, T]).
-
-    restart marks a real token whose id differs from the previous real token's id (never the row's first real
-    token: that one continues initial_state). sid counts restarts, so equal sid = same segment; pads take the sid
-    of the previous real token (they are inert, so which segment they join does not matter).
-    """
-    B, T = seg.shape
-    real = seg != 0
-    pos = jnp.where(real, jnp.arange(T, dtype=jnp.int32)[None, :], -1)
-    last = jax.lax.cummax(pos, axis=1)
-    filled = jnp.where(last >= 0, jnp.take_along_axis(seg, jnp.maximum(last, 0), axis=1), 0)
-    prev = jnp.pad(filled[:, :-1], ((0, 0), (1, 0)))
-    restart = real & (prev != 0) & (seg != prev)
-    return real, jnp.cumsum(restart.astype(jnp.int32), axis=1)
+def _to_work(x):
+    """[B, Gc, C, H, F] -> [Gc * B * H, C, F] float32."""
+    B, Gc, C, H, F = x.shape
+    return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(Gc * B * H, C, F).astype(jnp.float32)
 
 
-def _local_cumsum(g, same_seg):
-    """Chunk-local cumulative sum over rows, restarting at segment starts: G = M @ g with the [C, C] mask
-    M[r, c] = (c <= r and same segment). g: [..., C, K]; same_seg: bool [..., C, C] (broadcastable)."""
-    C = g.shape[-2]
-    tri = np.tril(np.ones((C, C), bool))  # static masks are numpy: constants, not traced ops
-    return jnp.where(tri & same_seg, 1.0, 0.0).astype(g.dtype) @ g
+def _to_seq(x, B, H, dtype):
+    """[Gc * B * H, C, F] -> [B, Gc * C, H, F] in dtype."""
+    L, C, F = x.shape
+    x = x.reshape(L // (B * H), B, H, C, F)
+    return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(B, -1, H, F).astype(dtype)
 
 
-LEVELS = (16, 4)  # anchoring block sizes, outermost first; the innermost blocks are done elementwise
+def _per_head(x, H):
+    """[B, Gc, C] segment data -> [Gc * B * H, C, 1]."""
+    B, Gc, C = x.shape
+    return jnp.broadcast_to(jnp.swapaxes(x, 0, 1)[:, :, None, :], (Gc, B, H, C)).reshape(Gc * B * H, C, 1)
 
 
-def _sel_exp(ok, x):
-    """exp(x) where ok, else 0; x is replaced by 0 before the exp where not ok, so nothing overflows."""
-    return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
+def _load(i, q, k, v, g, beta, seg, cfg) -> Group:
+    H = q.shape[2]
+    Q, K, V, gg = (_to_work(_group_slice(x, i, cfg)) for x in (q, k, v, g))
+    bt = _to_work(_group_slice(beta, i, cfg)[..., None])[..., 0]                 # [L, C]
+    Q = Q * cfg.scale
+    if seg is None:
+        return Group(Q, K, V, gg, bt, Masks(None, None, None), None)
+    real, sid, cm, em = (_per_head(_group_slice(x, i, cfg), H) for x in seg)   # [L, C, 1]
+    Q, K, V, gg = (x * real for x in (Q, K, V, gg))
+    bt = bt * real[..., 0]
+    same = sid == jnp.swapaxes(sid, -1, -2)
+    return Group(Q, K, V, gg, bt, Masks(same, cm, em), real)
 
 
-def _scores(X, Kc, G, sid, levels):
-    """S[l, x, r, c] = sum_k X[l, x, r, k] Kc[l, c, k] exp(G[l, r, k] - G[l, c, k]) for c <= r in one segment, else 0.
+def _forward(q, k, v, g, beta, seg, S0, cfg, save):
+    """Returns (o [B, Tp, H, V] in v.dtype, final state, residuals stacked per group or None)."""
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    NG = Tp // (cfg.C * cfg.Gc)
+    chunks = lambda x: x.reshape((cfg.Gc, B * H) + x.shape[1:])  # noqa: E731  [L, ...] -> [Gc, B*H, ...]
 
-    X: [L, R, n, K] (R row sets sharing the columns); Kc, G: [L, n, K]; sid: [L, n]. G is non-increasing within
-    a segment. Off-diagonal blocks of size levels[0] are anchored at the first row g_a of the row block:
-    (X_r exp(G_r - g_a)) @ (K_c exp(g_a - G_c))^T, both factors <= 1; diagonal blocks recurse, and the innermost
-    ones are elementwise.
-    """
-    L, R, n, K = X.shape
-    levels = tuple(b for b in levels if b < n)
-    if not levels:
-        tri = np.tri(n, dtype=bool)
-        same = (sid[:, :, None] == sid[:, None, :]) & tri  # [L, r, c]
-        KE = Kc[:, None, :, :] * _sel_exp(same[..., None], G[:, :, None, :] - G[:, None, :, :])  # [L, r, c, K]
-        S = jnp.einsum("lxrk,lrck->lxrc", X, KE)
-        return jnp.where(same[:, None], S, 0.0)
-    sub = levels[0]
-    nb = n // sub
-    Xb = X.reshape(L, R, nb, sub, K)
-    Gb, Kb, sidb = G.reshape(L, nb, sub, K), Kc.reshape(L, nb, sub, K), sid.reshape(L, nb, sub)
-    Ga, sid_a = Gb[:, :, 0], sidb[:, :, 0]  # anchors: first row of each row block
-    # Rows after a restart inside their block see no earlier block; columns before a restart are not seen.
-    er = _sel_exp((sidb == sid_a[..., None])[..., None], Gb - Ga[:, :, None])  # [L, nb, sub, K]
-    before = np.arange(n)[None, :] < (np.arange(nb) * sub)[:, None]  # [nb, n]
-    col_ok = (before & (sid[:, None, :] == sid_a[:, :, None]))[..., None]  # [L, nb, n, 1]
-    Kcol = Kc[:, None] * _sel_exp(col_ok, Ga[:, :, None] - G[:, None])  # [L, nb, n, K]
-    off = jnp.einsum("lxirk,lick->lxirc", Xb * er[:, None], Kcol)  # [L, R, nb, sub, n]
-    flat = lambda x: jnp.moveaxis(x, 2, 1).reshape((L * nb,) + x.shape[1:2] + x.shape[3:])  # noqa: E731
-    diag = _scores(flat(Xb), Kb.reshape(L * nb, sub, K), Gb.reshape(L * nb, sub, K), sidb.reshape(L * nb, sub),
-                   levels[1:]).reshape(L, nb, R, sub, sub)
-    # Place the diagonal blocks: off is zero there (columns of block i are not "before" block i).
-    diag = jnp.moveaxis(diag, 2, 1)[:, :, :, :, None, :]  # [L, R, nb, sub, 1, sub]
-    on_diag = np.eye(nb, dtype=bool)[:, None, :, None]  # [nb, 1, nb, 1]
-    off = jnp.where(on_diag, diag, off.reshape(L, R, nb, sub, nb, sub))
-    return off.reshape(L, R, n, n)
+    def step(S, i):
+        x = _load(i, q, k, v, g, beta, seg, cfg)
+        it = chunk_intra(x.Q, x.K, x.V, x.g, x.beta, x.masks)
+        W, U, Kg, decay = (chunks(a) for a in (it.W, it.U, it.Kg, it.decay))
+        starts, vnews = [], []
+        for j in range(cfg.Gc):
+            starts.append(S)
+            vnew = U[j] - mm("lck,lkv->lcv", W[j], S)
+            vnews.append(vnew)
+            S = decay[j][..., None] * S + mm("lck,lcv->lkv", Kg[j], vnew)
+        starts, vnews = jnp.concatenate(starts), jnp.concatenate(vnews)          # [L, K, V], [L, C, V]
+        o = mm("lck,lkv->lcv", it.Qg, starts) + mm("lrc,lcv->lrv", it.Aqk, vnews)
+        res = (it.Aqk, it.Akk, it.T, vnews, starts) if save else None
+        return S, (_to_seq(o, B, H, v.dtype), res)
+
+    S, (o, res) = lax.scan(step, S0.reshape(B * H, K, V), jnp.arange(NG))
+    return jnp.moveaxis(o, 0, 1).reshape(B, Tp, H, V), S.reshape(B, H, K, V), res
 
 
-def _intra_scores(Q, Kc, G, sid):
-    """Aqk [L, C, C] (c <= r) and Akk without beta [L, C, C] (c < r), zero across segments.
-    Q, Kc, G: [L, C, K]; sid: [L, C]."""
-    S = _scores(jnp.stack([Q, Kc], axis=1), Kc, G, sid, LEVELS)
-    C = Q.shape[-2]
-    return S[:, 0], jnp.where(np.eye(C, dtype=bool), 0.0, S[:, 1])
+def _backward(q, k, v, g, beta, seg, res, do, dS, cfg):
+    """Cotangents of (q, k, v, g, beta) in their dtypes and of the initial state, walking the groups backwards."""
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    NG = Tp // (cfg.C * cfg.Gc)
+    chunks = lambda x: x.reshape((cfg.Gc, B * H) + x.shape[1:])  # noqa: E731
+
+    def step(dSp, xs):
+        i, (Aqk, Akk, T, vnews, starts) = xs
+        x = _load(i, q, k, v, g, beta, seg, cfg)
+        dO = _to_work(_group_slice(do, i, cfg))
+        if x.real is not None:
+            dO = dO * x.real
+        G, _ = gate_cumsums(x.g)
+        gl = G[..., -1:, :]
+        Qg = x.Q * jnp.exp(G)
+        Kg = x.K * jnp.exp(jnp.minimum(gl - G, 0.0))
+        decay = jnp.exp(gl[..., 0, :])
+        W = mm("lrc,lck->lrk", T, x.beta[..., None] * jnp.exp(G) * x.K)      # recomputed: cheaper than kept
+        if x.masks.cm is not None:
+            Qg, Kg, W = Qg * x.masks.cm, Kg * x.masks.em, W * x.masks.cm
+            decay = decay * x.masks.cm[..., -1, :]
+        dAqk = mm("lcv,lrv->lcr", dO, vnews)
+        dvi = mm("lrc,lrv->lcv", Aqk, dO)
+        QdO = chunks(mm("lck,lcv->lkv", Qg, dO))
+        dvi, Kgc, Wc, decayc = chunks(dvi), chunks(Kg), chunks(W), chunks(decay)
+        dvnews, dsps = [None] * cfg.Gc, [None] * cfg.Gc
+        for j in reversed(range(cfg.Gc)):
+            dsps[j] = dSp
+            dvnews[j] = dvi[j] + mm("lck,lkv->lcv", Kgc[j], dSp)
+            dSp = decayc[j][..., None] * dSp + QdO[j] - mm("lck,lcv->lkv", Wc[j], dvnews[j])
+        dvnew, dsp = jnp.concatenate(dvnews), jnp.concatenate(dsps)
+        dQg = mm("lcv,lkv->lck", dO, starts)
+        dW = -mm("lcv,lkv->lck", dvnew, starts)
+        dKg = mm("lcv,lkv->lck", vnews, dsp)
+        dgl = decay * jnp.sum(starts * dsp, axis=-1)
+        dQ, dK, dV, dgg, dbeta = chunk_intra_vjp(x.Q, x.K, x.V, x.g, x.beta, x.masks, Aqk, Akk, T, dAqk, dW,
+                                                 dvnew, dQg, dKg, dgl)
+        dQ = dQ * cfg.scale
+        if x.real is not None:
+            dQ, dK, dV, dgg = (d * x.real for d in (dQ, dK, dV, dgg))
+            dbeta = dbeta * x.real[..., 0]
+        grads = tuple(_to_seq(d, B, H, a.dtype) for d, a in ((dQ, q), (dK, k), (dV, v), (dgg, g)))
+        grads += (_to_seq(dbeta[..., None], B, H, beta.dtype)[..., 0],)
+        return dSp, grads
+
+    dS0, grads = lax.scan(step, dS.reshape(B * H, K, V), (jnp.arange(NG), res), reverse=True)
+    grads = tuple(jnp.moveaxis(x, 0, 1).reshape((B, Tp) + x.shape[3:]) for x in grads)
+    return grads, dS0.reshape(B, H, K, V)
 
 
-def _unit_lower_inverse(D):
-    """(I + D)^{-1} for strictly lower D [..., n, n], n a power of two, by block doubling.
-
-    With T_s the inverse of the block-diagonal part of I + D in blocks of s (T_1 = I) and X_s the lower-left
-    s x s blocks inside each 2s block, T_2s = T_s - T_s X_s T_s exactly (X_s T_s X_s = 0): log2(n) levels
-    of batched matmuls instead of n sequential row updates.
-    """
-    n = D.shape[-1]
-    idx = np.arange(n)
-    Tm = np.eye(n, dtype=np.float32) - jnp.where((idx[:, None] // 2 == idx[None, :] // 2), D, 0.0)
-    s = 2
-    while s < n:
-        lower_left = (idx[:, None] // (2 * s) == idx[None, :] // (2 * s)) & (idx[:, None] // s != idx[None, :] // s)
-        Tm = Tm - Tm @ jnp.where(lower_left, D, 0.0) @ Tm
-        s *= 2
-    return Tm
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _core(q, k, v, g, beta, seg, S0, cfg):
+    o, S, _ = _forward(q, k, v, g, beta, seg, S0, cfg, save=False)
+    return o, S
 
 
-def solve_unit_lower(A, X):
-    """(I + A)^{-1} X for strictly lower A [..., C, C] (C a multiple of 16) and X [..., C, F].
-
-    The 16x16 diagonal blocks are inverted by block doubling, then block forward substitution over the C/16 row
-    blocks applies them to X (never forming the full inverse).
-    """
-    C = A.shape[-1]
-    nb = C // SUB
-    sl = lambda i: slice(i * SUB, (i + 1) * SUB)  # noqa: E731
-    D = jnp.stack([A[..., sl(i), sl(i)] for i in range(nb)], axis=-3)
-    Tinv = _unit_lower_inverse(D)
-    Y = []
-    for i in range(nb):
-        rhs = X[..., sl(i), :]
-        if i:
-            rhs = rhs - A[..., sl(i), : i * SUB] @ jnp.concatenate(Y, axis=-2)
-        Y.append(Tinv[..., i, :, :] @ rhs)
-    return jnp.concatenate(Y, axis=-2)
+def _core_fwd(q, k, v, g, beta, seg, S0, cfg):
+    o, S, res = _forward(q, k, v, g, beta, seg, S0, cfg, save=True)
+    return (o, S), (q, k, v, g, beta, seg, res)
 
 
-def _group_step(S, xs):
-    """One scan step over a group of chunks. S: [B, H, K, V] float32 state at the group start; xs per chunk
-    (leading [Gr]): q (scaled), k, g: [B, H, C, K]; v: [B, H, C, V]; beta: [B, H, C];
-    sid (int), cm, em (bool): [B, 1, C]. Returns (S after the group, o [Gr, B, H, C, V])."""
-    Q, Kc, Vc, g, beta, sid, cm, em = xs
-    Gr, B, H, C, K = Q.shape
-    G = _local_cumsum(g, sid[..., :, None] == sid[..., None, :])
-    # One flat leading batch dim for the intra-chunk part. (Also a workaround: XLA:CPU in jax 0.10.2 segfaulted at
-    # run time on the backward of broadcast-multiply-sum diagonal blocks with rank-7 shapes, leading (4, 1, 2, 4).)
-    flat = lambda x: x.reshape((Gr * B * H,) + x.shape[3:])  # noqa: E731
-    Aqk, Akk = _intra_scores(flat(Q), flat(Kc), flat(G), flat(jnp.broadcast_to(sid, (Gr, B, H, C))))
-    Aqk, Akk = (x.reshape(Gr, B, H, C, C) for x in (Aqk, Akk))
-    Gam = jnp.exp(G)
-    rhs = jnp.concatenate([(beta[..., None] * Gam) * Kc, beta[..., None] * Vc], axis=-1)
-    WU = solve_unit_lower(beta[..., :, None] * Akk, rhs)
-    W, U = WU[..., :K], WU[..., K:]
+def _core_bwd(cfg, saved, cts):
+    q, k, v, g, beta, seg, res = saved
+    do, dS = cts
+    dS = vary_like(dS.astype(jnp.float32), q, k, v, g, beta)   # a zero cotangent may come without the axes
+    (dq, dk, dv, dg, dbeta), dS0 = _backward(q, k, v, g, beta, seg, res, do, dS, cfg)
+    return dq, dk, dv, dg, dbeta, jax.tree.map(jnp.zeros_like, seg), dS0
 
-    cm, em = cm[..., None], em[..., None]
-    GC = G[..., -1:, :]
-    Qt = jnp.where(cm, Q * Gam, 0.0)
-    Wm = jnp.where(cm, W, 0.0)
-    Kt = jnp.where(em, Kc * jnp.exp(jnp.where(em, GC - G, 0.0)), 0.0)
-    decay = jnp.where(cm[..., -1, :], jnp.exp(GC[..., 0, :]), 0.0)  # [Gr, B, H, K]; 0 drops S at a restart
 
-    starts, vnew = [], []
-    for j in range(Gr):
-        starts.append(S)
-        vnew.append(U[j] - Wm[j] @ S)
-        S = decay[j][..., :, None] * S + jnp.swapaxes(Kt[j], -1, -2) @ vnew[-1]
-    o = Qt @ jnp.stack(starts) + Aqk @ jnp.stack(vnew)
-    return S, o
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _run(q, k, v, g, beta, seg, S0, *, cfg):
+    return _core(q, k, v, g, beta, seg, S0, cfg)

@@ -23,6 +23,7 @@ from jax import lax
 from pallas_kernels.kda._checks import check_sequence_inputs
 from pallas_kernels.kda.pallas_bwd import kda_bwd_call
 from pallas_kernels.kda.pallas_fwd import kda_fwd_call
+from pallas_kernels.vma import vary_like
 
 F32 = jnp.float32
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -151,6 +152,7 @@ def kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final
     sid, cm, em = chunk_masks(sid, C)
 
     h0 = jnp.zeros((B, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
+    h0 = vary_like(h0, q, k, v, g, beta)   # inside shard_map: the state varies like the inputs (so does dh0)
     h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
     qt, kt, gt = (_to_kernel_layout(x, Tp, Kp) for x in (q, k, g))
     vt = _to_kernel_layout(v, Tp, Vp)

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.kda.pallas_fwd import (BC, F32, ChunkRefs, _grid_specs, _loop_specs, block_selector,
+from pallas_kernels.kda.pallas_fwd import (BC, F32, ChunkRefs, grid_specs, loop_specs, block_selector,
+                                           loop_block_v,
                                            causal_masks, chunk_intra, col, col_to_row, compiler_params, dot_nn,
                                            dot_nt, dot_tn, expneg, iota, load_chunk, load_rows, row)
+from pallas_kernels.vma import varying_out
 
 
 def intra_grads(r: ChunkRefs, off, ch, dAq, dAk, C, scale):
@@ -87,21 +88,22 @@ def chunk_backward(r: ChunkRefs, off, S, dSp, do, C, scale):
     cm = ch.cm
     Qg = ch.q * it.Gam
     Xu = ch.b * ch.v
-    vnew = it.U - cm * dot_nn(it.W, S)
+    lo = ch.lo   # bfloat16 operands for the state / value-sized products of bfloat16 inputs (f32 accumulation)
+    vnew = it.U - cm * dot_nn(it.W, S, lo)
     mqk, mkk = causal_masks(ch, C)
     # (b) output term, (c) reverse state step, (d) Vnew = U - cm W S
-    dAqk = jnp.where(mqk, dot_nt(do, vnew), 0.0)
-    dvnew = dot_tn(it.Aqk, do) + dot_nn(it.Kt, dSp)
-    dS = ch.cm_last * (it.gam_col * dSp) + dot_tn(cm * Qg, do) - dot_tn(cm * it.W, dvnew)
-    dW = -cm * dot_nt(dvnew, S)
+    dAqk = jnp.where(mqk, dot_nt(do, vnew, lo), 0.0)
+    dvnew = dot_tn(it.Aqk, do, lo) + dot_nn(it.Kt, dSp, lo)
+    dS = ch.cm_last * (it.gam_col * dSp) + dot_tn(cm * Qg, do, lo) - dot_tn(cm * it.W, dvnew, lo)
+    dW = -cm * dot_nt(dvnew, S, lo)
     # (e) W = T Xw, U = T Xu, T = (I + Akk)^-1
-    dT = jnp.where(mkk, dot_nt(dW, it.Xw) + dot_nt(dvnew, Xu), 0.0)
+    dT = jnp.where(mkk, dot_nt(dW, it.Xw) + dot_nt(dvnew, Xu, lo), 0.0)
     dXw = dot_tn(it.T, dW)
-    dXu = dot_tn(it.T, dvnew)
+    dXu = dot_tn(it.T, dvnew, lo)
     dAkk = -jnp.where(mkk, dot_nt(dot_tn(it.T, dT), it.T), 0.0)
     # (f) inter-chunk terms
-    dQt = cm * dot_nt(do, S)
-    dKs = ch.em * dot_nt(vnew, dSp) * it.Ef
+    dQt = cm * dot_nt(do, S, lo)
+    dKs = ch.em * dot_nt(vnew, dSp, lo) * it.Ef
     gkx = it.Gam * ch.k * dXw
     dglast = (jnp.sum(ch.k * dKs, axis=0, keepdims=True)
               + ch.cm_last * jnp.exp(ch.glast) * col_to_row(jnp.sum(S * dSp, axis=1, keepdims=True)))
@@ -121,7 +123,7 @@ def _store(refs, vals, off, C):
         ref[pl.ds(off, C), :] = val.astype(ref.dtype)
 
 
-def _bwd_grid_kernel(q, k, v, g, b, sid, cm, em, h, do, dht, dq, dk, dv, dg, db, dh0, ds_scr, *, C, scale):
+def _bwd_grid_kernel(q, k, v, g, b, sid, cm, em, h, do, dht, dq, dk, dg, db, dv, dh0, ds_scr, *, C, scale):
     c = pl.program_id(2)
 
     @pl.when(c == 0)
@@ -138,7 +140,7 @@ def _bwd_grid_kernel(q, k, v, g, b, sid, cm, em, h, do, dht, dq, dk, dv, dg, db,
         dh0[...] = dS
 
 
-def _bwd_loop_kernel(q, k, v, g, b, sid, cm, em, h, do, dht, dq, dk, dv, dg, db, dh0, *, C, NT, scale):
+def _bwd_loop_kernel(q, k, v, g, b, sid, cm, em, h, do, dht, dq, dk, dg, db, dv, dh0, *, C, NT, scale):
     refs = ChunkRefs(q, k, v, g, b, sid, cm, em)
 
     def body(i, dSp):
@@ -152,35 +154,50 @@ def _bwd_loop_kernel(q, k, v, g, b, sid, cm, em, h, do, dht, dq, dk, dv, dg, db,
     dh0[...] = lax.fori_loop(0, NT, body, dht[...].astype(F32))
 
 
-def kda_bwd_call(q, k, v, g, b, sid, cm, em, h, do, dht, *, scale, chunk_size, backend):
+def kda_bwd_call(q, k, v, g, b, sid, cm, em, h, do, dht, *, scale, chunk_size, backend, block_v=None):
     """Gradients of the forward kernel on prepared inputs (layout of `pallas_fwd`).
 
     h: chunk-start states [B, H, NT, K, V] from the forward; do: [B, H, T, V]; dht: [B, H, K, V] f32.
+    block_v: value columns per program of the loop driver (see `pallas_fwd.loop_block_v`); the gradients of q, k,
+    g and beta are linear in the value-blocked cotangents, so each program writes its part and they are summed.
     Returns (dq, dk, dv, dg, dbeta, dh0), each in its input's dtype (dh0 float32).
     """
     B, H, T, K = q.shape
     V = v.shape[-1]
     C = chunk_size
     NT = T // C
+    inputs = (q, k, v, g, b, sid, cm, em, h, do, dht)
+    like = lambda x: varying_out(x.shape, x.dtype, *inputs)  # noqa: E731
     if backend in ("triton", "interpret_loop"):
-        grid = (B, H)
-        seq, tok, state, per_chunk = _loop_specs(T, NT, K, V)
+        BV = loop_block_v(V, block_v)
+        NV = V // BV
+        grid = (B, H, NV)
+        seq, vseq, tok, state, per_chunk = loop_specs(T, NT, K, BV)
         kernel = functools.partial(_bwd_loop_kernel, C=C, NT=NT, scale=scale)
         scratch = []
+        part = lambda d: pl.BlockSpec((None, None, None, T, d), lambda b_, h_, j: (j, b_, h_, 0, 0))  # noqa: E731
+        k_side = [(part(K), q), (part(K), k), (part(K), g), (part(1), b)]
+        k_shapes = [varying_out((NV,) + x.shape, F32, *inputs) for _, x in k_side]
     else:
+        NV = 1
         grid = (B, H, NT)
-        seq, tok, state, per_chunk = _grid_specs(NT, C, K, V, reverse=True)
+        seq, tok, state, per_chunk = grid_specs(NT, C, K, V, reverse=True)
+        vseq = seq(V)
         kernel = functools.partial(_bwd_grid_kernel, C=C, scale=scale)
         scratch = [pltpu.VMEM((K, V), F32)]
-    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return pl.pallas_call(
+        k_side = [(seq(K), q), (seq(K), k), (seq(K), g), (seq(1), b)]
+        k_shapes = [like(x) for _, x in k_side]
+    dq, dk, dg, db, dv, dh0 = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[seq(K), seq(K), seq(V), seq(K), seq(1), tok, tok, tok, per_chunk, seq(V), state],
-        out_specs=[seq(K), seq(K), seq(V), seq(K), seq(1), state],
-        out_shape=[like(q), like(k), like(v), like(g), like(b), jax.ShapeDtypeStruct((B, H, K, V), F32)],
+        in_specs=[seq(K), seq(K), vseq, seq(K), seq(1), tok, tok, tok, per_chunk, vseq, state],
+        out_specs=[spec for spec, _ in k_side] + [vseq, state],
+        out_shape=k_shapes + [like(v), varying_out((B, H, K, V), F32, *inputs)],
         scratch_shapes=scratch,
-        compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")[:len(grid)]),
+        compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")),
         interpret=backend.startswith("interpret"),
         name="kda_bwd",
-    )(q, k, v, g, b, sid, cm, em, h, do, dht)
+    )(*inputs)
+    if dq.ndim == 5:   # loop driver: sum the per-value-block parts
+        dq, dk, dg, db = (d.sum(axis=0).astype(x.dtype) for d, (_, x) in zip((dq, dk, dg, db), k_side))
+    return dq, dk, dv, dg, db, dh0

@@ -21,8 +21,11 @@ iota masks, `fori_loop` and ref loads/stores (no value slicing, concatenation, r
 Triton lowering lacks). Rows of a computed [C, X] value are taken and put back with exact 0/1 matmuls.
 Two drivers run the same chunk math:
 - "grid" (TPU, and interpret mode on CPU): grid (B, H, NT), chunk axis "arbitrary", state in a VMEM scratch.
-- "loop" (GPU Triton, which has no scratch memory and runs grid programs concurrently): grid (B, H), the chunk
-  recurrence is a `fori_loop` inside the kernel with the state as its carry.
+- "loop" (GPU Triton, which has no scratch memory and runs grid programs concurrently): grid (B, H, V / BV), the
+  chunk recurrence is a `fori_loop` inside the kernel with a [K, BV] block of the state as its carry (the value
+  columns of the recurrence are independent; `TRITON_BLOCK_V`).
+For bfloat16 inputs the state and value-sized matmuls take bfloat16 operands with float32 accumulation (fla's
+choice, full tensor-core rate); gate cumsums, scores, the inverse and row selections stay float32.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.vma import varying_out
+
 F32 = jnp.float32
 BC = 16  # rows of a secondary sub-block (anchored chunking)
 _HI = lax.Precision.HIGHEST
@@ -49,23 +54,29 @@ BACKENDS = ("tpu", "triton", "interpret", "interpret_loop")
 
 # ----------------------------------------------------------------------------------------------- small helpers
 
-def _dot(a, b, contract=((1,), (0,))):
-    """f32 matmul; `contract` names the contracted dims of a and b (NN by default)."""
-    return lax.dot_general(a, b, (contract, ((), ())), precision=(_HI, _HI), preferred_element_type=F32)
+def _dot(a, b, contract=((1,), (0,)), lo=None):
+    """Matmul with float32 accumulation; `contract` names the contracted dims of a and b (NN by default).
+
+    lo=None: float32 operands at full precision. lo=bfloat16 (the state and value-sized products when the inputs
+    are bfloat16, fla's choice): operands rounded to bfloat16, which the tensor cores take at full rate.
+    """
+    if lo is None:
+        return lax.dot_general(a, b, (contract, ((), ())), precision=(_HI, _HI), preferred_element_type=F32)
+    return lax.dot_general(a.astype(lo), b.astype(lo), (contract, ((), ())), preferred_element_type=F32)
 
 
-def dot_nn(a, b):
-    return _dot(a, b)
+def dot_nn(a, b, lo=None):
+    return _dot(a, b, lo=lo)
 
 
-def dot_nt(a, b):
+def dot_nt(a, b, lo=None):
     """a @ b.T"""
-    return _dot(a, b, ((1,), (1,)))
+    return _dot(a, b, ((1,), (1,)), lo)
 
 
-def dot_tn(a, b):
+def dot_tn(a, b, lo=None):
     """a.T @ b"""
-    return _dot(a, b, ((0,), (0,)))
+    return _dot(a, b, ((0,), (0,)), lo)
 
 
 def iota(shape, dim):
@@ -134,6 +145,7 @@ class Chunk:
     same: jax.Array   # [C, C] bool, same segment
     G: jax.Array      # [C, K] chunk-local cumsum of g (restarting at segment starts)
     glast: jax.Array  # [1, K] G of the last row
+    lo: Any = None    # operand dtype of the state / value-sized matmuls: bfloat16 for bfloat16 inputs, else None
 
 
 def load_rows(ref, off, start, n):
@@ -148,8 +160,9 @@ def load_chunk(r: ChunkRefs, off, C, scale) -> Chunk:
     cum = jnp.where((iota((C, C), 1) <= iota((C, C), 0)) & same, 1.0, 0.0)
     G = dot_nn(cum, ld(r.g))
     cm = ld(r.cm)
+    lo = jnp.bfloat16 if r.q.dtype == jnp.bfloat16 else None
     return Chunk(q=ld(r.q) * scale, k=ld(r.k), v=ld(r.v), b=ld(r.b), cm=cm, em=ld(r.em), cm_last=row(cm, C - 1),
-                 same=same, G=G, glast=row(G, C - 1))
+                 same=same, G=G, glast=row(G, C - 1), lo=lo)
 
 
 def causal_masks(ch: Chunk, C):
@@ -232,7 +245,7 @@ def chunk_intra(r: ChunkRefs, off, ch: Chunk, C, scale) -> Intra:
     Gam = jnp.exp(ch.G)
     Xw = ch.b * Gam * ch.k
     Ef = expneg(ch.glast - ch.G)
-    return Intra(Aqk=Aqk, AkkR=AkkR, T=T, Gam=Gam, Xw=Xw, W=dot_nn(T, Xw), U=dot_nn(T, ch.b * ch.v), Ef=Ef,
+    return Intra(Aqk=Aqk, AkkR=AkkR, T=T, Gam=Gam, Xw=Xw, W=dot_nn(T, Xw), U=dot_nn(T, ch.b * ch.v, ch.lo), Ef=Ef,
                  Kt=ch.em * ch.k * Ef, gam_col=jnp.exp(row_to_col(ch.glast)))
 
 
@@ -240,9 +253,9 @@ def chunk_forward(r: ChunkRefs, off, S, C, scale):
     """One chunk: returns (o [C, V] f32, S+ [K, V] f32) from the chunk-start state S."""
     ch = load_chunk(r, off, C, scale)
     it = chunk_intra(r, off, ch, C, scale)
-    vnew = it.U - ch.cm * dot_nn(it.W, S)
-    o = ch.cm * dot_nn(ch.q * it.Gam, S) + dot_nn(it.Aqk, vnew)
-    s_next = ch.cm_last * (it.gam_col * S) + dot_tn(it.Kt, vnew)
+    vnew = it.U - ch.cm * dot_nn(it.W, S, ch.lo)
+    o = ch.cm * dot_nn(ch.q * it.Gam, S, ch.lo) + dot_nn(it.Aqk, vnew, ch.lo)
+    s_next = ch.cm_last * (it.gam_col * S) + dot_tn(it.Kt, vnew, ch.lo)
     return o, s_next
 
 
@@ -292,7 +305,7 @@ def compiler_params(backend, semantics):
     return None
 
 
-def _grid_specs(NT, C, K, V, reverse=False):
+def grid_specs(NT, C, K, V, reverse=False):
     """BlockSpecs of the chunked inputs for the grid driver; `reverse` walks the chunks last to first."""
     t = (lambda c: NT - 1 - c) if reverse else (lambda c: c)
     seq = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, c: (b, h, t(c), 0))
@@ -302,17 +315,35 @@ def _grid_specs(NT, C, K, V, reverse=False):
     return seq, tok, state, per_chunk
 
 
-def _loop_specs(T, NT, K, V):
-    seq = lambda d: pl.BlockSpec((None, None, T, d), lambda b, h: (b, h, 0, 0))
-    tok = pl.BlockSpec((None, T, 1), lambda b, h: (b, 0, 0))
-    state = pl.BlockSpec((None, None, K, V), lambda b, h: (b, h, 0, 0))
-    per_chunk = pl.BlockSpec((None, None, NT, K, V), lambda b, h: (b, h, 0, 0, 0))
-    return seq, tok, state, per_chunk
+def loop_specs(T, NT, K, BV):
+    """BlockSpecs of the loop driver, grid (B, H, V / BV): whole sequences, value-sized arrays in blocks of BV."""
+    seq = lambda d: pl.BlockSpec((None, None, T, d), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
+    vseq = pl.BlockSpec((None, None, T, BV), lambda b, h, j: (b, h, 0, j))
+    tok = pl.BlockSpec((None, T, 1), lambda b, h, j: (b, 0, 0))
+    state = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+    per_chunk = pl.BlockSpec((None, None, NT, K, BV), lambda b, h, j: (b, h, 0, 0, j))
+    return seq, vseq, tok, state, per_chunk
 
 
-def kda_fwd_call(q, k, v, g, b, sid, cm, em, h0, *, scale, chunk_size, save_states, h_dtype, backend):
+# Value columns per program of the GPU (Triton) driver. The state recurrence of different value columns is
+# independent, so the V axis becomes a grid axis: each program holds a [K, BV] float32 state (32 KiB at K = 128,
+# BV = 64) instead of [K, V], and recomputes the value-independent intra-chunk quantities.
+TRITON_BLOCK_V = 64
+
+
+def loop_block_v(V, block_v=None):
+    """Value block of the loop driver: block_v if given, else min(V, TRITON_BLOCK_V); must divide V."""
+    bv = min(V, TRITON_BLOCK_V) if block_v is None else block_v
+    if V % bv:
+        raise ValueError(f"kda: block_v must divide the (padded) value dim V={V}, got {bv}")
+    return bv
+
+
+def kda_fwd_call(q, k, v, g, b, sid, cm, em, h0, *, scale, chunk_size, save_states, h_dtype, backend,
+                 block_v=None):
     """Run the forward kernel on prepared inputs (module docstring layout).
 
+    block_v: value columns per program of the loop driver ("triton", "interpret_loop"; see `loop_block_v`).
     Returns (o [B, H, T, V] in v.dtype, final state [B, H, K, V] f32, and if save_states the chunk-start states
     h [B, H, NT, K, V] in h_dtype).
     """
@@ -323,29 +354,32 @@ def kda_fwd_call(q, k, v, g, b, sid, cm, em, h0, *, scale, chunk_size, save_stat
     NT = T // C
     loop = backend in ("triton", "interpret_loop")
     if loop:
-        grid = (B, H)
-        seq, tok, state, per_chunk = _loop_specs(T, NT, K, V)
+        BV = loop_block_v(V, block_v)
+        grid = (B, H, V // BV)
+        seq, vseq, tok, state, per_chunk = loop_specs(T, NT, K, BV)
         kernel = functools.partial(_fwd_loop_kernel, C=C, NT=NT, scale=scale, save_states=save_states)
         scratch = []
     else:
         grid = (B, H, NT)
-        seq, tok, state, per_chunk = _grid_specs(NT, C, K, V)
+        seq, tok, state, per_chunk = grid_specs(NT, C, K, V)
+        vseq = seq(V)
         kernel = functools.partial(_fwd_grid_kernel, C=C, scale=scale, save_states=save_states)
         scratch = [pltpu.VMEM((K, V), F32)]
-    out_shape = [jax.ShapeDtypeStruct((B, H, T, V), v.dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)]
-    out_specs = [seq(V), state]
+    inputs = (q, k, v, g, b, sid, cm, em, h0)
+    out_shape = [varying_out((B, H, T, V), v.dtype, *inputs), varying_out((B, H, K, V), F32, *inputs)]
+    out_specs = [vseq, state]
     if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((B, H, NT, K, V), h_dtype))
+        out_shape.append(varying_out((B, H, NT, K, V), h_dtype, *inputs))
         out_specs.append(per_chunk)
     outs = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[seq(K), seq(K), seq(V), seq(K), seq(1), tok, tok, tok, state],
+        in_specs=[seq(K), seq(K), vseq, seq(K), seq(1), tok, tok, tok, state],
         out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=scratch,
-        compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")[:len(grid)]),
+        compiler_params=compiler_params(backend, ("parallel", "parallel", "arbitrary")),
         interpret=backend.startswith("interpret"),
         name="kda_fwd",
-    )(q, k, v, g, b, sid, cm, em, h0)
+    )(*inputs)
     return tuple(outs) if save_states else (*outs, None)

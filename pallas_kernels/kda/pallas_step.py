@@ -20,6 +20,7 @@ from pallas_kernels.kda._checks import check_step_inputs
 from pallas_kernels.kda.pallas import _backend_switch, _pow2_at_least_16
 from pallas_kernels.kda.pallas_fwd import F32, compiler_params, row_to_col
 from pallas_kernels.kda.reference import kda_step_reference
+from pallas_kernels.vma import vary_like, varying_out
 
 
 def _step_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s_ref, o_ref, s_out_ref, *, scale):
@@ -43,7 +44,8 @@ def kda_step_call(q, k, v, g, b, state, *, scale, backend):
         grid=(B, H),
         in_specs=[row_spec(K), row_spec(K), row_spec(V), row_spec(K), row_spec(1), state_spec],
         out_specs=[row_spec(V), state_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, H, 1, V), v.dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
+        out_shape=[varying_out((B, H, 1, V), v.dtype, q, k, v, g, b, state),
+                   varying_out((B, H, K, V), F32, q, k, v, g, b, state)],
         input_output_aliases={5: 1},
         compiler_params=compiler_params(backend, ("parallel", "parallel")),
         interpret=backend.startswith("interpret"),
@@ -91,4 +93,5 @@ def kda_step_pallas(q, k, v, g, beta, state, *, scale=None, interpret=None):
     if interpret not in (None, True, False):
         raise ValueError(f"kda_step_pallas: interpret must be None, True or False, got {interpret!r}")
     scale = float(K ** -0.5 if scale is None else scale)
+    state = vary_like(state, q, k, v, g, beta)   # inside shard_map: the new state varies like the inputs
     return _step(q, k, v, g, beta, state, scale, interpret)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.kda._checks import check_sequence_inputs, check_step_inputs
+from pallas_kernels.vma import vary_like
 
 
 def delta_rule_update(state, k, v, alpha, beta):
@@ -38,6 +39,7 @@ def kda_reference(q, k, v, g, beta, *, scale=None, initial_state=None, output_fi
     scale = K ** -0.5 if scale is None else scale
     f32 = jnp.float32
     S0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    S0 = vary_like(S0, q, k, v, g, beta)   # inside shard_map the scan's carry varies like the inputs
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
     seg = segment_ids.astype(jnp.int32)
@@ -55,7 +57,7 @@ def kda_reference(q, k, v, g, beta, *, scale=None, initial_state=None, output_fi
         return (S_out, jnp.where(is_pad, last_id, s_t)), o_t
 
     time_major = [jnp.moveaxis(x.astype(f32), 1, 0) for x in (q, k, v, g, beta)] + [jnp.moveaxis(seg, 1, 0)]
-    (S_final, _), o = jax.lax.scan(step, (S0, jnp.zeros((B,), jnp.int32)), time_major)
+    (S_final, _), o = jax.lax.scan(step, (S0, vary_like(jnp.zeros((B,), jnp.int32), seg)), time_major)
     o = jnp.moveaxis(o, 0, 1).astype(v.dtype)
     return o, (S_final if output_final_state else None)
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from k2jax.config import ConfigError, available_configs, load_config
+from k2jax.config import ConfigError
+from k2jax.config_files import available_configs, load_config
 
 
 def test_shipped_configs_load():
@@ -104,3 +105,87 @@ def test_hf_config_wrong_model_type(tmp_path):
     p.write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="model_type 'llama'"):
         load_config(p)
+
+
+# ---- the declarative config system (k2jax.config.Config) -------------------------------------------------------------
+@pytest.mark.parametrize("field, value, allowed", [
+    ("vocab_size", True, "must be a positive integer"),  # a bool is not an int
+    ("hidden_size", "64", "must be a positive integer"),  # nor a string
+    ("intermediate_size", -1, "must be a non-negative integer"),
+    ("q_lora_rank", 0, "must be null (plain q_proj) or a positive integer"),
+    ("tie_word_embeddings", 1, "must be true or false"),
+    ("remat", "some", "must be one of 'none', 'full', 'dots', 'dots_no_batch'"),
+    ("moe_capacity_factor", 0.0, "must be null (dropless) or a positive number"),
+    ("kda_layers", [1, "2"], "must be null or a list of 1-based layer numbers"),
+])
+def test_each_field_states_its_constraint(field, value, allowed):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", **{field: value})
+    assert str(info.value) == f"config field `{field}` = {value!r} is invalid: {allowed}"
+
+
+def test_every_bad_field_is_reported_and_numbers_read_from_yaml_strings(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", hidden_size=0, dtype="int8")
+    assert "`hidden_size` = 0" in str(info.value) and "`dtype` = 'int8'" in str(info.value)
+    p = tmp_path / "m.yaml"
+    p.write_text("rms_norm_eps: 1e-6\nrope_theta: 50000\n")  # PyYAML reads 1e-6 as the string '1e-6'
+    cfg = load_config(p)
+    assert cfg.rms_norm_eps == 1e-6 and cfg.rope_theta == 50000.0
+    with pytest.raises(ConfigError, match="is frozen"):
+        cfg.hidden_size = 3
+
+
+def test_overrides_parse_once_for_every_command():
+    from k2jax.config import ModelConfig, apply_overrides, parse_overrides
+    from k2jax.serving.config import ServeConfig
+    from k2jax.training.config import TrainConfig
+
+    sections = {"model": ModelConfig, "train": TrainConfig, "serve": ServeConfig}
+    changes = parse_overrides(["hidden_size=32", "train.mesh.fsdp=2", "serve.limits.max_waiting=3",
+                               "learning_rate=1e-3", "model.rope_scaling="], sections)
+    assert changes == {"model": {"hidden_size": 32, "rope_scaling": None}, "serve": {"limits.max_waiting": 3},
+                       "train": {"mesh.fsdp": 2, "learning_rate": "1e-3"}}
+    # a key of a mapping field changes that key and keeps the others
+    assert apply_overrides({"mesh": {"data": 2, "fsdp": 1}}, changes["train"])["mesh"] == {"data": 2, "fsdp": 2}
+    serve = ServeConfig().with_overrides(changes["serve"])
+    assert serve.limits.max_waiting == 3 and serve.limits.max_body_bytes == ServeConfig().limits.max_body_bytes
+    with pytest.raises(ConfigError, match="names a field of each of"):
+        parse_overrides(["seed=1"], {"train": TrainConfig, "other": TrainConfig})
+    with pytest.raises(ConfigError, match="unknown override key 'serve.slot': no serve field 'slot'"):
+        parse_overrides(["serve.slot=3"], sections)
+
+
+def test_serve_settings_are_validated_fields():
+    from k2jax.serving.config import ServeConfig
+    from k2jax.serving.limits import ServerLimits
+
+    limits = ServerLimits()
+    limits.max_waiting = 0  # mutable (the server reads it per request) and checked on assignment
+    with pytest.raises(ConfigError, match=r"limits field `max_waiting` = -1 is invalid: must be a non-negative"):
+        limits.max_waiting = -1
+    assert limits.max_waiting == 0
+    with pytest.raises(ConfigError, match=r"`request_timeout_s` = 0 is invalid: must be a positive number"):
+        ServeConfig(limits={"request_timeout_s": 0})
+    with pytest.raises(ConfigError, match=r"serve field `port` = 70000 is invalid: must be a port number"):
+        ServeConfig(port=70000)
+
+
+def test_serve_cli_rejects_bad_settings_before_loading_anything(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("k2jax_serve_cli", Path(__file__).resolve().parents[2] / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    monkeypatch.setattr(serve, "_build", lambda *a: pytest.fail("a model was built despite bad settings"))
+    for argv, match in ((["--slots", "0"], "serve field `slots` = 0"),
+                        (["--max-waiting", "-2"], "limits field `max_waiting` = -2"),
+                        (["--override", "hiden_size=3"], "unknown override key 'hiden_size'")):
+        with pytest.raises(SystemExit, match=match):
+            serve.main(["--config", "tiny", "--prompt", "x", *argv])
+    args = serve.parser().parse_args(["--config", "tiny", "--slots", "3", "--request-timeout", "5", "--no-warmup",
+                                       "--override", "vocab_size=300", "--override", "serve.port=0"])
+    cfg, model_changes = serve.settings(args)
+    assert (cfg.slots, cfg.limits.request_timeout_s, cfg.warmup, cfg.port) == (3, 5.0, False, 0)
+    assert model_changes == {"vocab_size": 300}

@@ -1,5 +1,5 @@
-"""Chunked lm_head + cross-entropy against the full-logits reference (what k2jax.training.step computes), and its
-memory.
+"""Chunked lm_head + cross-entropy against the full-logits reference (the loss k2jax.training.step computed before),
+and its memory.
 
 Tolerances are error ratios: float32 1e-5 (loss) and 1e-4 (gradients); bfloat16 inputs 1e-5 (loss: logits are
 float32 either way) and 5e-3 (gradients: dz is cast to bfloat16 for the matmuls), against the float32 reference
@@ -54,7 +54,7 @@ def test_float32_matches_reference(N, V, block_tokens, block_vocab):
 
 
 def test_reference_is_the_training_loss():
-    """The reference equals k2jax.training.step's masked optax cross-entropy and argmax count on full logits."""
+    """The reference equals the former training loss: masked optax cross-entropy and argmax count on full logits."""
     x, w, labels, mask = make_inputs(40, 16, 50)
     logits = jnp.dot(x, w)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

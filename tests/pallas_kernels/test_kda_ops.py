@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.kda import chunk as chunk_module
 from pallas_kernels.kda import kda, kda_chunk, kda_reference, kda_step
 from tests.conftest import error_ratio
 
@@ -244,3 +245,75 @@ def test_bad_inputs_raise(change, match):
     q, k, v, g, beta = (kw.pop(n) for n in ARG_NAMES[:5])
     with pytest.raises(ValueError, match=match):
         kda(q, k, v, g, beta, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("chunk_size, segmented", [(16, True), (48, False)])
+def test_chunk_sizes_values_and_grads(chunk_size, segmented):
+    # 16: one 16-row block (no level-A term); 48: a chunk that is not a power of two.
+    T = 100
+    args, cot = make_inputs(37, T=T)
+    seg = jnp.asarray(np.stack([_segments_row(T, [(0, 41, 1), (44, 100, 2)]), _segments_row(T, [(3, 100, 5)])]))
+    seg = seg if segmented else None
+    ref = ref_value_and_grads(args, cot, seg)
+    got = value_and_grads(kda_chunk, args, cot, segment_ids=seg, chunk_size=chunk_size)
+    assert_all_close(ref, got, 1e-5, 1e-4)
+
+
+def test_one_sequence_one_head_grads():
+    # B = H = 1: every batch dim of the working arrays is 1 (XLA:CPU once crashed on size-1 batch dims).
+    args, cot = make_inputs(41, T=70, B=1, h=1)
+    assert_all_close(ref_value_and_grads(args, cot), value_and_grads(kda_chunk, args, cot), 1e-5, 1e-4)
+
+
+def test_many_groups_with_segments_across_group_edges(monkeypatch):
+    # Small groups (2 chunks of 16 per scan step, 4 steps) so the state, segments and gradients cross steps.
+    monkeypatch.setattr(chunk_module, "GROUP_ELEMS", 2 * B * H * 16 * K)
+    T = 120
+    args, cot = make_inputs(43, T=T)
+    seg = jnp.asarray(np.stack([_segments_row(T, [(0, 31, 1), (33, 70, 2), (70, 120, 1)]),
+                                _segments_row(T, [(5, 64, 3), (64, 96, 4), (96, 118, 3)])]))
+    ref = ref_value_and_grads(args, cot, seg)
+    got = value_and_grads(kda_chunk, args, cot, segment_ids=seg, chunk_size=16)
+    assert_all_close(ref, got, 1e-5, 1e-4)
+
+
+def test_bfloat16_grads_within_fla_bounds():
+    args, (do, ds) = make_inputs(47, T=90, dtype=jnp.bfloat16)
+    cot = (do.astype(jnp.bfloat16), ds)
+    ref = ref_value_and_grads(args, cot)
+    o, s, grads = value_and_grads(kda_chunk, args, cot)
+    assert o.dtype == jnp.bfloat16 and all(g.dtype == a.dtype for g, a in zip(grads, args))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    assert_close(f32(ref[0]), f32(o), 5e-3, "o")
+    tols = dict(q=8e-3, k=8e-3, v=8e-3, initial_state=8e-3, g=2e-2, beta=2e-2)
+    for name, r, x in zip(ARG_NAMES, ref[2], grads):
+        assert_close(f32(r), f32(x), tols[name], f"d{name}")
+
+
+def test_extreme_gates_inside_diagonal_blocks():
+    # Gates far below the -20 clamp of the 8-row diagonal blocks (-1000), exactly at it, just above it, and runs
+    # of strong decay that end inside a block: values and gradients stay finite and match the recurrence.
+    T = 64
+    args, cot = make_inputs(53, T=T)
+    q, k, v, g, beta, s0 = args
+    g = g.at[:, 3].set(-1000.0).at[:, 9].set(-20.0).at[:, 10].set(-19.5).at[:, 20:29].set(-30.0)
+    g = g.at[:, 40:, :, : K // 2].set(-60.0)
+    ref = ref_value_and_grads((q, k, v, g, beta, s0), cot)
+    got = value_and_grads(kda_chunk, (q, k, v, g, beta, s0), cot, chunk_size=64)
+    for x in jax.tree.leaves(got):
+        assert bool(jnp.all(jnp.isfinite(x))), "non-finite value or gradient"
+    # Chunk-local cumulative gates near -2000 carry ~1e-4 absolute float32 error into every exponent difference:
+    # the tolerances of test_strong_gates_stay_finite_and_match (measured here: o 1.0e-5, grads <= 4.9e-5).
+    assert_all_close(ref, got, 5e-5, 5e-4)
+
+
+def test_outputs_before_a_changed_token_are_bitwise_unchanged():
+    # Causality to the last bit (the model's causality test compares logits exactly): changing token t, in the
+    # middle of an 8-row diagonal block, must not move any earlier output even by rounding.
+    T, t = 64, 21
+    args, _ = make_inputs(59, T=T)
+    changed = [x.at[:, t].set(x[:, t] * 0.5 - 0.25) for x in args[:5]]
+    o1, _ = kda_chunk(*args[:5], initial_state=args[5], output_final_state=True)
+    o2, _ = kda_chunk(*changed, initial_state=args[5], output_final_state=True)
+    np.testing.assert_array_equal(np.asarray(o1[:, :t]), np.asarray(o2[:, :t]))
+    assert float(jnp.abs(o1[:, t:] - o2[:, t:]).max()) > 1e-3

@@ -6,6 +6,7 @@ The reference runs float32 math on the same (rounded) inputs.
 """
 
 import contextlib
+import re
 import functools
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 
 from pallas_kernels.kda.pallas import chunk_masks, kda_pallas, segment_numbers
 from pallas_kernels.kda.pallas_bwd import kda_bwd_call
-from pallas_kernels.kda.pallas_fwd import kda_fwd_call
+from pallas_kernels.kda.pallas_fwd import TRITON_BLOCK_V, kda_fwd_call
 from pallas_kernels.kda.pallas_step import kda_step_pallas
 from pallas_kernels.kda.reference import kda_reference, kda_step_reference
 from tests.conftest import error_ratio
@@ -199,3 +200,88 @@ def test_bad_arguments_raise():
         kda_pallas(q, k, v, g, beta[..., None])
     with pytest.raises(ValueError, match="state"):
         kda_step_pallas(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0[:, :, :8])
+
+
+def _prepared(args, C, segment_ids=None):
+    """kda_pallas's kernel layout of make_inputs' (q, k, v, g, beta): [B, H, T, d], segment data [B, T, 1]."""
+    q, k, v, g, beta = args[:5]
+    B, T = q.shape[:2]
+    sid, _ = segment_numbers(segment_ids, B, T)
+    sid, cm, em = chunk_masks(sid, C)
+    tr = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    return (tr(q), tr(k), tr(v), tr(g), tr(beta[..., None]), sid, cm, em)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_driver_value_blocks_at_released_head_size(dtype):
+    """K = V = 128 (Kimi-Linear's heads) through the Triton driver (interpreted), the state split into value blocks
+    of 32 columns: outputs, final state and all gradients match the per-token recurrence (fla's bounds for bf16)."""
+    B, T, H, K, V, C = 1, 32, 1, 128, 128, 16
+    args = make_inputs(B, T, H, K, V, dtype=dtype, seed=13)
+    prepared = _prepared(args, C)
+    h0 = args[5]
+    ko, kt = jax.random.split(jax.random.PRNGKey(14))
+    do = jax.random.normal(ko, (B, T, H, V)).astype(dtype)
+    dht = jax.random.normal(kt, h0.shape)
+    scale = K ** -0.5
+
+    @_jit
+    def run(prepared, h0, do, dht):
+        o, ht, h = kda_fwd_call(*prepared, h0, scale=scale, chunk_size=C, save_states=True,
+                                h_dtype=jnp.float32 if dtype == jnp.float32 else jnp.bfloat16,
+                                backend="interpret_loop", block_v=32)
+        grads = kda_bwd_call(*prepared, h, jnp.swapaxes(do, 1, 2), dht, scale=scale, chunk_size=C,
+                             backend="interpret_loop", block_v=32)
+        return (jnp.swapaxes(o, 1, 2), ht), grads
+
+    (o, ht), (dq, dk, dv, dg, db, dh0) = run(prepared, h0, do, dht)
+    (ro, rt), vjp = jax.vjp(lambda *a: kda_reference(*a[:5], initial_state=a[5], output_final_state=True), *args)
+    rgrads = vjp((do, dht))
+    tr = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    grads = (tr(dq), tr(dk), tr(dv), tr(dg), tr(db)[..., 0], dh0)
+    f32 = dtype == jnp.float32
+    assert error_ratio(ro, o) <= (1e-5 if f32 else 5e-3) and error_ratio(rt, ht) <= (1e-5 if f32 else 5e-3)
+    tols = dict(dq=8e-3, dk=8e-3, dv=8e-3, dh0=8e-3, dg=2e-2, dbeta=2e-2)
+    for name, r, x in zip(GRAD_NAMES, rgrads, grads):
+        assert x.dtype == r.dtype, name
+        assert error_ratio(r, x) <= (1e-4 if f32 else tols[name]), (name, error_ratio(r, x))
+
+
+def test_gpu_driver_blocks_values_and_uses_bf16_operands():
+    """Lowered for cuda at K = V = 128: one program per (batch, head, value block of TRITON_BLOCK_V), for the
+    forward and the backward kernel; bf16 inputs give bf16 matmul operands inside the kernels, f32 inputs none."""
+    B, T, H, K, V = 2, 256, 2, 128, 128
+
+    def fwd_bwd(q, k, v, g, beta, h0, seg):
+        out, vjp = jax.vjp(lambda *a: kda_pallas(*a, initial_state=h0, output_final_state=True, segment_ids=seg,
+                                                 chunk_size=64), q, k, v, g, beta)
+        return vjp(out)
+
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        specs = _sequence_specs(B, T, H, K, V, dtype)
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = jax.jit(fwd_bwd).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+        grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32", text)
+        assert grids == [(str(B), str(H), str(V // TRITON_BLOCK_V))] * 2, grids
+        kernel_dots = [e for e in _pallas_jaxpr_eqns(jax.make_jaxpr(fwd_bwd)(*specs).jaxpr)
+                       if e.primitive.name == "dot_general"]
+        bf16_dots = [e for e in kernel_dots if e.invars[0].aval.dtype == jnp.bfloat16]
+        assert kernel_dots and (len(bf16_dots) > 0) == (dtype == jnp.bfloat16), (dtype, len(bf16_dots))
+        assert all(e.params["preferred_element_type"] == jnp.float32 for e in kernel_dots)
+
+
+def _pallas_jaxpr_eqns(jaxpr):
+    """Every equation inside the pallas_call kernels of a jaxpr (recursing through sub-jaxprs)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        params = [p for v in eqn.params.values() for p in (v if isinstance(v, (tuple, list)) else (v,))]
+        for sub in params:
+            sub = getattr(sub, "jaxpr", sub)          # ClosedJaxpr -> Jaxpr
+            if not hasattr(sub, "eqns"):
+                continue
+            if eqn.primitive.name == "pallas_call":
+                out += list(sub.eqns)
+            out += _pallas_jaxpr_eqns(sub)
+    return out

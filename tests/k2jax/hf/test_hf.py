@@ -1,5 +1,6 @@
-"""HF checkpoint interop. The checkpoints are written here by a hand-made writer that follows kimi_linear.md §6
-name by name (not k2jax.hf's mapping), then loaded and compared parameter by parameter and through logits.
+"""HF checkpoint interop. The checkpoints are written here by a hand-made writer that follows the released
+model.safetensors.index.json name by name (not k2jax.hf's mapping), then loaded and compared parameter by parameter
+and through logits.
 transformers 5's conventions are checked here without torch (config.json as transformers writes it, its tensor
 names renamed by hand); test_hf_transformers.py compares against transformers' own models."""
 
@@ -60,7 +61,7 @@ def _np(x):
 
 
 def hand_written_hf_tensors(model, scheme):
-    """HF names and layouts written out by hand from kimi_linear.md §6 (Linear weights are [out, in])."""
+    """HF names and layouts written out by hand from the released checkpoints' index (Linear weights are [out, in])."""
     c = model.config
     t = {"model.embed_tokens.weight": _np(model.embed_tokens), "model.norm.weight": _np(model.norm.weight)}
     if not c.tie_word_embeddings:

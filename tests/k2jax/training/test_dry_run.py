@@ -29,7 +29,8 @@ def _gib(stdout, label):
 
 
 def test_48b_lowers_on_64_simulated_devices_with_exact_state_bytes():
-    out = _run_cli("--config", "kimi_linear_48b_a3b", "--devices", "64", "--seq-len", "64", "--no-compile")
+    out = _run_cli("--config", "kimi_linear_48b_a3b", "--devices", "64", "--batch", "64", "--seq-len", "64",
+                   "--no-compile")
     assert "64 simulated devices, mesh {'data': 1, 'fsdp': 8, 'expert': 8, 'tensor': 1}, batch 64" in out
     cfg = load_config("kimi_linear_48b_a3b")
     n = count_params(cfg)
@@ -52,9 +53,9 @@ def test_small_model_compiles_and_reports_memory():
 
 
 def test_cli_reexecutes_when_jax_already_has_too_few_devices():
-    code = ("import sys, jax; jax.devices(); from k2jax.training.dry_run import main; "
-            "main(['--config', 'tiny', '--mesh', 'fsdp=4,expert=4', '--seq-len', '16', '--no-compile', "
-            "'--set', 'num_hidden_layers=1', '--set', 'full_attn_layers=[]', '--set', 'kda_layers=[1]'])")
+    code = ("import sys, jax; jax.devices(); from k2jax.training.cli import dry_run_main; "
+            "sys.exit(dry_run_main(['--config', 'tiny', '--mesh', 'fsdp=4,expert=4', '--seq-len', '16', "
+            "'--no-compile', 'model.num_hidden_layers=1', 'full_attn_layers=[]', 'kda_layers=[1]']))")
     out = _run_cli(code=code)
     assert "16 simulated devices" in out
 
@@ -72,3 +73,49 @@ def test_mesh_parsing_and_defaults():
     ensure_cpu_devices(8)  # the test process has exactly 8
     with pytest.raises(RuntimeError, match="needs 64 simulated CPU devices"):
         ensure_cpu_devices(64)
+
+
+def _tiny_run_config(tmp_path):
+    """A run config of one KDA + MoE layer with its own batch and sequence length."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\ntrain:\n  batch_size: 8\n  seq_len: 24\n  optimizer: muon\n")
+    return str(path), ["model.num_hidden_layers=1", "kda_layers=[1]", "full_attn_layers=[]",
+                       "first_k_dense_replace=0", "kda_impl=reference"]
+
+
+def test_train_py_dry_run_lowers_the_training_step_of_the_run_config(tmp_path, monkeypatch, capsys):
+    """`train.py --dry-run` takes the run config's batch, sequence length and optimizer, and its overrides and
+    --data, and lowers k2jax.training.step's train step (which, with Muon, leaves masked optimizer leaves)."""
+    from k2jax.training import cli, step
+
+    made = []
+    real = step.make_train_step
+    monkeypatch.setattr(step, "make_train_step", lambda *a, **k: made.append(a[1:3]) or real(*a, **k))
+    config, overrides = _tiny_run_config(tmp_path)
+    (tmp_path / "a.txt").write_text("some text\n")
+    argv = ["--dry-run", "--config", config, "--mesh", "fsdp=2,expert=2,tensor=2", "--no-compile", *overrides,
+            "model.hidden_size=32", "train.grad_accum_steps=2"]
+    assert cli.main(argv + ["--data", str(tmp_path / "a.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "batch 8 x seq_len 24" in out and "muon, grad_accum_steps 2" in out and "a.txt" in out
+    (mcfg, tcfg), = made
+    assert (mcfg.hidden_size, mcfg.num_hidden_layers, tcfg.grad_accum_steps, tcfg.data) == (
+        32, 1, 2, str(tmp_path / "a.txt"))
+    assert cli.main(argv + ["--seq-len", "40", "--batch", "16"]) == 0
+    assert "batch 16 x seq_len 40" in capsys.readouterr().out
+
+
+def test_dry_run_arguments_are_checked(tmp_path, capsys):
+    from k2jax.training import cli
+
+    config, overrides = _tiny_run_config(tmp_path)
+    with pytest.raises(SystemExit):  # argparse: unknown flag
+        cli.main(["--dry-run", "--config", config, "--bogus", "3"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert cli.main(["--dry-run", "--config", config, "train.bogus=1"]) == 2
+    assert "unknown override key 'train.bogus'" in capsys.readouterr().err
+    # batch 8 does not divide over the 16 data-parallel devices of this mesh
+    assert cli.main(["--dry-run", "--config", config, "--mesh", "fsdp=4,expert=4", "--no-compile", *overrides]) == 2
+    assert "divisible by the 16 data-parallel devices" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--config", config, "--devices", "8"])  # dry-run flags without --dry-run

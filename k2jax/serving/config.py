@@ -1,0 +1,29 @@
+"""`ServeConfig`: the engine and HTTP settings of serve.py, declared in k2jax.config's system (constraints next to
+each field); the per-client limits are its `limits` (k2jax.serving.limits.ServerLimits)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from k2jax.config import Allowed, Config, NonEmptyStr, PositiveInt
+from k2jax.serving.limits import ServerLimits
+
+
+class ServeConfig(Config):
+    """How serve.py runs a model: engine size, parallelism, HTTP address and client limits (not the model itself,
+    which is a ModelConfig, nor a request's sampling settings)."""
+
+    section = "serve"
+
+    slots: PositiveInt = 8  # concurrent sequences (the decode batch)
+    max_len: PositiveInt | None = None  # context per sequence (prompt + generated); None: the engine's default
+    min_bucket: PositiveInt = 16  # smallest prompt-length bucket
+    warmup: bool = True  # compile every length bucket up front (else lazily, on first use)
+    int4_experts: bool = False  # serve the routed experts from INT4 weights
+    tensor_parallel: PositiveInt = 1  # devices on the 'tensor' mesh axis
+    expert_parallel: PositiveInt = 1  # devices on the 'expert' mesh axis
+    host: NonEmptyStr = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535), Allowed("a port number in [0, 65535]")] = 8000
+    limits: ServerLimits = Field(default_factory=ServerLimits)
