@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench._timing import median_seconds  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 from k2jax.chat.bitmask import apply_token_bitmask  # noqa: E402
 from k2jax.chat.grammar import BatchBitmask, GrammarTokenizer, unpack_bitmask  # noqa: E402
 from k2jax.tokenizer import ByteTokenizer, KimiTokenizer  # noqa: E402
@@ -137,7 +137,8 @@ def batch_fill_cost(gt: GrammarTokenizer, grammar: str, B: int, repeats: int, rn
 def device_costs(V: int, B: int, repeats: int) -> tuple[float, float, float]:
     """(free step, constrained step, mask host-to-device copy) median seconds."""
     logits = jax.random.normal(jax.random.key(0), (B, V), jnp.float32)
-    bitmask_host = np.random.default_rng(0).integers(-2**31, 2**31, (B, (V + 31) // 32), dtype=np.int64).astype(np.int32)
+    words = (B, (V + 31) // 32)
+    bitmask_host = np.random.default_rng(0).integers(-2**31, 2**31, words, dtype=np.int64).astype(np.int32)
     bitmask = jnp.asarray(bitmask_host)
     active = jnp.asarray(np.arange(B) % 2 == 0)  # half the rows constrained, half free
     free = jax.jit(lambda lg: jnp.argmax(lg, axis=-1))
@@ -193,7 +194,8 @@ def main():
             bridge = time.perf_counter() - t0
             grammar = gt.grammar(tools=TOOLS, tool_choice="required")
             h = host_costs(gt, grammar, args.steps, rng)
-            print(f"| {name} | {V} | {bridge * 1e3:.0f} ms | {h['compile'] * 1e3:.1f} ms | {h['mask_med'] * 1e6:.0f} us,"
+            print(f"| {name} | {V} | {bridge * 1e3:.0f} ms | {h['compile'] * 1e3:.1f} ms | "
+                  f"{h['mask_med'] * 1e6:.0f} us,"
                   f" {h['mask_p90'] * 1e6:.0f} us | {h['accept_med'] * 1e6:.0f} us |")
             prepared.append((name, tok, V, gt, grammar))
         print("\n| vocab | B | host batch fill | device free step | device constrained step | ratio | mask H2D |")

@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from bench._timing import median_seconds
+from bench.timing import median_seconds
 from pallas_kernels.kda import kda, kda_context_parallel
 
 COLLECTIVES = ("ppermute", "all_gather", "psum", "psum_invariant", "all_reduce")

@@ -46,9 +46,13 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import k2jax  # noqa: E402
-from bench._timing import median_seconds  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 from k2jax.training.metrics import train_flops_per_token  # noqa: E402
-from pallas_kernels.attention import attention  # noqa: E402
+from pallas_kernels.attention import (
+    attention,  # noqa: E402
+    attention_splash,
+    attention_triton,
+)
 from pallas_kernels.int4 import dequantize_int4, int4_matmul, int4_ragged_dot, quantize_int4  # noqa: E402
 from pallas_kernels.kda import kda_chunk, kda_pallas, kda_reference, kda_step_pallas, kda_step_reference  # noqa: E402
 
@@ -270,7 +274,6 @@ def section_attention(chk: Check, deadline):
         kw = dict(impl=impl)
         if impl == kernel:
             # the kernel itself (interpreted only in smoke mode), not the dispatch
-            from pallas_kernels.attention import attention_splash, attention_triton
             fn = attention_splash if impl == "splash" else attention_triton
             f = lambda q, k, v: fn(q, k, v, interpret=chk.interpret)  # noqa: E731
         else:

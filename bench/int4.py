@@ -25,13 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 from flax import nnx  # noqa: E402
 
+from bench.timing import median_seconds  # noqa: E402
 from k2jax import load_config  # noqa: E402
 from k2jax.layers.moe import MoE  # noqa: E402
 from pallas_kernels.int4 import int4_matmul, quantize_int4  # noqa: E402
-from bench._timing import median_seconds  # noqa: E402
 
 SHAPES = [  # (label, M, K, N)
     ("decode", 1, 2048, 2048), ("decode", 8, 2048, 2048), ("decode", 64, 2048, 2048),

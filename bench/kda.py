@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.timing import interleaved_rate, median_seconds  # noqa: E402
 from pallas_kernels.kda.dispatch import IMPLS, kda  # noqa: E402
-from bench._timing import interleaved_rate, median_seconds  # noqa: E402
 
 B, H, D, C = 1, 4, 128, 64
 BWD_FACTOR = 2.0

@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.timing import median_seconds  # noqa: E402
 from k2jax import load_config  # noqa: E402
 from k2jax.layers import moe  # noqa: E402
 from pallas_kernels.moe import xla_ragged_dot  # noqa: E402
-from bench._timing import median_seconds  # noqa: E402
 
 SHAPES = {
     # name: (config overrides, tokens)
@@ -60,7 +60,7 @@ def bench(shapes, impls, dtype, repeats, xla_tokens, large_tokens):
     dt = jnp.dtype(dtype)
     base = load_config("default")
     print(f"platform={jax.default_backend()} devices={jax.device_count()} dtype={dtype} repeats={repeats}")
-    print(f"| shape | E | k | hidden | I | tokens | impl | fwd ms | fwd+bwd ms |")
+    print("| shape | E | k | hidden | I | tokens | impl | fwd ms | fwd+bwd ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in shapes:
         overrides, tokens = SHAPES[name]

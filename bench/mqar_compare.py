@@ -21,6 +21,10 @@ import sys
 import tempfile
 import time
 
+from k2jax.model import count_params
+from k2jax.training.config import load_run_config
+from k2jax.training.loop import train
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VARIANTS = ("hybrid", "mla", "kda")
@@ -37,10 +41,6 @@ def _variant_overrides(name: str, num_layers: int) -> list[str]:
 
 
 def run_one(config: str, name: str, overrides: list[str], minutes: float, target: float, eval_every: int) -> dict:
-    from k2jax.model import count_params
-    from k2jax.training.config import load_run_config
-    from k2jax.training.loop import train
-
     base_model, _ = load_run_config(config, overrides)
     extra = _variant_overrides(name, base_model.num_hidden_layers)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,10 +91,10 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     if args.plot:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (optional: the dev extra)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: the dev extra)
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in rows:

@@ -147,10 +147,10 @@ def markdown(rows: list[dict], fmt: dict) -> str:
 
 
 def plot(path: str, sweep_rows, cache_rows, title: str) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (optional: the dev extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: the dev extra)
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     ctx = [r["context"] for r in sweep_rows]

@@ -19,6 +19,13 @@ import statistics
 import sys
 import tempfile
 
+import jax
+
+from k2jax.model import count_params
+from k2jax.training.config import load_run_config
+from k2jax.training.loop import train
+from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -32,12 +39,7 @@ def main(argv=None):
     p.add_argument("--matmul-n", type=int, default=1024)
     args = p.parse_args(argv)
 
-    import jax
 
-    from k2jax.model import count_params
-    from k2jax.training.config import load_run_config
-    from k2jax.training.loop import train
-    from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token
 
     extra = [f"train.steps={args.steps + 1}", "train.checkpoint_every=0", "train.eval_every=0",
              "train.progress=false", "train.tensorboard=false", "train.mqar_min_kv_pairs=null"]

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from k2jax.config import ModelConfig
 from k2jax.config_files import load_config
+from k2jax.model import KimiLinear
 from k2jax.sharding import logical_names, logical_to_mesh_spec
 
 
 def _checkpointer():
-    import orbax.checkpoint as ocp
-
     return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
@@ -65,7 +66,6 @@ def restore_params(config: ModelConfig | str | os.PathLike | None, directory: st
         differ from the saved dtype (values are cast); shapes must match, else ValueError.
     mesh: place each variable on the NamedSharding given by its logical axis names; None: the default device.
     """
-    from k2jax.model import KimiLinear
 
     ocp, ckptr = _checkpointer()
     path = Path(directory).absolute()
@@ -159,7 +159,6 @@ class SavedStep:
 def flat_arrays(tree) -> dict[str, tuple]:
     """path -> (shape, dtype name) of every array leaf of `tree` (arrays, ShapeDtypeStructs or orbax array
     metadata), with paths spelled as orbax stores them ('opt/0/mu/embed_tokens/value' style, tuples as indices)."""
-    import orbax.checkpoint as ocp
 
     flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True), sep="/")
     return {k: (tuple(v.shape), np.dtype(v.dtype).name) if hasattr(v, "shape") else (None, type(v).__name__)
@@ -197,8 +196,6 @@ class TrainCheckpointer:
         self._mngr = self._open()
 
     def _open(self):
-        import orbax.checkpoint as ocp
-
         options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, enable_async_checkpointing=self._async,
                                                create=True)
         return ocp.CheckpointManager(self.directory, options=options)
@@ -216,7 +213,6 @@ class TrainCheckpointer:
     def save(self, step: int, *, variables, config: dict, opt_state, meta: dict, wait: bool = False) -> None:
         """Save a checkpoint for `step` (asynchronously unless `wait` or async_save=False). `variables`: pure dict of
         every model variable; `opt_state`: the optimizer state pytree; `meta`: JSON-serialisable run state."""
-        import orbax.checkpoint as ocp
 
         args = ocp.args.Composite(params=ocp.args.StandardSave(variables), config=ocp.args.JsonSave(config),
                                   opt=ocp.args.StandardSave(opt_state), train=ocp.args.JsonSave(jsonable(meta)))
@@ -227,7 +223,6 @@ class TrainCheckpointer:
     def read_step(self, step: int) -> SavedStep:
         """The configs and array shapes of `step`, without reading the arrays. CheckpointCorrupt when its files
         are unreadable; other errors propagate."""
-        import orbax.checkpoint as ocp
 
         step_dir = self.directory / str(step)
         missing = [item for item in ITEMS if not (step_dir / item).is_dir()]
@@ -251,7 +246,6 @@ class TrainCheckpointer:
         """Restore `step` onto the abstract targets (ShapeDtypeStruct trees carrying the wanted shardings, which
         may differ from the saved ones) -> (variables, opt_state, meta). CheckpointCorrupt when the step's files
         are unreadable; other errors propagate."""
-        import orbax.checkpoint as ocp
 
         args = ocp.args.Composite(params=ocp.args.StandardRestore(variables), opt=ocp.args.StandardRestore(opt_state),
                                   train=ocp.args.JsonRestore())
@@ -289,7 +283,6 @@ class TrainCheckpointer:
 
     def _sync_and_reopen(self, name: str) -> None:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(name)
         self._mngr.close()

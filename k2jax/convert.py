@@ -14,6 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from k2jax.checkpoint import restore_params, save_params, saved_config
+from k2jax.config_files import load_config
+from k2jax.hf import load_hf_checkpoint, save_hf_checkpoint
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m k2jax.convert", description=__doc__.split("\n\n")[0])
@@ -34,9 +38,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _hf_to_orbax(args) -> Path:
-    from k2jax.checkpoint import save_params
-    from k2jax.hf import load_hf_checkpoint
-
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out} already exists")
     model = load_hf_checkpoint(args.hf, dtype=args.dtype, progress=True)
@@ -45,10 +46,6 @@ def _hf_to_orbax(args) -> Path:
 
 
 def _orbax_to_hf(args) -> Path:
-    from k2jax.checkpoint import restore_params, saved_config
-    from k2jax.config_files import load_config
-    from k2jax.hf import save_hf_checkpoint
-
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} already exists (pass --overwrite to replace it)")
     config = load_config(args.config) if args.config else saved_config(args.orbax)

@@ -48,6 +48,8 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import tiktoken
+
 KIMI_PAT_STR = "|".join([
     r"[\p{Han}]+",
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
@@ -289,7 +291,7 @@ def _token_content(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _split_runs(text: str, limit: int) -> Iterator[str]:
+def split_runs(text: str, limit: int) -> Iterator[str]:
     """Cut `text` so that no piece holds more than `limit` consecutive whitespace (or non-whitespace) chars."""
     start, run, prev = 0, 0, None
     for i, ch in enumerate(text):
@@ -306,8 +308,6 @@ class KimiTokenizer(BaseTokenizer):
     """Kimi's tiktoken BPE tokenizer (see the module docstring for the file formats and sources)."""
 
     def __init__(self, bpe_file: str | os.PathLike, tokenizer_config: dict | None = None):
-        import tiktoken
-
         cfg = tokenizer_config or {}
         ranks = load_bpe_ranks(bpe_file)
         named = {}
@@ -335,7 +335,7 @@ class KimiTokenizer(BaseTokenizer):
     def _encode_plain(self, text: str) -> list[int]:
         ids: list[int] = []
         for start in range(0, max(len(text), 1), MAX_ENCODE_CHARS):
-            for piece in _split_runs(text[start:start + MAX_ENCODE_CHARS], MAX_RUN_CHARS):
+            for piece in split_runs(text[start:start + MAX_ENCODE_CHARS], MAX_RUN_CHARS):
                 ids += self._enc.encode(piece, allowed_special=set(), disallowed_special=())
         return ids
 
@@ -354,7 +354,7 @@ class HFTokenizer(BaseTokenizer):
 
     def __init__(self, tokenizer_json: str | os.PathLike, tokenizer_config: dict | None = None):
         try:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # noqa: PLC0415 (optional: the test extra)
         except ImportError:
             raise ValueError(f"{tokenizer_json}: reading a tokenizer.json needs the `tokenizers` package, which is "
                              f"not installed (pip install tokenizers)") from None

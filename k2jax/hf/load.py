@@ -18,13 +18,22 @@ from typing import Iterable
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from k2jax.config import ModelConfig
 from k2jax.hf.compressed_tensors import ct_bytes_to_packed
 from k2jax.hf.config import CONFIG_FILE, config_from_hf
 from k2jax.hf.names import TensorMap, stored_naming, tensor_maps, variable_dtype, variable_shape
-from k2jax.hf.safetensors import (INT_SHAPE_DTYPES, NP_DTYPES, CheckpointError, StoredTensor, aligned_empty,
-                                  index_checkpoint, read_exact, refuse_pickle)
+from k2jax.hf.safetensors import (
+    INT_SHAPE_DTYPES,
+    NP_DTYPES,
+    CheckpointError,
+    StoredTensor,
+    aligned_empty,
+    index_checkpoint,
+    read_exact,
+    refuse_pickle,
+)
 from k2jax.layers.qat import int4_experts
 from k2jax.model import KimiLinear
 from k2jax.sharding import logical_names, logical_to_mesh_spec
@@ -222,7 +231,6 @@ def _with_stored_scale_dtype(config: ModelConfig, stored: dict[str, StoredTensor
 
 def _load_values(flat, maps: list[TensorMap], stored: dict[str, StoredTensor], mesh, progress: bool) -> dict:
     """Read, re-layout and place every parameter, one at a time, in on-disk order."""
-    from tqdm.auto import tqdm
 
     by_path: dict[tuple, list[TensorMap]] = {}
     for tm in maps:

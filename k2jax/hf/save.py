@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from k2jax.config import ModelConfig
 from k2jax.hf.compressed_tensors import packed_to_ct
@@ -101,7 +102,6 @@ def save_hf_checkpoint(model, path: str | os.PathLike, max_shard_size: int | str
     name next to `path` and renamed into place, so `path` never holds a partial checkpoint. An existing `path` is
     replaced only with overwrite=True. Arrays must be fully addressable from this process (single host).
     """
-    from tqdm.auto import tqdm
 
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):

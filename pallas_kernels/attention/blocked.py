@@ -26,7 +26,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention._checks import check_attention_inputs, check_block, segments_or_ones, visible
+from pallas_kernels.attention.checks import check_attention_inputs, check_block, segments_or_ones, visible
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512

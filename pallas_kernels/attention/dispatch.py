@@ -16,8 +16,8 @@ import functools
 
 import jax
 
-from pallas_kernels.attention._checks import check_attention_inputs
 from pallas_kernels.attention.blocked import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, attention_blocked, attention_max_logit
+from pallas_kernels.attention.checks import check_attention_inputs
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.splash import attention_splash
 from pallas_kernels.attention.triton import attention_triton, triton_supports

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention._checks import check_attention_inputs, segments_or_ones, visible
+from pallas_kernels.attention.checks import check_attention_inputs, segments_or_ones, visible
 
 
 def attention_reference(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, q_offset=0,

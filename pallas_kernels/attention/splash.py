@@ -23,8 +23,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from pallas_kernels.attention._checks import (check_attention_inputs, check_block, rows_with_keys,
-                                              segments_or_ones)
+from pallas_kernels.attention.checks import check_attention_inputs, check_block, rows_with_keys, segments_or_ones
 
 LANES = 128  # splash's blocks are multiples of the TPU lane width
 DEFAULT_BLOCK = 512

@@ -26,7 +26,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention._checks import check_attention_inputs, check_block, segments_or_ones
+from pallas_kernels.attention.checks import check_attention_inputs, check_block, segments_or_ones
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*pallas.ops.gpu.attention is deprecated", category=DeprecationWarning)

@@ -23,7 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cross_entropy._checks import check_block, check_cross_entropy_inputs
+from pallas_kernels.cross_entropy.checks import check_block, check_cross_entropy_inputs
 
 DEFAULT_BLOCK_TOKENS = 512
 DEFAULT_BLOCK_VOCAB = 16384  # 163,840 = 10 blocks; a [512, 16384] float32 block is 32 MiB

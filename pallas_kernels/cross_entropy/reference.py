@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cross_entropy._checks import check_cross_entropy_inputs
+from pallas_kernels.cross_entropy.checks import check_cross_entropy_inputs
 
 
 def linear_cross_entropy_reference(x, w, labels, *, mask=None):

@@ -6,11 +6,11 @@
 - `to_compressed_tensors` / `from_compressed_tensors`: the "pack-quantized" checkpoint layout, bit-exact.
 """
 
-from pallas_kernels.int4.quantize import Int4Weight, dequantize_int4, quantize_int4
-from pallas_kernels.int4.packing import pack_int4, unpack_int4
-from pallas_kernels.int4.matmul import int4_matmul
-from pallas_kernels.int4.grouped import int4_ragged_dot
 from pallas_kernels.int4.compressed_tensors import from_compressed_tensors, to_compressed_tensors
+from pallas_kernels.int4.grouped import int4_ragged_dot
+from pallas_kernels.int4.matmul import int4_matmul
+from pallas_kernels.int4.packing import pack_int4, unpack_int4
+from pallas_kernels.int4.quantize import Int4Weight, dequantize_int4, quantize_int4
 
 __all__ = ["Int4Weight", "dequantize_int4", "from_compressed_tensors", "int4_matmul", "int4_ragged_dot", "pack_int4",
            "quantize_int4", "to_compressed_tensors", "unpack_int4"]

@@ -19,9 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.int4 import _common as C
+from pallas_kernels.int4 import common as C
 from pallas_kernels.int4.quantize import Int4Weight, check_int4_weight
-
 
 # ---------------------------------------------------------------- work lists (XLA, from traced group sizes)
 

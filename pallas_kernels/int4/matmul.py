@@ -15,9 +15,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.int4 import _common as C
+from pallas_kernels.int4 import common as C
 from pallas_kernels.int4.quantize import Int4Weight, check_int4_weight
-
 
 # ---------------------------------------------------------------- kernels, "grid" style (TPU, interpreter)
 
@@ -224,8 +223,8 @@ def int4_matmul(x, qw: Int4Weight, *, impl: str = "auto", interpret: bool | None
     """x @ w for x [..., K_in] (float32 or bfloat16) and an INT4 weight w [K_in, N_out] -> [..., N_out] in x.dtype.
 
     impl: "auto" (Pallas on TPU/GPU, XLA on CPU), "pallas" (the kernel; interpreted on CPU when interpret is
-    None) or "xla" (unpack + dequantize + dot; in float32 on CPU). Accumulation is float32. Differentiable in x (dx = dy @ w^T by the
-    same implementation); the weights are frozen (zero cotangent). block_sizes: optional (bm, bn, bk) for the
+    None) or "xla" (unpack + dequantize + dot; in float32 on CPU). Accumulation is float32. Differentiable in x
+    (dx = dy @ w^T by the same implementation); the weights are frozen (zero cotangent). block_sizes: optional (bm, bn, bk) for the
     Pallas kernel, for tests and tuning (bk counts unpacked input rows and must be a multiple of group_size).
     """
     C.check_impl(impl, "int4_matmul")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.kda._checks import check_sequence_inputs
+from pallas_kernels.kda.checks import check_sequence_inputs
 from pallas_kernels.kda.chunk_math import SUB, Masks, chunk_intra, chunk_intra_vjp, gate_cumsums, mm
 from pallas_kernels.kda.pallas import chunk_masks, segment_numbers
 from pallas_kernels.vma import vary_like

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.kda._checks import check_sequence_inputs
+from pallas_kernels.kda.checks import check_sequence_inputs
 from pallas_kernels.kda.chunk_math import mm
 from pallas_kernels.kda.dispatch import kda
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.kda._checks import check_sequence_inputs
+from pallas_kernels.kda.checks import check_sequence_inputs
 from pallas_kernels.kda.pallas_bwd import kda_bwd_call
 from pallas_kernels.kda.pallas_fwd import kda_fwd_call
 from pallas_kernels.vma import vary_like
@@ -29,7 +29,7 @@ F32 = jnp.float32
 CHUNK_SIZES = (16, 32, 64, 128)
 
 
-def _backend_switch(fn, interpret, *args):
+def backend_switch(fn, interpret, *args):
     """fn(backend, *args) for the platform the program is lowered for (see module docstring)."""
     if interpret:
         return fn("interpret", *args)
@@ -57,7 +57,7 @@ def _fwd(q, k, v, g, b, h0, sid, cm, em, cfg, *, save_states):
         return kda_fwd_call(*xs, scale=scale, chunk_size=chunk, save_states=save_states, h_dtype=h_dtype,
                             backend=backend)
 
-    return _backend_switch(run, interpret, q, k, v, g, b, sid, cm, em, h0)
+    return backend_switch(run, interpret, q, k, v, g, b, sid, cm, em, h0)
 
 
 def _core_fwd(q, k, v, g, b, h0, sid, cm, em, cfg):
@@ -73,7 +73,7 @@ def _core_bwd(cfg, res, cts):
     def run(backend, *xs):
         return kda_bwd_call(*xs, scale=scale, chunk_size=chunk, backend=backend)
 
-    dq, dk, dv, dg, db, dh0 = _backend_switch(run, interpret, q, k, v, g, b, sid, cm, em, h, do.astype(v.dtype),
+    dq, dk, dv, dg, db, dh0 = backend_switch(run, interpret, q, k, v, g, b, sid, cm, em, h, do.astype(v.dtype),
                                               dht.astype(F32))
     zero = jnp.zeros_like
     return dq, dk, dv, dg, db, dh0, zero(sid), zero(cm), zero(em)
@@ -114,7 +114,8 @@ def chunk_masks(sid, C):
     return as_col(s), as_col(cm), as_col(em)
 
 
-def _pow2_at_least_16(n):
+def pow2_at_least_16(n):
+    """The smallest power of two >= max(n, 16): a kernel block dimension that holds n."""
     return max(16, 1 << (n - 1).bit_length())
 
 
@@ -143,7 +144,7 @@ def kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final
     scale = float(K ** -0.5 if scale is None else scale)
     C = chunk_size
     Tp = -(-T // C) * C
-    Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
+    Kp, Vp = pow2_at_least_16(K), pow2_at_least_16(V)
 
     sid, real = segment_numbers(segment_ids, B, T)
     keep = lambda x: jnp.where(real.reshape(B, T, *([1] * (x.ndim - 2))), x, jnp.zeros((), x.dtype))

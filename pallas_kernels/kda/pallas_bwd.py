@@ -17,10 +17,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.kda.pallas_fwd import (BC, F32, ChunkRefs, grid_specs, loop_specs, block_selector,
-                                           loop_block_v,
-                                           causal_masks, chunk_intra, col, col_to_row, compiler_params, dot_nn,
-                                           dot_nt, dot_tn, expneg, iota, load_chunk, load_rows, row)
+from pallas_kernels.kda.pallas_fwd import (
+    BC,
+    F32,
+    ChunkRefs,
+    block_selector,
+    causal_masks,
+    chunk_intra,
+    col,
+    col_to_row,
+    compiler_params,
+    dot_nn,
+    dot_nt,
+    dot_tn,
+    expneg,
+    grid_specs,
+    iota,
+    load_chunk,
+    load_rows,
+    loop_block_v,
+    loop_specs,
+    row,
+)
 from pallas_kernels.vma import varying_out
 
 

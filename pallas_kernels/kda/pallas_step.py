@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.kda._checks import check_step_inputs
-from pallas_kernels.kda.pallas import _backend_switch, _pow2_at_least_16
+from pallas_kernels.kda.checks import check_step_inputs
+from pallas_kernels.kda.pallas import backend_switch, pow2_at_least_16
 from pallas_kernels.kda.pallas_fwd import F32, compiler_params, row_to_col
 from pallas_kernels.kda.reference import kda_step_reference
 from pallas_kernels.vma import vary_like, varying_out
@@ -57,7 +57,7 @@ def kda_step_call(q, k, v, g, b, state, *, scale, backend):
 def _step(q, k, v, g, beta, state, scale, interpret):
     B, H, K = q.shape
     V = v.shape[-1]
-    Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
+    Kp, Vp = pow2_at_least_16(K), pow2_at_least_16(V)
     pad = lambda x, d, D: (x if d == D else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, D - d)]))[:, :, None, :]
     args = (pad(q, K, Kp), pad(k, K, Kp), pad(v, V, Vp), pad(g, K, Kp), beta[:, :, None, None])
     S = state.astype(F32)
@@ -67,7 +67,7 @@ def _step(q, k, v, g, beta, state, scale, interpret):
     def run(backend, *xs):
         return kda_step_call(*xs, scale=scale, backend=backend)
 
-    o, S = _backend_switch(run, interpret, *args, S)
+    o, S = backend_switch(run, interpret, *args, S)
     return o[:, :, 0, :V], S[:, :, :K, :V]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kda._checks import check_sequence_inputs, check_step_inputs
+from pallas_kernels.kda.checks import check_sequence_inputs, check_step_inputs
 from pallas_kernels.vma import vary_like
 
 

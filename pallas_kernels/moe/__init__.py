@@ -10,8 +10,14 @@
 """
 
 from pallas_kernels.moe.blocked import blocked_grouped_matmul
-from pallas_kernels.moe.dispatch import (frozen_dequantized, grouped_matmul, int4_grouped_matmul,
-                                         int4_grouped_matmul_cpu, int4_grouped_matmul_kernel, xla_ragged_dot)
+from pallas_kernels.moe.dispatch import (
+    frozen_dequantized,
+    grouped_matmul,
+                                         int4_grouped_matmul,
+                                         int4_grouped_matmul_cpu,
+                                         int4_grouped_matmul_kernel,
+    xla_ragged_dot,
+)
 
 __all__ = ["blocked_grouped_matmul", "frozen_dequantized", "grouped_matmul", "int4_grouped_matmul",
            "int4_grouped_matmul_cpu", "int4_grouped_matmul_kernel", "xla_ragged_dot"]

@@ -1,11 +1,16 @@
 """Config loading and validation: every bad field fails at load with a message naming it."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from k2jax.config import ConfigError
+from k2jax.config import ConfigError, ModelConfig, apply_overrides, parse_overrides
 from k2jax.config_files import available_configs, load_config
+from k2jax.serving.config import ServeConfig
+from k2jax.serving.limits import ServerLimits
+from k2jax.training.config import TrainConfig
 
 
 def test_shipped_configs_load():
@@ -137,10 +142,6 @@ def test_every_bad_field_is_reported_and_numbers_read_from_yaml_strings(tmp_path
 
 
 def test_overrides_parse_once_for_every_command():
-    from k2jax.config import ModelConfig, apply_overrides, parse_overrides
-    from k2jax.serving.config import ServeConfig
-    from k2jax.training.config import TrainConfig
-
     sections = {"model": ModelConfig, "train": TrainConfig, "serve": ServeConfig}
     changes = parse_overrides(["hidden_size=32", "train.mesh.fsdp=2", "serve.limits.max_waiting=3",
                                "learning_rate=1e-3", "model.rope_scaling="], sections)
@@ -157,9 +158,6 @@ def test_overrides_parse_once_for_every_command():
 
 
 def test_serve_settings_are_validated_fields():
-    from k2jax.serving.config import ServeConfig
-    from k2jax.serving.limits import ServerLimits
-
     limits = ServerLimits()
     limits.max_waiting = 0  # mutable (the server reads it per request) and checked on assignment
     with pytest.raises(ConfigError, match=r"limits field `max_waiting` = -1 is invalid: must be a non-negative"):
@@ -172,9 +170,6 @@ def test_serve_settings_are_validated_fields():
 
 
 def test_serve_cli_rejects_bad_settings_before_loading_anything(monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
     spec = importlib.util.spec_from_file_location("k2jax_serve_cli", Path(__file__).resolve().parents[2] / "serve.py")
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)

@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
+import k2jax.hf.load as hf_load
 from k2jax import KimiLinear, load_config
+from k2jax.checkpoint import restore_params, save_params
 from k2jax.config import ConfigError
 from k2jax.hf import CheckpointError, config_from_hf, hf_config_dict, load_hf_checkpoint, save_hf_checkpoint
 from k2jax.hf.compressed_tensors import compressed_tensors_config, quantization_from_compressed_tensors
@@ -331,7 +333,6 @@ def _ct_tensors(model, hf_config=None, quantize_attention=False):
 def test_load_k2_thinking_style_checkpoint_without_dequantizing(k2_float, tmp_path, monkeypatch):
     tensors, cfg = _ct_tensors(k2_float)
     folder = write_hf_folder(tmp_path / "thinking", k2_float.config, tensors, hf_config=cfg, shards=2)
-    import k2jax.hf.load as hf_load
 
     monkeypatch.setattr(hf_load, "_BLOCK_BYTES", 100)  # several row blocks per weight_packed: the streaming loop
     loaded = load_hf_checkpoint(folder)
@@ -391,8 +392,6 @@ def test_compressed_tensors_config_parses_back():
 
 
 def test_orbax_params_round_trip_keeps_packed_experts(qmodel, tmp_path):
-    from k2jax.checkpoint import restore_params, save_params
-
     restored = restore_params(None, save_params(qmodel, tmp_path / "ck"))  # config (with quantization) from disk
     e = moe_layers(restored)[0].experts
     assert isinstance(e, M.QuantizedMoEExperts) and e.w2_packed[...].dtype == jnp.uint8

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 import regex
+from flax import nnx
 
+from k2jax import KimiLinear, load_config
+from k2jax.hf import save_hf_checkpoint
 from k2jax.tokenizer import (
     KIMI_PAT_STR,
     ByteTokenizer,
     HFTokenizer,
     KimiTokenizer,
-    _split_runs,
     load_tokenizer,
+    split_runs,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,14 +143,14 @@ def test_chat_template_rejects_bad_messages(bad):
 
 def test_split_runs_caps_same_class_runs():
     text = "aaaaaaa   bb" + " " * 9 + "c"
-    pieces = list(_split_runs(text, 3))
+    pieces = list(split_runs(text, 3))
     assert "".join(pieces) == text
     for p in pieces:
         runs = regex.findall(r"\s+|\S+", p)
         assert max(len(r) for r in runs) <= 3
     # Cuts only where a run exceeds the limit: 7 a's -> 3 + 3 + 1, 9 spaces -> 3 + 3 + 3.
     assert pieces == ["aaa", "aaa", "a   bb   ", "   ", "   c"]
-    assert list(_split_runs("", 3)) == [""]
+    assert list(split_runs("", 3)) == [""]
 
 
 def test_byte_tokenizer():
@@ -182,7 +185,7 @@ def test_load_tokenizer_dispatch_and_errors(kimi, tmp_path_factory):
     hf = tmp_path_factory.mktemp("hf")
     (hf / "tokenizer.json").write_text("{}")
     try:
-        import tokenizers  # noqa: F401
+        import tokenizers  # noqa: F401, PLC0415 (optional: the test extra)
     except ImportError:
         with pytest.raises(ValueError, match="needs the `tokenizers` package"):
             load_tokenizer(hf)
@@ -231,10 +234,7 @@ def _serve_main():
 
 def test_serve_accepts_a_kimi_size_tokenizer_folder(tmp_path, capsys):
     """163,584 ranks + 258 reserved ids = 163,842 > the model's 163,840: a real Kimi folder's shape must serve."""
-    from flax import nnx
 
-    from k2jax import KimiLinear, load_config
-    from k2jax.hf import save_hf_checkpoint
 
     cfg = load_config("tiny", vocab_size=KIMI_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       kda_layers=[1], full_attn_layers=[2], moe_intermediate_size=16, bos_token_id=163584,

@@ -10,10 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import (attention, attention_blocked, attention_max_logit, attention_reference,
-                                      attention_splash, attention_triton, visited_blocks)
+from pallas_kernels.attention import (
+    attention,
+    attention_blocked,
+    attention_max_logit,
+    attention_reference,
+    attention_splash,
+    attention_triton,
+    visited_blocks,
+)
 from tests.conftest import error_ratio
-from tests.pallas_kernels.test_kda_pallas import _jit, _lower
+from tests.pallas_kernels.lowering import count_pallas_kernels, jit_fast_compile
 
 
 def make_inputs(B, T, S, H, Hkv, Dk, Dv, dtype=jnp.float32, seed=0):
@@ -32,7 +39,7 @@ def segments(lengths_per_row):
 
 def outputs_and_grads(fn, q, k, v, do, **kw):
     """(o, max_logit, (dq, dk, dv)) of fn with the cotangent do, jitted."""
-    @_jit
+    @jit_fast_compile
     def run(q, k, v, do):
         (o, mx), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, return_max_logit=True, **kw), q, k, v)
         return o, mx, vjp((do.astype(o.dtype), jnp.zeros_like(mx)))
@@ -194,11 +201,11 @@ def test_auto_lowers_to_the_kernels(platform):
 
     expanded = _specs(1, 200, 200, 4, 4, 192, 128)[:4]
     kernels = {"tpu": (1, 2), "cuda": (1, 3)}[platform]
-    assert _lower(fwd, expanded, platform) == kernels[0]
-    assert _lower(fwd_bwd(0), expanded, platform) == kernels[1]
+    assert count_pallas_kernels(fwd, expanded, platform) == kernels[0]
+    assert count_pallas_kernels(fwd_bwd(0), expanded, platform) == kernels[1]
     absorbed = _specs(1, 64, 200, 4, 1, 576, 512)
-    assert _lower(fwd_bwd(136), absorbed, platform) == {"tpu": 2, "cuda": 0}[platform]
-    assert _lower(fwd_bwd(jnp.array([136])), absorbed, platform) == 0
+    assert count_pallas_kernels(fwd_bwd(136), absorbed, platform) == {"tpu": 2, "cuda": 0}[platform]
+    assert count_pallas_kernels(fwd_bwd(jnp.array([136])), absorbed, platform) == 0
 
 
 def test_bad_arguments_raise():

@@ -13,11 +13,20 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels.int4 import (Int4Weight, dequantize_int4, from_compressed_tensors, int4_matmul,
-                                 int4_ragged_dot, pack_int4, quantize_int4, to_compressed_tensors, unpack_int4)
+from pallas_kernels.int4 import (
+    Int4Weight,
+    dequantize_int4,
+    from_compressed_tensors,
+    int4_matmul,
+    int4_ragged_dot,
+    pack_int4,
+    quantize_int4,
+    to_compressed_tensors,
+    unpack_int4,
+)
 from pallas_kernels.int4 import grouped as G
 from pallas_kernels.int4 import matmul as MM
-from pallas_kernels.int4._common import Blocks
+from pallas_kernels.int4.common import Blocks
 from tests.conftest import error_ratio
 
 

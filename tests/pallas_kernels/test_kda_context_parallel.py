@@ -19,12 +19,12 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.kda import kda, kda_chunk, kda_context_parallel, kda_step
 from tests.conftest import error_ratio
+from tests.pallas_kernels.lowering import jit_fast_compile
 from tests.pallas_kernels.test_kda_ops import make_inputs
 
 B, H, K, V = 2, 2, 16, 8
 T_SHARD, CHUNK = 32, 16
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 # Segment layouts per context size: (start, stop, id) spans, the rest padding (id 0); shards hold 32 tokens.
 SEGMENTS = {
@@ -81,7 +81,7 @@ def context_parallel(args, cot, seg, mesh, *, with_state=True, layout="contiguou
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 5 + (row, seq), out_specs=(seq, row))
 
-    @_jit
+    @jit_fast_compile
     def run(args, cot, seg):
         (o, s), vjp = jax.vjp(lambda *a: sharded(*a, seg), *args)
         return o, s, vjp(cot)
@@ -204,7 +204,7 @@ def test_lowers_with_the_pallas_kernels_inside_shard_map(platform):
     outputs vary over the manual axes (shard_map's check_vma)."""
     n, T = 4, 4 * 64
     context = contextlib.nullcontext()
-    if platform == "cuda":   # an abstract GPU mesh stands in for the devices (see test_kda_pallas._lower)
+    if platform == "cuda":   # an abstract GPU mesh stands in for the devices (see lowering.count_pallas_kernels)
         gpu = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
         mesh = AbstractMesh((1, n), ("data", "context"), abstract_device=gpu)
         context = jax.sharding.use_abstract_mesh(mesh)

@@ -6,7 +6,7 @@ import pytest
 
 from pallas_kernels.kda import kda, kda_reference, kda_step, kda_step_reference
 from tests.conftest import error_ratio
-from tests.pallas_kernels.test_kda_pallas import _lower, _sequence_specs
+from tests.pallas_kernels.lowering import count_pallas_kernels, kda_sequence_specs
 
 
 def _inputs(B=1, T=40, H=2, K=16, V=32):
@@ -39,7 +39,7 @@ def test_auto_step_matches_reference():
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_auto_lowers_to_the_pallas_kernels(platform):
-    specs = _sequence_specs(1, 40, 2, 16, 32, jnp.bfloat16)
+    specs = kda_sequence_specs(1, 40, 2, 16, 32, jnp.bfloat16)
 
     def loss(q, k, v, g, beta, h0, seg):
         o, s = kda(q, k, v, g, beta, initial_state=h0, segment_ids=seg, output_final_state=True, chunk_size=16)
@@ -48,9 +48,9 @@ def test_auto_lowers_to_the_pallas_kernels(platform):
     def fwd_bwd(q, k, v, g, beta, h0, seg):
         return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, g, beta, h0, seg)
 
-    assert _lower(fwd_bwd, specs, platform) == 2  # the forward and the fused backward kernel
+    assert count_pallas_kernels(fwd_bwd, specs, platform) == 2  # the forward and the fused backward kernel
     step_specs = tuple(jax.ShapeDtypeStruct((1, 2) + x.shape[3:], x.dtype) for x in specs[:5]) + (specs[5],)
-    assert _lower(kda_step, step_specs, platform) == 1
+    assert count_pallas_kernels(kda_step, step_specs, platform) == 1
 
 
 def test_unknown_impl_is_rejected():

@@ -5,9 +5,8 @@ bfloat16 inputs 5e-3 (o, state), 8e-3 (dq, dk, dv, dh0) and 2e-2 (dg, dbeta), fl
 The reference runs float32 math on the same (rounded) inputs.
 """
 
-import contextlib
-import re
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +19,10 @@ from pallas_kernels.kda.pallas_fwd import TRITON_BLOCK_V, kda_fwd_call
 from pallas_kernels.kda.pallas_step import kda_step_pallas
 from pallas_kernels.kda.reference import kda_reference, kda_step_reference
 from tests.conftest import error_ratio
+from tests.pallas_kernels.lowering import count_pallas_kernels, jit_fast_compile, kda_sequence_specs
 
 # Compile time dominates these tests (the interpreted kernels become large XLA programs); the XLA backend
 # optimisation level does not change what is computed.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def make_inputs(B, T, H, K, V, dtype=jnp.float32, seed=0):
@@ -64,8 +63,9 @@ GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 
 
 def check_against_reference(args, tol_out, tol_grads, *, segment_ids=None, chunk_size):
-    ours = _jit(functools.partial(outputs_and_grads, kda_pallas, segment_ids=segment_ids, chunk_size=chunk_size))
-    ref = _jit(functools.partial(outputs_and_grads, kda_reference, segment_ids=segment_ids))
+    ours = jit_fast_compile(functools.partial(outputs_and_grads, kda_pallas, segment_ids=segment_ids,
+                                              chunk_size=chunk_size))
+    ref = jit_fast_compile(functools.partial(outputs_and_grads, kda_reference, segment_ids=segment_ids))
     (o, ht), grads = ours(args)
     (ro, rt), rgrads = ref(args)
     assert o.dtype == args[2].dtype and o.shape == ro.shape and ht.dtype == jnp.float32
@@ -101,7 +101,7 @@ def test_padding_is_inert_and_final_state_optional():
     junk = lambda x: jnp.full((1, 11) + x.shape[2:], 7.0, x.dtype)
     both = lambda x: jnp.concatenate([jnp.concatenate([junk(x), x], 1), jnp.concatenate([x, junk(x)], 1)], 0)
     seg = jnp.array([[0] * 11 + [1] * 21, [2] * 21 + [0] * 11])
-    run = _jit(functools.partial(kda_pallas, chunk_size=16, output_final_state=True))
+    run = jit_fast_compile(functools.partial(kda_pallas, chunk_size=16, output_final_state=True))
     o, s = run(*(both(x) for x in (q, k, v, g, beta)), initial_state=jnp.concatenate([h0, h0]), segment_ids=seg)
     assert np.all(np.asarray(o[0, :11]) == 0) and np.all(np.asarray(o[1, 21:]) == 0)
     assert error_ratio(o[1, :21], o[0, 11:]) <= 1e-6 and error_ratio(s[1], s[0]) <= 1e-6
@@ -122,7 +122,7 @@ def test_gpu_loop_driver_matches_grid_driver():
     do = jax.random.normal(jax.random.PRNGKey(8), (2, 1, 48, 32))
     dht = jax.random.normal(jax.random.PRNGKey(9), h0.shape)
 
-    @functools.partial(_jit, static_argnums=0)
+    @functools.partial(jit_fast_compile, static_argnums=0)
     def run(backend):
         o, ht, h = kda_fwd_call(*prepared, h0, scale=0.25, chunk_size=C, save_states=True, h_dtype=jnp.float32,
                                 backend=backend)
@@ -149,25 +149,6 @@ def test_decode_step_matches_reference(dtype):
     assert error_ratio(ro2, o2) <= 1e-6 and error_ratio(rs2, s2) <= 1e-6
 
 
-def _sequence_specs(B, T, H, K, V, dtype):
-    s = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
-    return (s(B, T, H, K), s(B, T, H, K), s(B, T, H, V), s(B, T, H, K, dt=jnp.float32), s(B, T, H, dt=jnp.float32),
-            s(B, H, K, V, dt=jnp.float32), s(B, T, dt=jnp.int32))
-
-
-def _lower(fn, specs, platform):
-    """Number of Pallas kernels in `fn` lowered for `platform` on this CPU machine.
-
-    For cuda an abstract GPU mesh stands in for the device (required from JAX 0.11, accepted by 0.10)."""
-    context = contextlib.nullcontext()
-    if platform == "cuda":
-        gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-        context = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu))
-    with context:
-        text = jax.jit(fn).trace(*specs).lower(lowering_platforms=(platform,)).as_text()
-    return text.count("tpu_custom_call") if platform == "tpu" else text.count("xla.gpu.triton")
-
-
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape, chunk_size", [((1, 40, 2, 16, 32), 16), ((2, 256, 2, 128, 128), 64)])
@@ -183,11 +164,11 @@ def test_lowering_for_tpu_and_gpu(platform, dtype, shape, chunk_size):
         out, vjp = jax.vjp(lambda *a: fwd(*a, seg), q, k, v, g, beta, h0)
         return vjp(out)
 
-    specs = _sequence_specs(B, T, H, K, V, dtype)
-    assert _lower(fwd, specs, platform) == 1
-    assert _lower(fwd_bwd, specs, platform) == 2
+    specs = kda_sequence_specs(B, T, H, K, V, dtype)
+    assert count_pallas_kernels(fwd, specs, platform) == 1
+    assert count_pallas_kernels(fwd_bwd, specs, platform) == 2
     step_specs = tuple(jax.ShapeDtypeStruct((B, H) + x.shape[3:], x.dtype) for x in specs[:5]) + (specs[5],)
-    assert _lower(kda_step_pallas, step_specs, platform) == 1
+    assert count_pallas_kernels(kda_step_pallas, step_specs, platform) == 1
 
 
 def test_bad_arguments_raise():
@@ -225,7 +206,7 @@ def test_gpu_driver_value_blocks_at_released_head_size(dtype):
     dht = jax.random.normal(kt, h0.shape)
     scale = K ** -0.5
 
-    @_jit
+    @jit_fast_compile
     def run(prepared, h0, do, dht):
         o, ht, h = kda_fwd_call(*prepared, h0, scale=scale, chunk_size=C, save_states=True,
                                 h_dtype=jnp.float32 if dtype == jnp.float32 else jnp.bfloat16,
@@ -260,7 +241,7 @@ def test_gpu_driver_blocks_values_and_uses_bf16_operands():
     gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu)
     for dtype in (jnp.float32, jnp.bfloat16):
-        specs = _sequence_specs(B, T, H, K, V, dtype)
+        specs = kda_sequence_specs(B, T, H, K, V, dtype)
         with jax.sharding.use_abstract_mesh(mesh):
             text = jax.jit(fwd_bwd).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
         grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32", text)

@@ -19,12 +19,20 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+import k2jax.hf.load as hf_load
+import k2jax.hf.save as hf_save
 from k2jax import KimiLinear, load_config
 from k2jax.checkpoint import restore_params, save_params
 from k2jax.config import ConfigError
 from k2jax.convert import main as convert_main
-from k2jax.hf import (CheckpointError, config_from_hf, hf_config_dict, load_hf_checkpoint, save_hf_checkpoint,
-                      transformers_attention_factor)
+from k2jax.hf import (
+    CheckpointError,
+    config_from_hf,
+    hf_config_dict,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+    transformers_attention_factor,
+)
 from k2jax.hf.compressed_tensors import compressed_tensors_config
 from k2jax.layers.rope import yarn_get_mscale
 from k2jax.sharding import logical_to_mesh_spec
@@ -183,7 +191,6 @@ def test_load_two_shards_bf16(hybrid, tmp_path, monkeypatch):
     folder = write_hf_folder(tmp_path / "bf16", hybrid.config, hand_written_hf_tensors(hybrid, "kimi"), shards=2,
                              dtype=BF16)
     assert len(list(folder.glob("*.safetensors"))) == 2
-    import k2jax.hf.load as hf_load
 
     monkeypatch.setattr(hf_load, "_BLOCK_BYTES", 100)  # many small blocks: the streaming re-layout and cast loops
     assert_same_params(hybrid, load_hf_checkpoint(folder, dtype="float32"))
@@ -369,7 +376,6 @@ def test_save_is_atomic_and_refuses_to_clobber(hybrid, tmp_path, monkeypatch):
         save_hf_checkpoint(hybrid, target)
     assert (target / "keep.txt").read_text() == "old"
 
-    import k2jax.hf.save as hf_save
 
     calls = []
 
