@@ -13,9 +13,9 @@ from pallas_kernels.moe.blocked import blocked_grouped_matmul
 from pallas_kernels.moe.dispatch import (
     frozen_dequantized,
     grouped_matmul,
-                                         int4_grouped_matmul,
-                                         int4_grouped_matmul_cpu,
-                                         int4_grouped_matmul_kernel,
+    int4_grouped_matmul,
+    int4_grouped_matmul_cpu,
+    int4_grouped_matmul_kernel,
     xla_ragged_dot,
 )
 
