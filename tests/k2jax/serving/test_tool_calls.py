@@ -1,0 +1,195 @@
+"""Kimi tool calls through the OpenAI API (the official `openai` SDK against the HTTP server on 127.0.0.1): tools and
+tool results round-trip through the chat template, tool calls come back parsed (plain and streamed), and
+tool_choice="required" on a random-weight model yields 100% schema-valid calls while unconstrained requests in the
+same batches are unchanged (greedy, compared to running them alone)."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from flax import nnx
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from k2jax import KimiLinear  # noqa: E402
+from k2jax.chat import render_chat  # noqa: E402
+from k2jax.serving.limits import ServerLimits  # noqa: E402
+from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
+from k2jax.serving.server import make_server  # noqa: E402
+from tests.k2jax.chat.chat_fixtures import FLIGHT_SCHEMA, HOTEL_SCHEMA, TOOLS, synthetic_kimi_tokenizer  # noqa: E402
+from tests.k2jax.serving.test_engine import serving_config  # noqa: E402
+from tests.k2jax.serving.test_server import _free_port  # noqa: E402
+
+MODEL = "tiny-kimi"
+MAX_LEN = 1024  # one length bucket: the prompt with the nested tool declared is 587 tokens
+FLIGHT = TOOLS[:1]
+NO_THINKING = {"chat_template_kwargs": {"thinking": False}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(engine, tokenizer, openai client) over a random 2-layer model and the synthetic Kimi tokenizer, served with
+    the built-in Kimi K2 chat format."""
+    tok = synthetic_kimi_tokenizer(tmp_path_factory.mktemp("kimi_tok"))
+    model = KimiLinear(serving_config(vocab_size=672), rngs=nnx.Rngs(0))
+    engine = Engine(model, tok, num_slots=8, max_len=MAX_LEN, min_bucket=MAX_LEN, max_prefill_batch=2,
+                    max_prefill_tokens=2 * MAX_LEN, eos_token_ids=[tok.eos_id])
+    engine.warmup()
+    port = _free_port()
+    server = make_server(engine, tok, MODEL, "127.0.0.1", port, ServerLimits(request_timeout_s=300))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+    try:
+        yield engine, tok, client
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _check_call(call, tools):
+    """The call names a declared tool, has a functions.NAME:IDX id and arguments valid under the tool's schema."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert call.type == "function" and call.function.name in schemas
+    assert call.id.startswith(f"functions.{call.function.name}:")
+    jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_tool_declarations_and_results_round_trip_through_the_template(served, monkeypatch):
+    """The prompt the engine gets is the Kimi format of the whole conversation: tools declared, the assistant's
+    earlier call (its id normalised to functions.NAME:IDX) and the tool's result tied to it."""
+    engine, tok, client = served
+    prompts = []
+    real_submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda ids, *a, **k: (prompts.append(ids), real_submit(ids, *a, **k))[1])
+    messages = [{"role": "user", "content": "Two nights in Rome?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_7", "type": "function",
+                     "function": {"name": "book_hotel", "arguments": '{"city": "Rome", "nights": 2}'}}]},
+                {"role": "tool", "tool_call_id": "call_7", "content": "booked"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS[1:], max_tokens=1,
+                                         temperature=0, extra_body=NO_THINKING)
+    assert out.usage.prompt_tokens == len(prompts[-1])
+    text = tok.decode(prompts[-1])
+    assert text == render_chat(messages, TOOLS[1:], thinking=False)
+    assert "<|im_system|>tool_declare<|im_middle|>" + json.dumps(TOOLS[1:], separators=(",", ":")) in text
+    assert ("<|tool_call_begin|>functions.book_hotel:0<|tool_call_argument_begin|>" in text
+            and "## Return of functions.book_hotel:0\nbooked<|im_end|>" in text)
+
+
+def test_named_tool_call_plain_and_streamed(served):
+    """A named tool_choice forces a call on a random model; it comes back parsed with finish_reason "tool_calls",
+    and the SDK's stream helper assembles the same call from the streamed deltas (name first, arguments in
+    pieces)."""
+    _, _, client = served
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Paris for 2"}], tools=FLIGHT,
+                tool_choice={"type": "function", "function": {"name": "search_flights"}}, max_tokens=400,
+                temperature=1.0, seed=5, extra_body=NO_THINKING)
+    out = client.chat.completions.create(**body)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        assert call.function.name == "search_flights"
+        _check_call(call, TOOLS)
+    with client.chat.completions.stream(**body) as stream:
+        kinds = []
+        for event in stream:
+            kinds.append(event.type)
+        final = stream.get_final_completion()
+    streamed = final.choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    assert [(c.id, c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == \
+        [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert "tool_calls.function.arguments.delta" in kinds and "tool_calls.function.arguments.done" in kinds
+
+
+def test_50_required_calls_validate_in_batches_mixed_with_free_requests(served):
+    """50 tool_choice="required" requests with the nested schema, sampled, all running beside 10 greedy free
+    requests: every call parses and validates, and each free reply equals the reply it gets alone."""
+    engine, _, client = served
+    free = [dict(model=MODEL, messages=[{"role": "user", "content": f"say {i}"}], max_tokens=12, temperature=0,
+                 extra_body={**NO_THINKING, "ignore_eos": True}) for i in range(10)]
+    alone = [client.chat.completions.create(**b).choices[0].message.content for b in free]
+    constrained = [dict(model=MODEL, messages=[{"role": "user", "content": f"trip {i}"}], tools=FLIGHT,
+                        tool_choice="required", parallel_tool_calls=i % 5 == 0, max_tokens=MAX_LEN - 600,
+                        temperature=1.0, seed=i, extra_body=NO_THINKING) for i in range(50)]
+    jobs = [("free", i, b) for i, b in enumerate(free)] + [("tool", i, b) for i, b in enumerate(constrained)]
+    order = np.random.default_rng(0).permutation(len(jobs))
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda j: (j[0], j[1], client.chat.completions.create(**j[2])),
+                                [jobs[k] for k in order]))
+    calls = 0
+    for kind, i, out in results:
+        choice = out.choices[0]
+        if kind == "free":
+            assert choice.message.content == alone[i] and choice.message.tool_calls is None
+            continue
+        assert choice.finish_reason == "tool_calls", (i, choice)
+        assert choice.message.tool_calls and (len(choice.message.tool_calls) == 1 or i % 5 == 0)
+        for call in choice.message.tool_calls:
+            _check_call(call, FLIGHT)
+            calls += 1
+    assert calls >= 50
+    assert engine.num_unfinished == 0
+
+
+def test_json_response_format_is_valid_json(served):
+    _, _, client = served
+    schema = HOTEL_SCHEMA
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "json"}], max_tokens=200, temperature=1.0, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "hotel", "schema": schema}},
+        extra_body=NO_THINKING)
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "'fly'"),
+    ({"tool_choice": "required"}, "needs 'tools'"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "'sometimes' is invalid"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "JSON schema of an object"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer", "minimum": "low"}}}}}]}, "tools"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"chat_template_kwargs": {"thinking": "maybe"}}, "thinking"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role 'robot'"),
+])
+def test_bad_tool_requests_get_400_and_the_server_carries_on(served, body, needle):
+    _, _, client = served
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/chat/completions", body={**base, **body}, cast_to=object)
+    assert needle in e.value.body["message"], e.value.body
+    ok = client.chat.completions.create(**base, extra_body=NO_THINKING)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_engine_masks_leave_free_rows_bit_identical(served):
+    """In the engine itself: greedy free requests decoded beside constrained ones produce the same tokens and
+    logprobs as alone (the device-side mask touches only constrained rows)."""
+    engine, tok, _ = served
+    prompts = [tok.encode(f"free {i}") for i in range(3)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
+    alone = engine.generate(prompts, params)
+    grammar = engine.grammar_tokenizer.grammar(tools=TOOLS, tool_choice="required")
+    reqs = [engine.submit(tok.encode(f"call {i}"), SamplingParams(max_tokens=300, temperature=1.0, seed=i),
+                          grammar=grammar) for i in range(3)]
+    mixed = engine.generate(prompts, params)
+    for a, b in zip(alone, mixed):
+        assert a.token_ids == b.token_ids
+        assert [(lp.logprob, lp.top) for lp in a.logprobs] == [(lp.logprob, lp.top) for lp in b.logprobs]
+    for r in reqs:
+        r.wait(300)
+        assert r.finish_reason == "stop" and r.grammar.ended
