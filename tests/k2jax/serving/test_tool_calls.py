@@ -183,7 +183,7 @@ def test_engine_masks_leave_free_rows_bit_identical(served):
     prompts = [tok.encode(f"free {i}") for i in range(3)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
     alone = engine.generate(prompts, params)
-    grammar = engine.grammar_tokenizer.grammar(tools=TOOLS, tool_choice="required")
+    grammar = engine.grammar_tokenizer.grammar(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
     reqs = [engine.submit(tok.encode(f"call {i}"), SamplingParams(max_tokens=300, temperature=1.0, seed=i),
                           grammar=grammar) for i in range(3)]
     mixed = engine.generate(prompts, params)
