@@ -3,10 +3,12 @@ tool results round-trip through the chat template, tool calls come back parsed (
 tool_choice="required" on a random-weight model yields 100% schema-valid calls while unconstrained requests in the
 same batches are unchanged (greedy, compared to running them alone)."""
 
+import importlib.util
 import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +195,17 @@ def test_engine_masks_leave_free_rows_bit_identical(served):
     for r in reqs:
         r.wait(300)
         assert r.finish_reason == "stop" and r.grammar.ended
+
+
+def test_agent_loop_example_runs_a_tool_and_answers(served):
+    """examples/agent_loop.py against the server: the required first turn calls one of its two tools, the result
+    goes back as a tool message tied to the call's id, and the loop ends."""
+    _, _, client = served
+    spec = importlib.util.spec_from_file_location("agent_loop", Path(__file__).parents[3] / "examples/agent_loop.py")
+    agent_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent_loop)
+    messages = agent_loop.agent(client, MODEL, "2+2?", max_turns=2, require_tool=True, max_tokens=120,
+                                thinking=False)
+    call = messages[1]["tool_calls"][0]
+    assert call["function"]["name"] in agent_loop.TOOLS
+    assert messages[2]["role"] == "tool" and messages[2]["tool_call_id"] == call["id"]
