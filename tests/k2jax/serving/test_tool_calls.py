@@ -209,3 +209,62 @@ def test_agent_loop_example_runs_a_tool_and_answers(served):
     call = messages[1]["tool_calls"][0]
     assert call["function"]["name"] in agent_loop.TOOLS
     assert messages[2]["role"] == "tool" and messages[2]["tool_call_id"] == call["id"]
+
+
+@pytest.fixture
+def scripted(served, monkeypatch):
+    """Make the served model write a given text (token by token, through the real engine and server path) for the
+    next request, which must be the only one running: yields a function that sets the text."""
+    engine, tok, _ = served
+    script = []
+    real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
+
+    def forced(out, row):
+        tokens = np.array(out.tokens)
+        tokens[row] = script.pop(0) if script else tok.special_id("<|im_end|>")
+        return out._replace(tokens=tokens)
+
+    monkeypatch.setattr(engine.runner, "prefill", lambda *a, **k: forced(real_prefill(*a, **k), 0))
+    monkeypatch.setattr(engine.runner, "decode",
+                        lambda tokens, active, *a, **k: forced(real_decode(tokens, active, *a, **k),
+                                                              int(np.flatnonzero(active)[0])))
+    return lambda text: script.extend(tok.encode(text, allow_special=True))
+
+
+SCRIPT = ("<think>Rome, two nights.</think>Booking.<|tool_calls_section_begin|><|tool_call_begin|>"
+          "functions.book_hotel:0<|tool_call_argument_begin|>{\"city\": \"Rome\", \"nights\": 2}<|tool_call_end|>"
+          "<|tool_call_begin|>functions.book_hotel:1<|tool_call_argument_begin|>{\"city\": \"Paris\", "
+          "\"nights\": 1}<|tool_call_end|><|tool_calls_section_end|><|im_end|>")
+
+
+def test_reasoning_content_and_tool_calls_parsed_plain_and_streamed(served, scripted):
+    """What the model writes (reasoning, content, two calls) comes back split into reasoning_content, content and
+    tool_calls, whole and as stream deltas (reasoning and content in pieces, each call's name before its
+    arguments), with finish_reason "tool_calls"."""
+    _, _, client = served
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Rome"}], tools=TOOLS[1:], max_tokens=100)
+    scripted(SCRIPT)
+    msg = client.chat.completions.create(**body).choices[0]
+    assert msg.finish_reason == "tool_calls"
+    assert msg.message.model_extra["reasoning_content"] == "Rome, two nights."
+    assert msg.message.content == "Booking."
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in msg.message.tool_calls] == [
+        ("functions.book_hotel:0", "book_hotel", {"city": "Rome", "nights": 2}),
+        ("functions.book_hotel:1", "book_hotel", {"city": "Paris", "nights": 1})]
+    scripted(SCRIPT)
+    reasoning, content, calls, finish, order = "", "", {}, None, []
+    for chunk in client.chat.completions.create(**body, stream=True):
+        choice = chunk.choices[0]
+        delta = choice.delta
+        reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+        content += delta.content or ""
+        for tc in delta.tool_calls or []:
+            call = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+            order.append(("name" if tc.function.name else "args", tc.index))
+            call["name"] += tc.function.name or ""
+            call["arguments"] += tc.function.arguments or ""
+        finish = choice.finish_reason or finish
+    assert (reasoning, content, finish) == ("Rome, two nights.", "Booking.", "tool_calls")
+    assert [(c["id"], c["name"], c["arguments"]) for c in calls.values()] == [
+        (c.id, c.function.name, c.function.arguments) for c in msg.message.tool_calls]
+    assert order[0] == ("name", 0) and order.index(("name", 1)) > order.index(("args", 0))
