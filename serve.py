@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
               f"context={engine.max_len})", file=sys.stderr)
         # The checkpoint's own chat template when it ships one, else the built-in Kimi K2 format.
         template = load_chat_template(args.checkpoint) if args.checkpoint else None
+        t0 = time.perf_counter()  # bridge the vocabulary for constrained decoding now, not in the first request
+        words = engine.grammar_tokenizer.words
+        print(f"constrained decoding ready ({words} mask words) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         make_server(engine, tokenizer, name, serve.host, serve.port, serve.limits, chat_template=template).run()
         return 0
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p)

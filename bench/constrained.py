@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench._timing import median_seconds  # noqa: E402
+from k2jax import KimiLinear, load_config  # noqa: E402
 from k2jax.chat.bitmask import apply_token_bitmask  # noqa: E402
 from k2jax.chat.grammar import BatchBitmask, GrammarTokenizer, unpack_bitmask  # noqa: E402
-from k2jax import KimiLinear, load_config  # noqa: E402
 from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
 from k2jax.tokenizer import ByteTokenizer, KimiTokenizer  # noqa: E402
 
@@ -244,7 +244,7 @@ def main():
                 print(f"| {name} | {B} | {fill * 1e6:.0f} us | {t_free * 1e6:.0f} us | {t_mask * 1e6:.0f} us | "
                       f"{t_mask / t_free:.2f}x | {t_copy * 1e6:.0f} us |")
         if args.engine:
-            print(f"\n| vocab | V | slots | engine step, all free | half constrained | all constrained | ratio (all) |")
+            print("\n| vocab | V | slots | engine step, all free | half constrained | all constrained | ratio (all) |")
             print("|---|---|---|---|---|---|---|")
             for name, tok, V, _, _ in prepared:
                 ms = engine_step_ms(tok, V, args.slots, args.steps)

@@ -288,15 +288,22 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
                callback: Callable[[Event], None] | None = None, request_id: str | None = None,
-               grammar: str | None = None) -> Request:
+               grammar: str | GrammarMatcher | None = None) -> Request:
         """Queue a request (thread-safe). callback(Event) is called from the engine's thread after every step
         that produced something for it; grammar: a Lark grammar (k2jax.chat.grammar.request_grammar /
-        `grammar_tokenizer.grammar(...)`) the output must follow, None for free decoding. Raises ValueError for an
+        `grammar_tokenizer.grammar(...)`) the output must follow, or a fresh GrammarMatcher of one from
+        `grammar_tokenizer.matcher` (built off the caller's thread: compiling takes milliseconds), None for free
+        decoding. Raises ValueError for an
         invalid request (a grammar that does not compile included) before queueing it, and EngineStoppedError once
         the engine thread has died."""
         params = params or SamplingParams()
         max_tokens = self.check_request(prompt_ids, params)
-        matcher = self.grammar_tokenizer.matcher(grammar) if grammar is not None else None
+        if isinstance(grammar, GrammarMatcher):
+            if grammar.gt is not self.grammar_tokenizer or grammar.num_accepted:
+                raise ValueError("grammar: a GrammarMatcher must be fresh and from this engine's grammar_tokenizer")
+            matcher = grammar
+        else:
+            matcher = self.grammar_tokenizer.matcher(grammar) if grammar is not None else None
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         stop_ids = frozenset(int(t) for t in params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids)

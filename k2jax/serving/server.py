@@ -40,9 +40,16 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2jax.chat import ChatTemplate, StreamParser, encode_chat, render_chat
+from k2jax.chat.grammar import GrammarMatcher
 from k2jax.chat.parser import THINK_OPEN
 from k2jax.serving.limits import ServerLimits
-from k2jax.serving.scheduler import Engine, EngineStoppedError, Event, SamplingParams, TokenLogprob
+from k2jax.serving.scheduler import (
+    Engine,
+    EngineStoppedError,
+    Event,
+    SamplingParams,
+    TokenLogprob,
+)
 from k2jax.tokenizer import IM_END
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
@@ -363,15 +370,18 @@ def _chat_ids(tokenizer, messages, tools, template, kwargs, prompt_chars: int) -
         raise APIError(400, f"messages: {e}", param="messages") from None
 
 
-def _chat_grammar(engine: Engine, body: ChatBody, kwargs: dict, reasoning_open: bool) -> str | None:
-    """The grammar a chat reply must follow (None: free decoding), from tools / tool_choice / response_format;
-    every declared tool's schema is checked even when decoding stays free. 400 names the field at fault."""
+def _chat_grammar(engine: Engine, body: ChatBody, kwargs: dict, reasoning_open: bool) -> GrammarMatcher | None:
+    """The matcher of the grammar a chat reply must follow (None: free decoding), from tools / tool_choice /
+    response_format (worker thread: building one compiles the grammar); every declared tool's schema is checked
+    even when decoding stays free. 400 names the field at fault."""
     choice = body.tool_choice
     if choice is not None and not body.tools and choice not in ("none", "auto"):
         raise APIError(400, f"tool_choice={choice!r} needs 'tools'", param="tool_choice")
     if isinstance(choice, str) and choice not in ("none", "auto", "required"):
         raise APIError(400, f"tool_choice={choice!r} is invalid: 'none', 'auto', 'required' or "
                             f"{{'type': 'function', 'function': {{'name': ...}}}}", param="tool_choice")
+    if not body.tools and body.response_format is None:
+        return None
     thinking = "open" if reasoning_open else "none" if kwargs.get("thinking") is False else "optional"
     try:
         gt = engine.grammar_tokenizer
@@ -385,9 +395,10 @@ def _chat_grammar(engine: Engine, body: ChatBody, kwargs: dict, reasoning_open: 
         except ValueError as e:
             raise APIError(400, f"tools: {e}", param="tools") from None
     try:
-        return gt.grammar(tools=body.tools if choice != "none" else None,
-                          tool_choice=choice if choice != "none" else None, response_format=body.response_format,
-                          parallel_tool_calls=body.parallel_tool_calls, thinking=thinking)
+        grammar = gt.grammar(tools=body.tools if choice != "none" else None,
+                             tool_choice=choice if choice != "none" else None, response_format=body.response_format,
+                             parallel_tool_calls=body.parallel_tool_calls, thinking=thinking)
+        return gt.matcher(grammar) if grammar is not None else None
     except ValueError as e:
         param = "response_format" if "response_format" in str(e) else "tool_choice"
         raise APIError(400, f"{param}: {e}", param=param) from None
@@ -443,7 +454,7 @@ class _Run:
     (prompt index, Event), and its deadline (limits.request_timeout_s from now)."""
 
     def __init__(self, engine: Engine, prompts, params: list[SamplingParams], limits: ServerLimits,
-                 grammars: list[str | None] | None = None):
+                 grammars: list[GrammarMatcher | None] | None = None):
         loop = asyncio.get_running_loop()
         self.engine, self.queue, self.limits = engine, asyncio.Queue(), limits
         self.deadline = loop.time() + limits.request_timeout_s

@@ -24,7 +24,7 @@ from k2jax.chat import render_chat  # noqa: E402
 from k2jax.serving.limits import ServerLimits  # noqa: E402
 from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
 from k2jax.serving.server import make_server  # noqa: E402
-from tests.k2jax.chat.chat_fixtures import FLIGHT_SCHEMA, HOTEL_SCHEMA, TOOLS, synthetic_kimi_tokenizer  # noqa: E402
+from tests.k2jax.chat.chat_fixtures import HOTEL_SCHEMA, TOOLS, synthetic_kimi_tokenizer  # noqa: E402
 from tests.k2jax.serving.test_engine import serving_config  # noqa: E402
 from tests.k2jax.serving.test_server import _free_port  # noqa: E402
 
@@ -40,8 +40,8 @@ def served(tmp_path_factory):
     the built-in Kimi K2 chat format."""
     tok = synthetic_kimi_tokenizer(tmp_path_factory.mktemp("kimi_tok"))
     model = KimiLinear(serving_config(vocab_size=672), rngs=nnx.Rngs(0))
-    engine = Engine(model, tok, num_slots=8, max_len=MAX_LEN, min_bucket=MAX_LEN, max_prefill_batch=2,
-                    max_prefill_tokens=2 * MAX_LEN, eos_token_ids=[tok.eos_id])
+    engine = Engine(model, tok, num_slots=8, max_len=MAX_LEN, min_bucket=MAX_LEN, max_prefill_batch=1,
+                    eos_token_ids=[tok.eos_id])
     engine.warmup()
     port = _free_port()
     server = make_server(engine, tok, MODEL, "127.0.0.1", port, ServerLimits(request_timeout_s=300))
