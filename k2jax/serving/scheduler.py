@@ -293,9 +293,8 @@ class Engine:
         that produced something for it; grammar: a Lark grammar (k2jax.chat.grammar.request_grammar /
         `grammar_tokenizer.grammar(...)`) the output must follow, or a fresh GrammarMatcher of one from
         `grammar_tokenizer.matcher` (built off the caller's thread: compiling takes milliseconds), None for free
-        decoding. Raises ValueError for an
-        invalid request (a grammar that does not compile included) before queueing it, and EngineStoppedError once
-        the engine thread has died."""
+        decoding. Raises ValueError for an invalid request (a grammar that does not compile included) before
+        queueing it, and EngineStoppedError once the engine thread has died."""
         params = params or SamplingParams()
         max_tokens = self.check_request(prompt_ids, params)
         if isinstance(grammar, GrammarMatcher):

@@ -268,3 +268,21 @@ def test_reasoning_content_and_tool_calls_parsed_plain_and_streamed(served, scri
     assert [(c["id"], c["name"], c["arguments"]) for c in calls.values()] == [
         (c.id, c.function.name, c.function.arguments) for c in msg.message.tool_calls]
     assert order[0] == ("name", 0) and order.index(("name", 1)) > order.index(("args", 0))
+
+
+def test_a_grammar_failure_fails_only_its_request(served):
+    """A matcher that rejects the sampled token ends its own request with an error; a constrained and a free
+    request running beside it finish normally."""
+    engine, tok, _ = served
+    grammar = engine.grammar_tokenizer.grammar(tools=TOOLS[1:], tool_choice="required", parallel_tool_calls=False)
+    broken = engine.grammar_tokenizer.matcher(grammar)
+    broken.accept = lambda token_id: False
+    params = SamplingParams(max_tokens=100, temperature=1.0, seed=3)
+    bad = engine.submit(tok.encode("a"), params, grammar=broken)
+    good = engine.submit(tok.encode("b"), params, grammar=grammar)
+    free = engine.submit(tok.encode("c"), SamplingParams(max_tokens=5, ignore_eos=True))
+    assert bad.wait(300).finish_reason == "error" and "grammar rejected" in bad.error
+    assert good.wait(300).finish_reason == "stop" and good.grammar.ended
+    assert free.wait(300).finish_reason == "length" and len(free.token_ids) == 5
+    with pytest.raises(ValueError, match="fresh"):
+        engine.submit(tok.encode("d"), params, grammar=good.grammar)
