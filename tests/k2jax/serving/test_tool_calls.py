@@ -87,6 +87,9 @@ def test_tool_declarations_and_results_round_trip_through_the_template(served, m
     assert "<|im_system|>tool_declare<|im_middle|>" + json.dumps(TOOLS[1:], separators=(",", ":")) in text
     assert ("<|tool_call_begin|>functions.book_hotel:0<|tool_call_argument_begin|>" in text
             and "## Return of functions.book_hotel:0\nbooked<|im_end|>" in text)
+    client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS[1:], tool_choice="none",
+                                   max_tokens=1, temperature=0, extra_body=NO_THINKING)
+    assert tok.decode(prompts[-1]) == render_chat(messages, None, thinking=False)  # "none": tools left out
 
 
 def test_named_tool_call_plain_and_streamed(served):
