@@ -169,12 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warm-up: compiled {len(engine.runner.buckets)} length buckets in {engine.warmup():.1f} s",
               file=sys.stderr)
     if args.http:
+        from k2jax.chat import load_chat_template
         from k2jax.serving.server import make_server
 
         name = args.model_name or Path(args.checkpoint or args.config).name
         print(f"serving {name!r} on http://{serve.host}:{serve.port} (slots={engine.num_slots}, "
               f"context={engine.max_len})", file=sys.stderr)
-        make_server(engine, tokenizer, name, serve.host, serve.port, serve.limits).run()
+        # The checkpoint's own chat template when it ships one, else the built-in Kimi K2 format.
+        template = load_chat_template(args.checkpoint) if args.checkpoint else None
+        t0 = time.perf_counter()  # bridge the vocabulary for constrained decoding now, not in the first request
+        words = engine.grammar_tokenizer.words
+        print(f"constrained decoding ready ({words} mask words) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        make_server(engine, tokenizer, name, serve.host, serve.port, serve.limits, chat_template=template).run()
         return 0
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p)
            for p in prompts]

@@ -7,12 +7,17 @@ tokens), both through k2jax's tokenizer classes and k2jax.chat.grammar's bridge.
 
 Host (per decode step, per constrained request): the mask computation (GrammarMatcher.allowed_tokens_bitmask) and
 the token commit (accept), median and 90th percentile over a generation driven by random logits; then one batch
-fill (BatchBitmask.fill, llguidance's thread pool) for B = 1..64 constrained rows. One-off costs: the tokenizer
+fill (BatchBitmask.fill, in the calling thread and in llguidance's thread pool) for B = 1..64 constrained rows. One-off costs: the tokenizer
 bridge and the grammar compilation per request. Device: a jitted step "argmax(logits)" (free) against
 "argmax(apply_token_bitmask(logits, bitmask, active))" (constrained), plus the host-to-device copy of the [B, W]
 mask, for B = 1..64. --outlines also times outlines-core's index construction for the same schema (if installed).
 
-    python bench/constrained.py [--repeats 20] [--steps 200] [--outlines]
+Engine (--engine): the real serving step (k2jax.serving.scheduler.Engine.step: host mask fill, the jitted decode
+with the mask applied before sampling, the token commit) on a random tiny model (configs/tiny, 2 layers) with each
+vocabulary, S slots all busy: per step ms with every row free, half constrained and every row constrained
+(tool_choice "required" over the nested schema, thinking "none", sampled), and the ratio to free.
+
+    python bench/constrained.py [--repeats 20] [--steps 200] [--outlines] [--engine] [--slots 8]
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from bench.timing import median_seconds  # noqa: E402
+from k2jax import KimiLinear, load_config  # noqa: E402
 from k2jax.chat.bitmask import apply_token_bitmask  # noqa: E402
 from k2jax.chat.grammar import BatchBitmask, GrammarTokenizer, unpack_bitmask  # noqa: E402
+from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
 from k2jax.tokenizer import ByteTokenizer, KimiTokenizer  # noqa: E402
 
 KIMI_BASE, KIMI_VOCAB = 163_582, 163_840  # KimiTokenizer adds 258 special ids after the ranks
@@ -114,8 +122,10 @@ def host_costs(gt: GrammarTokenizer, grammar: str, steps: int, rng) -> dict:
             "accept_med": statistics.median(accept_t), "compile": statistics.median(compile_t)}
 
 
-def batch_fill_cost(gt: GrammarTokenizer, grammar: str, B: int, repeats: int, rng) -> float:
-    """Median seconds of one BatchBitmask.fill over B constrained rows, each a few tokens into its grammar."""
+def batch_fill_cost(gt: GrammarTokenizer, grammar: str, B: int, repeats: int, rng,
+                    num_threads: int | None = 0) -> float:
+    """Median seconds of one BatchBitmask.fill over B constrained rows, each a few tokens into its grammar
+    (num_threads as in BatchBitmask: 0 the calling thread, None llguidance's pool)."""
     matchers = {}
     for r in range(B):
         m = gt.matcher(grammar)
@@ -125,7 +135,7 @@ def batch_fill_cost(gt: GrammarTokenizer, grammar: str, B: int, repeats: int, rn
             if m.is_accepting():
                 break
         matchers[r] = m
-    batch = BatchBitmask(B, gt.vocab_size)
+    batch = BatchBitmask(B, gt.vocab_size, num_threads)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -170,12 +180,43 @@ def outlines_index_seconds(tokenizer, V: int) -> float | None:
     return time.perf_counter() - t0
 
 
+def engine_step_ms(tok, V: int, slots: int, steps: int) -> dict[str, float]:
+    """Median ms of Engine.step() with every slot decoding, for 0, half and all slots grammar-constrained."""
+    cfg = load_config("tiny", vocab_size=V, num_hidden_layers=2, kda_layers=(1,), full_attn_layers=(2,))
+    stop = [tok.special_id("<|im_end|>")]
+    engine = Engine(KimiLinear(cfg, rngs=nnx.Rngs(0)), tok, num_slots=slots, max_len=512, min_bucket=512,
+                    eos_token_ids=stop)
+    engine.warmup()
+    grammar = engine.grammar_tokenizer.grammar(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    prompt = tok.encode("find me a flight")
+    out = {}
+    for label, n_constrained in (("free", 0), ("half", slots // 2), ("all", slots)):
+        times = []
+        while len(times) < steps:
+            reqs = [engine.submit(prompt, SamplingParams(max_tokens=400, temperature=1.0, seed=len(times) + i,
+                                                         ignore_eos=True),
+                                  grammar=grammar if i < n_constrained else None) for i in range(slots)]
+            engine.step()  # prefill (and the first decode step)
+            while engine.num_active == slots and len(times) < steps:
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)
+            for r in reqs:
+                engine.abort(r)
+            while engine.has_work:
+                engine.step()
+        out[label] = statistics.median(times) * 1e3
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--outlines", action="store_true", help="also time outlines-core's index construction")
+    ap.add_argument("--engine", action="store_true", help="also time the real engine step, free vs constrained")
+    ap.add_argument("--slots", type=int, default=8)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
@@ -198,14 +239,23 @@ def main():
                   f"{h['mask_med'] * 1e6:.0f} us,"
                   f" {h['mask_p90'] * 1e6:.0f} us | {h['accept_med'] * 1e6:.0f} us |")
             prepared.append((name, tok, V, gt, grammar))
-        print("\n| vocab | B | host batch fill | device free step | device constrained step | ratio | mask H2D |")
+        print("\n| vocab | B | host batch fill (thread, pool) | device free step | device constrained step | ratio "
+              "| mask H2D |")
         print("|---|---|---|---|---|---|---|")
         for name, tok, V, gt, grammar in prepared:
             for B in batches:
                 fill = batch_fill_cost(gt, grammar, B, args.repeats, rng)
+                fill_pool = batch_fill_cost(gt, grammar, B, args.repeats, rng, num_threads=None)
                 t_free, t_mask, t_copy = device_costs(V, B, args.repeats)
-                print(f"| {name} | {B} | {fill * 1e6:.0f} us | {t_free * 1e6:.0f} us | {t_mask * 1e6:.0f} us | "
-                      f"{t_mask / t_free:.2f}x | {t_copy * 1e6:.0f} us |")
+                print(f"| {name} | {B} | {fill * 1e6:.0f} us, {fill_pool * 1e6:.0f} us | {t_free * 1e6:.0f} us | "
+                      f"{t_mask * 1e6:.0f} us | {t_mask / t_free:.2f}x | {t_copy * 1e6:.0f} us |")
+        if args.engine:
+            print("\n| vocab | V | slots | engine step, all free | half constrained | all constrained | ratio (all) |")
+            print("|---|---|---|---|---|---|---|")
+            for name, tok, V, _, _ in prepared:
+                ms = engine_step_ms(tok, V, args.slots, args.steps)
+                print(f"| {name} | {V} | {args.slots} | {ms['free']:.2f} ms | {ms['half']:.2f} ms | {ms['all']:.2f} ms | "
+                      f"{ms['all'] / ms['free']:.2f}x |")
         if args.outlines:
             for name, tok, V, _, _ in prepared:
                 s = outlines_index_seconds(tok, V)

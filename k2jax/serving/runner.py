@@ -7,6 +7,11 @@ write program that takes the cache donated and updates it in place (k2jax.servin
 Every jitted shape comes from the buckets (`length_buckets`: powers of two, then the context length), so after
 `warmup()` no call triggers a compilation.
 
+Grammar-constrained rows: prefill and decode take an optional packed token bitmask (int32 [rows, ceil(vocab / 32)])
+and a bool [rows] saying which rows it constrains; it is applied to the logits on the device before sampling
+(k2jax.serving.sampling). Both are always inputs of the compiled steps (all-ones / all-False when not given), so
+constrained and free requests share a batch and program.
+
 The pure functions `prefill_entries` / `prefill` and `decode_entries` / `decode` are those steps without jit and
 sampling (tests and benchmarks call them directly).
 """
@@ -158,6 +163,7 @@ class ModelRunner:
         self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
         V = self.config.vocab_size
         self.vocab_limit = V if vocab_limit is None else min(V, int(vocab_limit))
+        self.mask_words = (V + 31) // 32  # width of a row's packed grammar bitmask
         self.graphdef, self.params = nnx.split(model)
         # The jitted steps take the parameters as a flat list: flattening an nnx.State on every call costs
         # about as much as a small model's whole decode step.
@@ -202,15 +208,16 @@ class ModelRunner:
             self.compile_count += 1  # runs only while tracing
             return nnx.merge(graphdef, jax.tree.unflatten(param_def, params))
 
-        def prefill_fn(params, tokens, lengths, temp, top_k, top_p, seeds):
+        def prefill_fn(params, tokens, lengths, temp, top_k, top_p, seeds, bitmask, constrained):
             updates, logits = prefill_entries(model_of(params), tokens, lengths)
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
-                                   vocab_limit=limit)
+                                   vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
-        def decode_fn(params, cache, tokens, temp, top_k, top_p, seeds, counters, all_greedy, *, kv_len):
+        def decode_fn(params, cache, tokens, temp, top_k, top_p, seeds, counters, all_greedy, bitmask, constrained,
+                      *, kv_len):
             updates, logits = decode_entries(model_of(params), cache, tokens, kv_len=kv_len)
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy,
-                                   vocab_limit=limit)
+                                   vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
         def write_prefill_fn(cache, updates, lengths, slots):
             self.compile_count += 1
@@ -248,20 +255,21 @@ class ModelRunner:
         for r, T in self.prefill_shapes():
             z = np.zeros(r, np.int32)
             self._prefill_rows(np.zeros((r, T), np.int32), z, np.arange(r, dtype=np.int32), np.zeros(r, np.float32),
-                               z, np.ones(r, np.float32), np.zeros(r, np.uint32))
+                               z, np.ones(r, np.float32), np.zeros(r, np.uint32), *self._masks(r, None, None))
         zeros = np.zeros(S, np.int32)
         for kv in self.buckets:
             self._decode_kv(kv, zeros, np.zeros(S, bool), zeros, np.zeros(S, np.float32), zeros,
-                            np.ones(S, np.float32), np.zeros(S, np.uint32))
+                            np.ones(S, np.float32), np.zeros(S, np.uint32), *self._masks(S, None, None))
         jax.block_until_ready(self.cache)
         return time.perf_counter() - t0
 
     # ---- steps ----------------------------------------------------------------------------------------------
-    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int], temperature, top_k, top_p, seeds):
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int], temperature, top_k, top_p, seeds,
+                bitmask=None, constrained=None):
         """Prefill prompts (token id lists, at most max_prefill_batch, fitting `prefill_fits`) into the given
         distinct slots, replacing what they held, and sample each one's first token. temperature, top_k, top_p,
-        seeds: per prompt (numpy float32 / int32 / float32 / uint32). Returns the SampleOutput on the host (row i
-        for prompt i)."""
+        seeds: per prompt (numpy float32 / int32 / float32 / uint32); bitmask / constrained: optional grammar masks
+        per prompt (int32 [n, mask_words], bool [n]). Returns the SampleOutput on the host (row i for prompt i)."""
         n = len(prompts)
         r = bucket(n, pow2_upto(self.max_prefill_batch))
         T = bucket(max(len(p) for p in prompts), self.buckets)
@@ -275,28 +283,44 @@ class ModelRunner:
         def pad(a, fill, dtype):
             return np.concatenate([np.asarray(a, dtype), np.full(r - n, fill, dtype)])
 
+        masks, rows = self._masks(n, bitmask, constrained)
         return self._prefill_rows(tokens, lengths, row_slots, pad(temperature, 0, np.float32), pad(top_k, 0, np.int32),
-                                  pad(top_p, 1, np.float32), pad(seeds, 0, np.uint32))
+                                  pad(top_p, 1, np.float32), pad(seeds, 0, np.uint32),
+                                  np.concatenate([masks, np.full((r - n, self.mask_words), -1, np.int32)]),
+                                  pad(rows, False, bool))
 
-    def _prefill_rows(self, tokens, lengths, slots, temp, top_k, top_p, seeds):
-        updates, out = self._run(self._prefill_jit, self._param_leaves, tokens, lengths, temp, top_k, top_p, seeds)
+    def _masks(self, n: int, bitmask, constrained) -> tuple[np.ndarray, np.ndarray]:
+        """(int32 [n, mask_words], bool [n]) grammar masks of n rows: all-ones / unconstrained when not given."""
+        if bitmask is None and constrained is None:
+            return np.full((n, self.mask_words), -1, np.int32), np.zeros(n, bool)
+        bitmask, constrained = np.asarray(bitmask), np.asarray(constrained)
+        if bitmask.shape != (n, self.mask_words) or bitmask.dtype != np.int32 or constrained.shape != (n,):
+            raise ValueError(f"grammar masks must be int32 [{n}, {self.mask_words}] with a bool [{n}], got "
+                             f"{bitmask.dtype}{list(bitmask.shape)} and {list(constrained.shape)}")
+        return bitmask, constrained.astype(bool)
+
+    def _prefill_rows(self, tokens, lengths, slots, temp, top_k, top_p, seeds, bitmask, constrained):
+        updates, out = self._run(self._prefill_jit, self._param_leaves, tokens, lengths, temp, top_k, top_p, seeds,
+                                 bitmask, constrained)
         self.cache = self._run(self._write_prefill_jit, self.cache, updates, lengths, slots)
         used = lengths > 0
         self.lengths[slots[used]] = lengths[used]
         return jax.device_get(out)
 
-    def decode(self, tokens, active, counters, temperature, top_k, top_p, seeds):
+    def decode(self, tokens, active, counters, temperature, top_k, top_p, seeds, bitmask=None, constrained=None):
         """One decode step over all slots: slot s takes tokens[s] (its last token) where active[s]; inactive slots
         are unchanged. counters: int32 [slots] tokens each slot has generated (the sampling key's counter);
-        temperature, top_k, top_p, seeds: per slot. Attends over the kv bucket of the longest active slot.
+        temperature, top_k, top_p, seeds: per slot; bitmask / constrained: optional grammar masks per slot (int32
+        [slots, mask_words], bool [slots]). Attends over the kv bucket of the longest active slot.
         Returns the SampleOutput on the host (row s for slot s)."""
         kv_len = bucket(max(1, int(self.lengths[active].max(initial=0))), self.buckets)
-        return self._decode_kv(kv_len, tokens, active, counters, temperature, top_k, top_p, seeds)
+        return self._decode_kv(kv_len, tokens, active, counters, temperature, top_k, top_p, seeds,
+                               *self._masks(self.num_slots, bitmask, constrained))
 
-    def _decode_kv(self, kv_len, tokens, active, counters, temp, top_k, top_p, seeds):
+    def _decode_kv(self, kv_len, tokens, active, counters, temp, top_k, top_p, seeds, bitmask, constrained):
         all_greedy = np.bool_((np.asarray(temp)[active] == 0).all())
         updates, out = self._run(self._decode_jit, self._param_leaves, self.cache, np.asarray(tokens, np.int32),
-                                 temp, top_k, top_p, seeds, counters, all_greedy, kv_len=kv_len)
+                                 temp, top_k, top_p, seeds, counters, all_greedy, bitmask, constrained, kv_len=kv_len)
         self.cache = self._run(self._write_decode_jit, self.cache, updates, active)
         self.lengths += np.asarray(active, np.int32)
         return jax.device_get(out)

@@ -13,6 +13,11 @@ no truncation), as the OpenAI API reports them.
 -inf before anything else, so greedy, sampled and logprob alternatives alike never name them, and logprobs are
 then of the model's distribution renormalised over ids [0, vocab_limit). The engine uses it when its model has
 more ids (padded embeddings) than its tokenizer can decode.
+
+`bitmask` / `constrained` (grammar-constrained decoding, k2jax.chat.grammar): rows with constrained[b] set have the
+ids their packed bitmask forbids set to -inf as well (k2jax.chat.bitmask.apply_token_bitmask), so greedy and
+sampled choices and logprobs follow the grammar (logprobs renormalised over the allowed ids); other rows are left
+bit for bit as they are, and a batch with no constrained row skips the unpacking at run time.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from k2jax.chat.bitmask import apply_token_bitmask
 
 MAX_TOP_LOGPROBS = 5  # the OpenAI completions limit; the engine always computes this many
 
@@ -59,13 +66,15 @@ def _truncated_logits(logits, temperature, top_k, top_p):
 
 
 def sample(logits, temperature, top_k, top_p, keys, *, all_greedy=False, vocab_limit: int | None = None,
-           num_top_logprobs: int = MAX_TOP_LOGPROBS) -> SampleOutput:
+           bitmask=None, constrained=None, num_top_logprobs: int = MAX_TOP_LOGPROBS) -> SampleOutput:
     """Choose one token per row.
 
     logits: float [B, V]; temperature: f32 [B] (0 = greedy); top_k: int32 [B] (0 = off); top_p: f32 [B] in
     (0, 1] (1 = off); keys: [B] PRNG keys (`row_keys`). all_greedy: True skips the sort when every row is
     greedy; a traced bool decides at run time (one compiled program serves both cases). vocab_limit: a static
-    int; ids >= vocab_limit are never chosen nor listed (None, or >= V: no mask and no cost). Returns a
+    int; ids >= vocab_limit are never chosen nor listed (None, or >= V: no mask and no cost). bitmask: int32
+    [B, ceil(V / 32)] packed grammar masks and constrained: bool [B] the rows they apply to (both or neither; see
+    the module docstring). Returns a
     SampleOutput with the log-probabilities of the choice and the top `num_top_logprobs` alternatives (one beyond
     the allowed ids, possible only when vocab_limit < num_top_logprobs, has logprob -inf).
     """
@@ -75,6 +84,11 @@ def sample(logits, temperature, top_k, top_p, keys, *, all_greedy=False, vocab_l
         if vocab_limit < 1:
             raise ValueError(f"sample: vocab_limit must be >= 1, got {vocab_limit}")
         logits = jnp.where(jnp.arange(V, dtype=jnp.int32)[None, :] < vocab_limit, logits, -jnp.inf)
+    if (bitmask is None) != (constrained is None):
+        raise ValueError("sample: bitmask and constrained go together")
+    if bitmask is not None:
+        logits = jax.lax.cond(jnp.any(constrained), lambda x: apply_token_bitmask(x, bitmask, constrained),
+                              lambda x: x, logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def general():

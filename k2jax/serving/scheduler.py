@@ -16,6 +16,14 @@ Ids the tokenizer cannot decode (a model vocabulary padded beyond the tokenizer'
 `vocab_limit`). A freed slot is reused by the next admission, which overwrites its whole state. After
 `warmup()` no request triggers a compilation (`runner.compile_count` stays put).
 
+Grammar-constrained requests (`submit(..., grammar=...)`, a Lark grammar from k2jax.chat.grammar, e.g. a tool call
+whose arguments follow the tool's JSON schema): the request holds a GrammarMatcher; before each prefill / decode
+call the engine packs the masks of the constrained rows of that call into one [rows, ceil(vocab / 32)] int32
+bitmask, which the runner applies to the logits on the device before sampling (free rows are left bit for bit
+as they are, so constrained and free requests share a batch). Each sampled token advances the matcher; the
+request ends ('stop') once the grammar has accepted a stop token, and a token the grammar rejects fails that
+request only.
+
 Thread use: `submit()` may be called from any thread; `start()` runs `step()` in a background thread (the HTTP
 server does this), `generate()` drives the steps itself when no thread runs.
 """
@@ -34,8 +42,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from k2jax.chat.grammar import BatchBitmask, GrammarMatcher, GrammarTokenizer
 from k2jax.serving.runner import ModelRunner
 from k2jax.serving.sampling import MAX_TOP_LOGPROBS
+from k2jax.tokenizer import IM_END
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +154,9 @@ class Request:
     are the effective values the engine uses (validated, clamped, the EOS ids added unless ignore_eos)."""
 
     def __init__(self, request_id, prompt_ids, params: SamplingParams, *, max_tokens: int, top_k: int, seed: int,
-                 stop_ids: frozenset[int], callback):
+                 stop_ids: frozenset[int], callback, grammar: GrammarMatcher | None = None):
         self.id, self.prompt_ids, self.params = request_id, list(prompt_ids), params
+        self.grammar = grammar  # None: free decoding
         self.max_tokens, self.top_k, self.seed, self.stop_ids = max_tokens, top_k, seed, stop_ids
         self.callback = callback
         self.token_ids: list[int] = []
@@ -223,6 +234,10 @@ class Engine:
         self._stop = False
         self.error: str | None = None
         self._unfinished = 0
+        self._grammar_tokenizer: GrammarTokenizer | None = None
+        self._grammar_lock = threading.Lock()
+        self._prefill_masks: BatchBitmask | None = None  # made with the first constrained request
+        self._decode_masks: BatchBitmask | None = None
         self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "decode_steps": 0, "decode_tokens": 0,
                       "decode_s": 0.0, "prefill_s": 0.0, "finished": {}}
 
@@ -230,6 +245,22 @@ class Engine:
     def config(self):
         """The served model's config (as the runner holds it: with INT4 experts if it quantized them)."""
         return self.runner.config
+
+    @property
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The tokenizer bridged for constrained decoding (built on first use, about a second at Kimi's vocabulary;
+        thread-safe). A completed grammar allows only the engine's EOS ids and `<|im_end|>` (if the tokenizer
+        has it). ValueError without a tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("grammar-constrained decoding needs a tokenizer")
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                stops = set(self.eos_token_ids)
+                if IM_END in self.tokenizer.specials:
+                    stops.add(self.tokenizer.special_id(IM_END))
+                self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.config.vocab_size,
+                                                           sorted(t for t in stops if t < self.config.vocab_size))
+            return self._grammar_tokenizer
 
     def warmup(self) -> float:
         """Compile every shape the runner can use now (so serving never compiles); returns the seconds taken."""
@@ -256,18 +287,28 @@ class Engine:
         return max_tokens
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
-               callback: Callable[[Event], None] | None = None, request_id: str | None = None) -> Request:
+               callback: Callable[[Event], None] | None = None, request_id: str | None = None,
+               grammar: str | GrammarMatcher | None = None) -> Request:
         """Queue a request (thread-safe). callback(Event) is called from the engine's thread after every step
-        that produced something for it. Raises ValueError for an invalid request before queueing it, and
-        EngineStoppedError once the engine thread has died."""
+        that produced something for it; grammar: a Lark grammar (k2jax.chat.grammar.request_grammar /
+        `grammar_tokenizer.grammar(...)`) the output must follow, or a fresh GrammarMatcher of one from
+        `grammar_tokenizer.matcher` (built off the caller's thread: compiling takes milliseconds), None for free
+        decoding. Raises ValueError for an invalid request (a grammar that does not compile included) before
+        queueing it, and EngineStoppedError once the engine thread has died."""
         params = params or SamplingParams()
         max_tokens = self.check_request(prompt_ids, params)
+        if isinstance(grammar, GrammarMatcher):
+            if grammar.gt is not self.grammar_tokenizer or grammar.num_accepted:
+                raise ValueError("grammar: a GrammarMatcher must be fresh and from this engine's grammar_tokenizer")
+            matcher = grammar
+        else:
+            matcher = self.grammar_tokenizer.matcher(grammar) if grammar is not None else None
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         stop_ids = frozenset(int(t) for t in params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids)
         req = Request(request_id or f"req-{next(self._ids)}", [int(t) for t in prompt_ids], params,
                       max_tokens=max_tokens, top_k=min(int(params.top_k), self.config.vocab_size),
-                      seed=int(seed) % 2 ** 32, stop_ids=stop_ids, callback=callback)
+                      seed=int(seed) % 2 ** 32, stop_ids=stop_ids, callback=callback, grammar=matcher)
         with self._cv:
             if self.error is not None:
                 raise EngineStoppedError(self.error)
@@ -352,7 +393,11 @@ class Engine:
         seeds = np.array([r.seed for r in group], np.uint32)
         t0 = time.perf_counter()
         try:
-            out = self.runner.prefill([r.prompt_ids for r in group], slots, temp, top_k, top_p, seeds)
+            if self._prefill_masks is None and any(r.grammar is not None for r in group):
+                self._prefill_masks = BatchBitmask(self.runner.max_prefill_batch, self.config.vocab_size)
+            bitmask, constrained = self._grammar_masks(self._prefill_masks, group)
+            out = self.runner.prefill([r.prompt_ids for r in group], slots, temp, top_k, top_p, seeds,
+                                      bitmask, constrained)
         except Exception as e:
             log.exception("prefill of %d request(s) failed", len(group))
             for req in group:
@@ -375,7 +420,11 @@ class Engine:
         counters = np.array([len(r.token_ids) if r is not None else 0 for r in self.slots], np.int32)
         t0 = time.perf_counter()
         try:
-            out = self.runner.decode(self._last, active, counters, self._temp, self._top_k, self._top_p, self._seed)
+            if self._decode_masks is None and any(r is not None and r.grammar is not None for r in self.slots):
+                self._decode_masks = BatchBitmask(self.num_slots, self.config.vocab_size)
+            bitmask, constrained = self._grammar_masks(self._decode_masks, self.slots)
+            out = self.runner.decode(self._last, active, counters, self._temp, self._top_k, self._top_p, self._seed,
+                                     bitmask, constrained)
         except Exception as e:
             log.exception("decode step failed")
             for req in [r for r in self.slots if r is not None]:
@@ -388,6 +437,16 @@ class Engine:
         for s, req in enumerate(list(self.slots)):
             if req is not None:
                 self._accept(req, out, s)
+
+    @staticmethod
+    def _grammar_masks(masks: BatchBitmask | None, rows: Sequence[Request | None]):
+        """(int32 [len(rows), W], bool [len(rows)]) grammar masks of a call's rows, or (None, None) when no row
+        is constrained (the runner then passes all-ones masks)."""
+        matchers = {i: r.grammar for i, r in enumerate(rows) if r is not None and r.grammar is not None}
+        if not matchers:
+            return None, None
+        bitmask, constrained = masks.fill(matchers)
+        return bitmask[:len(rows)], constrained[:len(rows)]
 
     def _recover_cache(self, e: Exception):
         """After a failed call: if it consumed the donated cache, the active requests' states are gone with it;
@@ -410,6 +469,8 @@ class Engine:
 
     def _take_token(self, req: Request, out, row: int):
         tok = int(out.tokens[row])
+        if req.grammar is not None and not req.grammar.accept(tok):
+            raise ValueError(f"the grammar rejected token {tok}: {req.grammar.error}")
         now = time.perf_counter()
         if req.t_first is None:
             req.t_first = now
@@ -424,7 +485,7 @@ class Engine:
         req.token_ids.append(tok)
         self._last[req.slot] = tok
         reason = None
-        if tok in req.stop_ids:
+        if tok in req.stop_ids or (req.grammar is not None and req.grammar.ended):
             reason = FINISH_STOP
         elif len(req.token_ids) >= req.max_tokens:
             reason = FINISH_LENGTH

@@ -11,6 +11,16 @@ request's asyncio queue. No request can fail another, and every one gets an answ
 - prompts are tokenized in a worker thread, never on the event loop, after a cheap length bound;
 - a client that disconnects (streaming or not) has its requests aborted, freeing their slots;
 - if the engine thread dies, /health answers 503, running requests end with a 503 error and new ones get 503.
+
+Chat (k2jax.chat): prompts are rendered with the checkpoint's chat template (`chat_template`, from
+k2jax.chat.load_chat_template) or the built-in Kimi K2 format, with `tools` declared and `chat_template_kwargs`
+(e.g. `thinking`) passed to it; history may hold assistant `tool_calls` / `reasoning_content` and `tool` results
+(ids normalised to `functions.NAME:IDX`). Replies are parsed into `reasoning_content`, `content` and `tool_calls`
+(finish_reason "tool_calls"), streamed as the matching deltas. tool_choice "required" or a named function, and
+response_format json_object / json_schema, constrain decoding with a grammar (k2jax.chat.grammar): the reply is a
+tool call whose arguments are valid under the tool's `parameters` schema (or JSON under the given schema) by
+construction; a reasoning block first is allowed unless chat_template_kwargs.thinking is false. tool_choice "auto"
+(the default with tools) decodes freely and parses; "none" leaves the tools out of the prompt.
 """
 
 from __future__ import annotations
@@ -29,13 +39,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from k2jax.chat import ChatTemplate, StreamParser, encode_chat, render_chat
+from k2jax.chat.grammar import GrammarMatcher
+from k2jax.chat.parser import THINK_OPEN
 from k2jax.serving.limits import ServerLimits
-from k2jax.serving.scheduler import Engine, EngineStoppedError, Event, SamplingParams, TokenLogprob
+from k2jax.serving.scheduler import (
+    Engine,
+    EngineStoppedError,
+    Event,
+    SamplingParams,
+    TokenLogprob,
+)
 from k2jax.tokenizer import IM_END
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STOP_SEQUENCES = 4  # the OpenAI limit
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class APIError(Exception):
@@ -146,13 +166,22 @@ class ChatBody(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # ---- the app ------------------------------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer, model_name: str, limits: ServerLimits | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer, model_name: str, limits: ServerLimits | None = None,
+               chat_template: ChatTemplate | str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name` (requests naming another model get 404), within
     `limits` (default `ServerLimits()`; the object is read per request, so changing a field takes effect at
-    once). The engine's background thread is started with the app and stopped with it."""
+    once). chat_template: the checkpoint's template (a ChatTemplate or Jinja source), None for the built-in Kimi
+    K2 format. The engine's background thread is started with the app and stopped with it."""
+    if isinstance(chat_template, str):
+        chat_template = ChatTemplate(chat_template, name="chat_template")
     limits = limits if limits is not None else ServerLimits()
     limits.validate()
     prompt_chars = max_prompt_chars(tokenizer, engine.max_len)
@@ -230,17 +259,32 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: ServerLimits 
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = _params(body, max_tokens, top, _end_of_turn(tokenizer))
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        kwargs = _chat_kwargs(body)
         _check_capacity(engine, limits, 1)
-        ids = await asyncio.to_thread(_chat_ids, tokenizer, messages, prompt_chars)
+        prompt_tools = body.tools if body.tool_choice != "none" else None
+        ids = await asyncio.to_thread(_chat_ids, tokenizer, messages, prompt_tools, chat_template, kwargs,
+                                      prompt_chars)
+        reasoning_open = tokenizer.decode(ids[-len(THINK_OPEN):]).endswith(THINK_OPEN)
+        grammar = await asyncio.to_thread(_chat_grammar, engine, body, kwargs, reasoning_open)
         run = _Run(engine, [ids], [_with_max_tokens(params, ids, engine, limits.default_max_tokens,
-                                                    max_tokens is None)], limits)
+                                                    max_tokens is None)], limits, grammars=[grammar])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _sse(_chat_chunks(run, rid, model_name, tokenizer))
+            return _sse(_chat_chunks(run, rid, model_name, tokenizer, StreamParser(reasoning_open)))
         if not await run.wait_unless_disconnected(request):
             return _client_gone()
         r = run.reqs[0]
-        choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+        parser = StreamParser(reasoning_open)
+        parser.feed(r.text)
+        parser.finish()
+        message = {"role": "assistant", "content": parser.content or None}
+        if parser.reasoning_content:
+            message["reasoning_content"] = parser.reasoning_content
+        if parser.tool_calls:
+            message["tool_calls"] = parser.tool_calls
+        elif message["content"] is None:
+            message["content"] = ""
+        choice = {"index": 0, "message": message, "finish_reason": parser.finish_reason(r.finish_reason),
                   "logprobs": {"content": _chat_logprobs(r.logprobs, tokenizer)} if body.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": [choice], "usage": run.usage()}
@@ -297,16 +341,67 @@ def _encode_all(tokenizer, prompts) -> list[list[int]]:
         raise APIError(400, f"prompt: {e}", param="prompt") from None
 
 
-def _chat_ids(tokenizer, messages, prompt_chars: int) -> list[int]:
+def _chat_kwargs(body: ChatBody) -> dict:
+    """chat_template_kwargs, checked: names are identifiers, none replaces a variable the server sets."""
+    kwargs = dict(body.chat_template_kwargs or {})
+    for key in kwargs:
+        if not key.isidentifier() or key in ("messages", "tools", "add_generation_prompt", "documents", "template"):
+            raise APIError(400, f"chat_template_kwargs: {key!r} cannot be set (a template variable name other than "
+                                f"messages, tools, documents, add_generation_prompt)", param="chat_template_kwargs")
+    if kwargs.get("thinking") not in (None, True, False):
+        raise APIError(400, f"chat_template_kwargs.thinking={kwargs['thinking']!r} is invalid: true, false or null",
+                       param="chat_template_kwargs")
+    return kwargs
+
+
+def _chat_ids(tokenizer, messages, tools, template, kwargs, prompt_chars: int) -> list[int]:
     """Token ids of the chat (worker thread), after a cheap bound on the text's length."""
+    for i, m in enumerate(messages):
+        if m["role"] not in CHAT_ROLES:
+            raise APIError(400, f"messages[{i}]: role {m['role']!r} is invalid: one of {list(CHAT_ROLES)}",
+                           param="messages")
     try:
-        chars = len(tokenizer.render_chat(messages))
+        chars = len(render_chat(messages, tools, template=template, **kwargs))
         if chars > prompt_chars:
             raise APIError(400, f"the messages have {chars} characters, more than the context can hold (at most "
                                 f"{prompt_chars} characters with this tokenizer)", param="messages")
-        return tokenizer.apply_chat_template(messages)
+        return encode_chat(tokenizer, messages, tools, template=template, **kwargs)
     except (ValueError, KeyError, TypeError) as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
+
+
+def _chat_grammar(engine: Engine, body: ChatBody, kwargs: dict, reasoning_open: bool) -> GrammarMatcher | None:
+    """The matcher of the grammar a chat reply must follow (None: free decoding), from tools / tool_choice /
+    response_format (worker thread: building one compiles the grammar); every declared tool's schema is checked
+    even when decoding stays free. 400 names the field at fault."""
+    choice = body.tool_choice
+    if choice is not None and not body.tools and choice not in ("none", "auto"):
+        raise APIError(400, f"tool_choice={choice!r} needs 'tools'", param="tool_choice")
+    if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+        raise APIError(400, f"tool_choice={choice!r} is invalid: 'none', 'auto', 'required' or "
+                            f"{{'type': 'function', 'function': {{'name': ...}}}}", param="tool_choice")
+    if not body.tools and body.response_format is None:
+        return None
+    thinking = "open" if reasoning_open else "none" if kwargs.get("thinking") is False else "optional"
+    try:
+        gt = engine.grammar_tokenizer
+    except ValueError as e:
+        if body.tools or body.response_format:
+            raise APIError(400, f"tools / response_format: {e}", param="tools") from None
+        return None
+    if body.tools:
+        try:
+            gt.grammar(tools=body.tools, tool_choice="required", thinking="none")
+        except ValueError as e:
+            raise APIError(400, f"tools: {e}", param="tools") from None
+    try:
+        grammar = gt.grammar(tools=body.tools if choice != "none" else None,
+                             tool_choice=choice if choice != "none" else None, response_format=body.response_format,
+                             parallel_tool_calls=body.parallel_tool_calls, thinking=thinking)
+        return gt.matcher(grammar) if grammar is not None else None
+    except ValueError as e:
+        param = "response_format" if "response_format" in str(e) else "tool_choice"
+        raise APIError(400, f"{param}: {e}", param=param) from None
 
 
 def _check_capacity(engine: Engine, limits: ServerLimits, n: int) -> None:
@@ -358,7 +453,8 @@ class _Run:
     """The engine requests of one HTTP request, with their events funnelled into one asyncio queue as
     (prompt index, Event), and its deadline (limits.request_timeout_s from now)."""
 
-    def __init__(self, engine: Engine, prompts, params: list[SamplingParams], limits: ServerLimits):
+    def __init__(self, engine: Engine, prompts, params: list[SamplingParams], limits: ServerLimits,
+                 grammars: list[GrammarMatcher | None] | None = None):
         loop = asyncio.get_running_loop()
         self.engine, self.queue, self.limits = engine, asyncio.Queue(), limits
         self.deadline = loop.time() + limits.request_timeout_s
@@ -368,7 +464,8 @@ class _Run:
         try:
             _check_capacity(engine, limits, len(prompts))
             for i, (ids, p) in enumerate(zip(prompts, params)):
-                self.reqs.append(engine.submit(ids, p, callback=self._forward(loop, i)))
+                self.reqs.append(engine.submit(ids, p, callback=self._forward(loop, i),
+                                               grammar=grammars[i] if grammars else None))
         except ValueError as e:
             self.abort()
             raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else "max_tokens") from None
@@ -487,7 +584,9 @@ def _completion_chunks(run, rid, model_name, tokenizer):
     return _stream(run, make)
 
 
-def _chat_chunks(run, rid, model_name, tokenizer):
+def _chat_chunks(run, rid, model_name, tokenizer, parser: StreamParser):
+    """Chunks of a streamed chat reply: the role first, then the parser's reasoning_content / content /
+    tool_calls deltas (a call's name and id first, its arguments in pieces), then the finish_reason."""
     started = [False]
 
     def make(i, ev: Event):
@@ -498,12 +597,15 @@ def _chat_chunks(run, rid, model_name, tokenizer):
             out.append({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
         lp = {"content": _chat_logprobs(ev.logprobs, tokenizer)} if ev.logprobs else None
-        if ev.text or lp:
-            out.append({**base, "choices": [{"index": 0, "delta": {"content": ev.text}, "logprobs": lp,
+        deltas = parser.feed(ev.text) + (parser.finish() if ev.finished else [])
+        if lp and not deltas:
+            deltas = [{"content": ""}]
+        for k, delta in enumerate(deltas):
+            out.append({**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp if k == 0 else None,
                                              "finish_reason": None}]})
         if ev.finished:
             out.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                             "finish_reason": ev.finish_reason}]})
+                                             "finish_reason": parser.finish_reason(ev.finish_reason)}]})
         return out
 
     return _stream(run, make)
@@ -537,10 +639,10 @@ def _chat_logprobs(lps: list[TokenLogprob] | None, tokenizer) -> list[dict]:
 
 # ---- running ------------------------------------------------------------------------------------------------------
 def make_server(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                limits: ServerLimits | None = None):
+                limits: ServerLimits | None = None, chat_template: ChatTemplate | str | None = None):
     """A `uvicorn.Server` for the app (call `.run()` to block, or run it in a thread; `.should_exit = True` stops
-    it)."""
+    it). chat_template: as in create_app."""
     import uvicorn
 
-    app = create_app(engine, tokenizer, model_name, limits)
+    app = create_app(engine, tokenizer, model_name, limits, chat_template)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))

@@ -26,6 +26,14 @@ TIMEOUT = 120.0
 LIMITS = ServerLimits(max_body_bytes=64 * 1024, max_waiting=64, request_timeout_s=TIMEOUT, default_max_tokens=8)
 
 
+# A checkpoint-style Jinja chat template without the Kimi default system prompt, which would not fit the 32-token
+# context of these tests.
+COMPACT_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}<|im_user|>{% elif m.role == 'assistant' %}"
+                    "<|im_assistant|>{% else %}<|im_system|>{% endif %}{{ m.name or m.role }}<|im_middle|>"
+                    "{{ m.content or '' }}<|im_end|>{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{% endif %}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,10 +41,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serve(engine, limits):
+def _serve(engine, limits, chat_template=COMPACT_TEMPLATE, tokenizer=None):
     """Run the app over `engine` in a uvicorn thread on 127.0.0.1; yields an httpx client for it."""
     port = _free_port()
-    server = make_server(engine, ByteTokenizer(), MODEL, "127.0.0.1", port, limits)
+    server = make_server(engine, tokenizer or ByteTokenizer(), MODEL, "127.0.0.1", port, limits, chat_template)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
