@@ -65,8 +65,9 @@ def throughput(config, batch: int, prompt_len: int, new_tokens: int) -> dict:
     prompts = [list(map(int, rng.integers(3, config.vocab_size, prompt_len))) for _ in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     eng.generate(prompts, params)  # compiles every shape this workload uses
-    for k in eng.stats:
-        eng.stats[k] = 0 if isinstance(eng.stats[k], int) else 0.0
+    for k, v in eng.stats.items():  # counters restart for the timed round (per-reason dicts are left alone)
+        if isinstance(v, (int, float)):
+            eng.stats[k] = type(v)(0)
     t0 = time.perf_counter()
     outs = eng.generate(prompts, params)
     wall = time.perf_counter() - t0
