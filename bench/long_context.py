@@ -217,34 +217,48 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
 
 
 def plot(path: str, rows: list[dict], serve: dict | None) -> None:
+    """A panel of compiled temp memory against T (when rows have it) and one of time per token (the model's
+    forward and the serving prefill pieces that compiled nothing, when measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = {"model": "default model", "kda48": "KDA layer, 48B widths", "mla48": "MLA layer, 48B widths"}
-    for kind in names:
-        for mode, style in (("fwd", "o-"), ("fwdbwd", "s--")):
-            pts = [(r["T"], r["temp_MiB"]) for r in rows if r.get("kind") == kind and r.get("mode") == mode
-                   and "temp_MiB" in r]
-            if pts:
-                a.plot(*zip(*pts), style, label=f"{names[kind]}, {'fwd' if mode == 'fwd' else 'fwd+bwd'}")
-    a.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="XLA temp memory (MiB)",
-          title="memory against length (compiled estimate)")
-    a.legend(fontsize=7)
+    memory = {(kind, mode): [(r["T"], r["temp_MiB"]) for r in rows
+                             if r.get("kind") == kind and r.get("mode") == mode and "temp_MiB" in r]
+              for kind in names for mode in ("fwd", "fwdbwd")}
+    timing = {}
     if serve is not None:
-        warm = [(end, 1e3 * t / n) for end, t, compiled, n in serve["pieces"] if not compiled]
         end, t, _, n = serve["warm_start"][0]
-        warm = [(end, 1e3 * t / n)] + warm
-        b.plot(*zip(*warm), "o-", label=f"serving prefill, pieces of {serve['piece']} (no compile)")
-    fwd = [(r["T"], 1e3 * r["time_s"] / r["T"]) for r in rows if r.get("kind") == "model" and r.get("mode") == "fwd"
-           and "time_s" in r]
+        timing[f"serving prefill, pieces of {serve['piece']} (no compile)"] = (
+            [(end, 1e3 * t / n)] + [(e, 1e3 * t / n) for e, t, compiled, n in serve["pieces"] if not compiled])
+    fwd = [(r["T"], 1e3 * r["time_s"] / r["T"]) for r in rows
+           if r.get("kind") == "model" and r.get("mode") == "fwd" and "time_s" in r]
     if fwd:
-        b.plot(*zip(*fwd), "s--", label="forward, whole sequence")
-    b.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per token",
-          title="default model: time per token")
-    b.legend(fontsize=7)
+        timing["forward, whole sequence"] = fwd
+    have_memory = any(memory.values())
+    n_panels = int(have_memory) + int(bool(timing))
+    if n_panels == 0:
+        return
+    fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, 4.5), squeeze=False)
+    axes = list(axes[0])
+    if have_memory:
+        a = axes.pop(0)
+        for (kind, mode), pts in memory.items():
+            if pts:
+                a.plot(*zip(*pts), "o-" if mode == "fwd" else "s--",
+                       label=f"{names[kind]}, {'fwd' if mode == 'fwd' else 'fwd+bwd'}")
+        a.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="XLA temp memory (MiB)",
+              title="memory against length (compiled estimate)")
+        a.legend(fontsize=7)
+    if timing:
+        b = axes.pop(0)
+        for label, pts in timing.items():
+            b.plot(*zip(*pts), "o-", label=label)
+        b.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per token",
+              title="default model: time per token")
+        b.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
