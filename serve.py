@@ -22,7 +22,8 @@ from k2jax.config import ConfigError, ModelConfig, parse_overrides
 from k2jax.serving.config import ServeConfig
 
 # flag -> ServeConfig field (dotted: a field of its `limits`)
-_SERVE_FLAGS = {"slots": "slots", "max_len": "max_len", "min_bucket": "min_bucket", "int4_experts": "int4_experts",
+_SERVE_FLAGS = {"slots": "slots", "max_len": "max_len", "min_bucket": "min_bucket",
+                "max_prefill_tokens": "max_prefill_tokens", "int4_experts": "int4_experts",
                 "tensor_parallel": "tensor_parallel", "expert_parallel": "expert_parallel", "host": "host",
                 "port": "port", "max_body_bytes": "limits.max_body_bytes", "max_waiting": "limits.max_waiting",
                 "request_timeout": "limits.request_timeout_s", "default_max_tokens": "limits.default_max_tokens"}
@@ -58,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     eng.add_argument("--slots", type=int, help="concurrent sequences (decode batch) " + default("slots"))
     eng.add_argument("--max-len", type=int, help="context per sequence (prompt + generated) " + default("max_len"))
     eng.add_argument("--min-bucket", type=int, help="smallest prompt-length bucket " + default("min_bucket"))
+    eng.add_argument("--max-prefill-tokens", type=int,
+                     help="tokens one prefill call takes (rows x length bucket); a longer prompt is prefilled in "
+                          "pieces of at most this many, between decode steps " + default("max_prefill_tokens"))
     eng.add_argument("--no-warmup", action="store_true", help="compile lazily instead of all buckets up front")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -141,8 +145,11 @@ def _build(args, serve: ServeConfig, model_overrides: dict):
     except ValueError as e:
         hint = f" (with --config, add --override vocab_size={tokenizer.vocab_size})" if args.config else ""
         raise SystemExit(f"the tokenizer {tok_src!r} does not fit the model: {e}{hint}")
-    engine = Engine(model, tokenizer, num_slots=serve.slots, max_len=serve.max_len, min_bucket=serve.min_bucket,
-                    int4_experts=serve.int4_experts, mesh=mesh)
+    try:  # e.g. --max-len beyond the model's max_position_embeddings
+        engine = Engine(model, tokenizer, num_slots=serve.slots, max_len=serve.max_len, min_bucket=serve.min_bucket,
+                        max_prefill_tokens=serve.max_prefill_tokens, int4_experts=serve.int4_experts, mesh=mesh)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     return engine, tokenizer
 
 

@@ -24,6 +24,11 @@ With a cache the layer also returns x's own latents (`MLALatents`): storing them
 Masking: causal by index within a row AND within the same segment; segment id 0 is padding (never attended,
 its own output is zero). Scores, softmax and accumulation are float32; activations use config.dtype.
 Every einsum keeps its batch dims leading (XLA:CPU cannot run some bf16 dots otherwise: platform_notes §5).
+
+Memory is O(T) at any length: attention runs blocked, never building the [T, T] scores or mask
+(`pallas_kernels.attention`). Among x's own tokens it is `attention` (flash attention, custom VJP; the Pallas
+kernels on TPU/GPU where they fit); over cached tokens `latent_attention` reads the latents in blocks; with both,
+the two partial softmaxes are merged by their log-sum-exp (`merge_attention`), which equals one softmax over all.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from flax import nnx
 from k2jax.layers.linear import Linear
 from k2jax.layers.norms import RMSNorm
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
+from pallas_kernels.attention import attention, latent_attention, merge_attention
 
 _F32 = jnp.float32
 
@@ -44,22 +50,6 @@ _F32 = jnp.float32
 def _dot(eq, a, b):
     """einsum accumulated in float32."""
     return jnp.einsum(eq, a, b, preferred_element_type=_F32)
-
-
-def _masked_softmax(scores, mask):
-    """Softmax over the last axis in float32; masked entries get 0, fully masked rows give all-zero rows."""
-    scores = jnp.where(mask, scores, jnp.finfo(_F32).min)
-    return jax.nn.softmax(scores, axis=-1) * mask
-
-
-def attention_mask(segment_ids, T: int, B: int):
-    """bool [B, T, T]: key s visible to query t iff s <= t and both are in the same non-padding segment."""
-    causal = jnp.tril(jnp.ones((T, T), bool))[None]
-    if segment_ids is None:
-        return jnp.broadcast_to(causal, (B, T, T))
-    seg = segment_ids
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return causal & same
 
 
 class MLACache(NamedTuple):
@@ -159,15 +149,6 @@ class MultiHeadLatentAttention(nnx.Module):
                               self.rope_interleave)[:, :, 0, :]
         return c, k_pe
 
-    def _attend(self, q, k, v, mask):
-        """q [B, Tq, H, Dk], k [B, S, H, Dk], v [B, S, H, Dv], mask [B, Tq, S] -> [B, Tq, H*Dv] (compute dtype)."""
-        B, Tq = q.shape[:2]
-        qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads next to batch: leading batch dims
-        scores = _dot("bhtd,bhsd->bhts", qh, kh) * self.scale
-        p = _masked_softmax(scores, mask[:, None])
-        o = _dot("bhts,bhsd->bhtd", p.astype(self.dtype), vh)
-        return jnp.swapaxes(o, 1, 2).reshape(B, Tq, -1).astype(self.dtype)
-
     # ---- forward ------------------------------------------------------------------------------------------------
     def _check_cache(self, cache, B: int):
         if not isinstance(cache, MLACache):
@@ -204,19 +185,22 @@ class MultiHeadLatentAttention(nnx.Module):
         c, k_pe = self._latent(x, positions)
         latents = None if cache is None else MLALatents(c, k_pe.astype(self.dtype))
         if cache is None or cache.ckv.shape[1] == 0:
-            return self._expanded(q_nope, q_pe, c, k_pe, segment_ids), latents
-        return self._absorbed(q_nope, q_pe, c, k_pe, segment_ids, cache), latents
+            o = self._expanded(q_nope, q_pe, c, k_pe, segment_ids)
+        else:
+            o, lse = self._expanded(q_nope, q_pe, c, k_pe, segment_ids, return_lse=True)
+            o, _ = merge_attention(o, lse, *self._absorbed(q_nope, q_pe, cache, segment_ids))
+        return self.o_proj(o.reshape(B, T, -1).astype(self.dtype)), latents
 
-    def _expanded(self, q_nope, q_pe, c, k_pe, segment_ids):
-        """Attention among x's own tokens with per-head K/V from kv_b_proj. [B, T, ...] -> [B, T, hidden]."""
+    def _expanded(self, q_nope, q_pe, c, k_pe, segment_ids, return_lse=False):
+        """Causal attention among x's own tokens with per-head K/V from kv_b_proj: o [B, T, H, d_v] (and its
+        log-sum-exp [B, T, H] with return_lse)."""
         B, T = c.shape[:2]
         kv = self.kv_b_proj(c).reshape(B, T, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :].astype(k_nope.dtype), (B, T, self.num_heads, self.rope_dim))
         q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
         k = jnp.concatenate([k_nope, k_pe], axis=-1)
-        o = self._attend(q, k, v, attention_mask(segment_ids, T, B))
-        return self.o_proj(o)
+        return attention(q, k, v.astype(q.dtype), scale=self.scale, q_segment_ids=segment_ids, return_lse=return_lse)
 
     def absorbed_weights(self):
         """W_UK [H, n, R] and W_UV [H, R, d_v] (compute dtype) split from kv_b_proj (kernel [R, H*(n + d_v)]):
@@ -226,36 +210,23 @@ class MultiHeadLatentAttention(nnx.Module):
         w_uv = jnp.transpose(w[..., self.nope_dim:], (1, 0, 2))
         return w_uk, w_uv
 
-    def _absorbed(self, q_nope, q_pe, c, k_pe, segment_ids, cache: MLACache):
-        """Absorbed MLA of x's queries over the cached latents and x's own, one softmax over both.
-
-        q_nope [B, T, H, n], q_pe [B, T, H, P]; c [B, T, R], k_pe [B, T, P] (x's latents); cache: the view.
-        Cached entry s is visible to query t iff s < lengths and t is in the row's first real segment; x's own
-        token t' iff t' <= t in the same non-padding segment. Returns [B, T, hidden].
-        """
-        B, T = c.shape[:2]
-        S = cache.ckv.shape[1]
+    def _absorbed(self, q_nope, q_pe, cache: MLACache, segment_ids):
+        """The absorbed form: x's queries over the cached latents. Cached entry s is visible to query t iff
+        s < cache.lengths and t is in the row's first real segment (the one x continues). Returns o [B, T, H, d_v]
+        and its log-sum-exp [B, T, H] (-inf where a query sees no cached entry)."""
         dt = self.dtype
-        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-        first = _first_real(seg)
-        cached_mask = ((jnp.arange(S)[None, None, :] < cache.lengths[:, None, None])
-                       & (seg == first[:, None])[:, :, None])  # [B, T, S]
-        own_mask = attention_mask(segment_ids, T, B)  # [B, T, T]
         w_uk, w_uv = self.absorbed_weights()
-        # Heads act as extra query rows against the one shared latent key/value (MQA): the cache is never
-        # broadcast over heads.
+        # Heads lead the per-head products (a batch dim of both operands) and act as extra query rows against the
+        # one shared latent key/value (multi-query): the cache is never broadcast over heads.
         q_lat = _dot("hbtn,hnr->hbtr", jnp.transpose(q_nope, (2, 0, 1, 3)), w_uk).astype(dt)
-        q_lat = jnp.transpose(q_lat, (1, 0, 2, 3))  # [B, H, T, R]
-        q_pe = jnp.transpose(q_pe.astype(dt), (0, 2, 1, 3))  # [B, H, T, P]
-        keys = ((cache.ckv.astype(dt), cache.kpe.astype(dt), cached_mask), (c.astype(dt), k_pe.astype(dt), own_mask))
-        scores = jnp.concatenate([_dot("bhtr,bsr->bhts", q_lat, ckv) + _dot("bhtp,bsp->bhts", q_pe, kpe)
-                                  for ckv, kpe, _ in keys], axis=-1)
-        mask = jnp.concatenate([cached_mask, own_mask], axis=-1)
-        p = _masked_softmax(scores * self.scale, mask[:, None]).astype(dt)
-        ctx = _dot("bhts,bsr->bhtr", p[..., :S], keys[0][0]) + _dot("bhts,bsr->bhtr", p[..., S:], keys[1][0])
-        o = _dot("hbtr,hrv->hbtv", jnp.transpose(ctx.astype(dt), (1, 0, 2, 3)), w_uv)  # [H, B, T, d_v]
-        o = jnp.transpose(o, (1, 2, 0, 3)).reshape(B, T, -1).astype(dt)
-        return self.o_proj(o)
+        q_mask = None
+        if segment_ids is not None:
+            seg = segment_ids.astype(jnp.int32)
+            q_mask = (seg == _first_real(seg)[:, None]) & (seg != 0)
+        o_lat, lse = latent_attention(jnp.transpose(q_lat, (1, 2, 0, 3)), q_pe.astype(dt), cache.ckv.astype(dt),
+                                      cache.kpe.astype(dt), cache.lengths, scale=self.scale, q_mask=q_mask)
+        o = _dot("hbtr,hrv->hbtv", jnp.transpose(o_lat, (2, 0, 1, 3)), w_uv)  # [H, B, T, d_v]
+        return jnp.transpose(o, (1, 2, 0, 3)).astype(dt), lse
 
 
 def _first_real(seg):

@@ -14,7 +14,9 @@ sequence, and nothing more:
 Prompts are right-padded to a length bucket, with segment id 1 on real tokens and 0 on padding. Padding is inert
 for KDA (it neither reads nor changes the state) and masked for MLA, and real tokens keep positions 0..n-1, so
 the cache index of a token equals its RoPE position and a decode step simply writes at index `lengths[slot]`.
-(Left padding would work for the layers too, but would offset every cache index by the padding.)
+(Left padding would work for the layers too, but would offset every cache index by the padding.) A long prompt
+is prefilled in pieces: each piece reads its slot (`slot_views`) and continues it, its tokens at positions
+start + t, and its latents are written from index start.
 
 Each step is two programs: one that reads the cache and computes the new entries, one that writes them
 (`write_prefill`, `write_decode`, with the cache donated). A single program that both updates the cache in place
@@ -101,30 +103,50 @@ def decode_views(cache: DecodeCache, kv_len: int) -> tuple:
                  if isinstance(lc, MLALatents) else lc for lc in cache.layers)
 
 
+def slot_views(cache: DecodeCache, slots, starts, kv_len: int) -> tuple:
+    """The per-layer caches a prefill piece reads, one row per slot: row b continues slots[b] after its first
+    starts[b] tokens (0: a fresh sequence, reading zero KDA states and no latents). KDA states as stored (zeros
+    where starts is 0), MLA `MLACache` views of the slot's first kv_len latent entries with lengths = starts
+    (kv_len: static, at least max(starts))."""
+    slots, starts = slots.astype(jnp.int32), starts.astype(jnp.int32)
+    fresh = starts == 0
+    views = []
+    for lc in cache.layers:
+        if isinstance(lc, MLALatents):
+            views.append(MLACache(lc.ckv[slots, :kv_len], lc.kpe[slots, :kv_len], starts))
+        else:
+            views.append(KDAState(*(jnp.where(fresh.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a[slots]).astype(a.dtype)
+                                    for a in lc)))
+    return tuple(views)
+
+
 # ---- writing -----------------------------------------------------------------------------------------------------
-def _write(buf, idx, rows, keep):
-    """buf with rows written at buf[idx] (idx: a tuple of in-bounds int index arrays broadcasting to rows'
-    leading dims; rows [B, ...]); where keep [B] is False the old row is written back."""
+def _write(buf, idx, rows, keep, mode="promise_in_bounds"):
+    """buf with rows written at buf[idx] (idx: a tuple of distinct int index arrays broadcasting to rows' leading
+    dims; rows [B, ...]); where keep [B] is False the old row is written back. mode "drop": indices out of
+    bounds write nothing."""
     old = buf[idx]
     keep = keep.reshape(keep.shape + (1,) * (old.ndim - keep.ndim))
-    return buf.at[idx].set(jnp.where(keep, rows.astype(buf.dtype), old), mode="promise_in_bounds",
-                           unique_indices=True)
+    return buf.at[idx].set(jnp.where(keep, rows.astype(buf.dtype), old), mode=mode, unique_indices=True)
 
 
-def write_prefill(cache: DecodeCache, updates, lengths, slots) -> DecodeCache:
+def write_prefill(cache: DecodeCache, updates, lengths, slots, starts=None) -> DecodeCache:
     """Store a prefill call's cache updates (the model's, rows [B]) in their slots; rows with length 0 leave their
-    slot unchanged. A slot's previous content is fully replaced: KDA states overwritten, the latents of the row's
-    T tokens written from index 0, its length set to lengths[b]."""
+    slot unchanged. Row b's piece of T tokens (lengths[b] real) continues its slot after starts[b] tokens
+    (default 0: the slot's previous content is replaced): KDA states overwritten, the T latents written from index
+    starts[b] (those past max_len dropped: padding), the slot's length set to starts[b] + lengths[b]."""
     lengths, slots = lengths.astype(jnp.int32), slots.astype(jnp.int32)
+    starts = jnp.zeros_like(lengths) if starts is None else starts.astype(jnp.int32)
     used = lengths > 0
     layers = []
     for lc, e in zip(cache.layers, updates):
         if isinstance(lc, MLALatents):
-            idx = (slots[:, None], jnp.arange(e.ckv.shape[1])[None, :])
-            layers.append(MLALatents(_write(lc.ckv, idx, e.ckv, used), _write(lc.kpe, idx, e.kpe, used)))
+            idx = (slots[:, None], starts[:, None] + jnp.arange(e.ckv.shape[1])[None, :])
+            layers.append(MLALatents(_write(lc.ckv, idx, e.ckv, used, "drop"),
+                                     _write(lc.kpe, idx, e.kpe, used, "drop")))
         else:
             layers.append(KDAState(*(_write(old, (slots,), new, used) for old, new in zip(lc, e))))
-    return DecodeCache(tuple(layers), _write(cache.lengths, (slots,), lengths, used))
+    return DecodeCache(tuple(layers), _write(cache.lengths, (slots,), starts + lengths, used))
 
 
 def write_decode(cache: DecodeCache, updates, active) -> DecodeCache:

@@ -20,6 +20,9 @@ class ServeConfig(Config):
     slots: PositiveInt = 8  # concurrent sequences (the decode batch)
     max_len: PositiveInt | None = None  # context per sequence (prompt + generated); None: the engine's default
     min_bucket: PositiveInt = 16  # smallest prompt-length bucket
+    # Tokens one prefill call takes (rows x length bucket): a longer prompt is prefilled in pieces of at most this
+    # many (the largest length bucket within it), one piece per engine step, so decoding slots keep going.
+    max_prefill_tokens: PositiveInt = 8192
     warmup: bool = True  # compile every length bucket up front (else lazily, on first use)
     int4_experts: bool = False  # serve the routed experts from INT4 weights
     tensor_parallel: PositiveInt = 1  # devices on the 'tensor' mesh axis

@@ -12,6 +12,11 @@ and a bool [rows] saying which rows it constrains; it is applied to the logits o
 (k2jax.serving.sampling). Both are always inputs of the compiled steps (all-ones / all-False when not given), so
 constrained and free requests share a batch and program.
 
+A prefill call takes pieces of at most `piece_len` tokens (the largest length bucket within max_prefill_tokens):
+either fresh prompts (or their first pieces), batched, or one piece continuing a slot's sequence. A continuing
+piece is padded to piece_len and reads the slot's latents up to the length bucket of what it holds, so its
+programs are one per such bucket: a prompt of any length up to the context compiles nothing new.
+
 The pure functions `prefill_entries` / `prefill` and `decode_entries` / `decode` are those steps without jit and
 sampling (tests and benchmarks call them directly).
 """
@@ -70,28 +75,39 @@ def _check_prefill(cache, tokens, lengths, slots):
             raise ValueError(f"prefill: slots must be distinct and in [0, num_slots={S}), got {got}")
 
 
-def prefill_entries(model, tokens, lengths):
-    """The read half of a prefill: right-padded prompts (tokens int [B, T], row b's prompt in [:lengths[b]]) run
-    from empty caches. Returns (the model's cache updates, rows [B]: a KDAState per KDA layer, MLALatents
-    [B, T, ...] per MLA layer; logits float32 [B, vocab] at each row's last prompt token)."""
+def prefill_entries(model, tokens, lengths, cache=None, slots=None, starts=None, *, kv_len: int = 0):
+    """The read half of a prefill: right-padded pieces (tokens int [B, T], row b's tokens in [:lengths[b]]) run
+    from empty caches (kv_len 0), or each continuing its slot slots[b] of `cache` after the starts[b] tokens it
+    holds (kv_len: static, at least max(starts): the latent entries read; a start of 0 is a fresh row).
+    Returns (the model's cache updates, rows [B]: a KDAState per KDA layer, MLALatents [B, T, ...] per MLA layer;
+    logits float32 [B, vocab] at each row's last token)."""
     B, T = tokens.shape
     lengths = lengths.astype(jnp.int32)
     segment_ids = (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
-    logits, updates = model(tokens, segment_ids, cache=empty_cache(model.config, B),
-                            logits_at=jnp.maximum(lengths - 1, 0))
+    views = empty_cache(model.config, B) if kv_len == 0 else kvcache.slot_views(cache, slots, starts, kv_len)
+    logits, updates = model(tokens, segment_ids, cache=views, logits_at=jnp.maximum(lengths - 1, 0))
     return updates, logits
 
 
-def prefill(model, cache: kvcache.DecodeCache, tokens, lengths, slots):
-    """Prefill right-padded prompts into slots: `write_prefill(cache, *prefill_entries(...))` in one call.
+def prefill(model, cache: kvcache.DecodeCache, tokens, lengths, slots, starts=None, *, kv_len: int = 0):
+    """Prefill right-padded prompts or pieces into slots: `write_prefill(cache, *prefill_entries(...))` in one
+    call.
 
     tokens: int [B, T]; lengths: int [B] (0 marks an unused row, whose slot is left unchanged); slots: int [B]
-    distinct slots in [0, num_slots). Returns (new cache, logits float32 [B, vocab] of each row's last prompt
-    token).
+    distinct slots in [0, num_slots); starts: int [B] or None: tokens each slot already holds that its row
+    continues (None or kv_len 0: fresh rows, replacing the slots' content); kv_len: static, >= max(starts).
+    Returns (new cache, logits float32 [B, vocab] of each row's last token).
     """
     _check_prefill(cache, tokens, lengths, slots)
-    updates, logits = prefill_entries(model, tokens, lengths)
-    return kvcache.write_prefill(cache, updates, lengths, slots), logits
+    if kv_len and starts is None:
+        raise ValueError(f"prefill: kv_len={kv_len} reads the slots' latents, so starts (int [B]) is required")
+    if starts is not None and not isinstance(starts, jax.core.Tracer):
+        top = int(jnp.max(starts))
+        if top > kv_len or kv_len > (kvcache.max_len_of(cache) or kv_len):
+            raise ValueError(f"prefill: kv_len={kv_len} must cover the largest start {top} and lie within the "
+                             f"cache's max_len={kvcache.max_len_of(cache)}")
+    updates, logits = prefill_entries(model, tokens, lengths, cache, slots, starts, kv_len=kv_len)
+    return kvcache.write_prefill(cache, updates, lengths, slots, None if kv_len == 0 else starts), logits
 
 
 def _check_decode(cache, tokens, active, kv_len):
@@ -133,14 +149,14 @@ class ModelRunner:
     model: a KimiLinear (already placed on `mesh` if one is given; a scanned one is unstacked); num_slots:
     sequences the cache holds; max_len: context per slot; min_bucket: smallest prompt / kv length bucket;
     max_prefill_batch: most rows of one prefill call (default num_slots); max_prefill_tokens: rows x length
-    bucket limit of one prefill call; vocab_limit: ids [vocab_limit, vocab) are never sampled (default: none
-    masked); int4_experts: serve the routed experts packed as INT4 (k2jax.quantize.quantize_model_experts; a model
+    bucket limit of one prefill call, and so the longest piece (`piece_len`); vocab_limit: ids [vocab_limit,
+    vocab) are never sampled (default: none masked); int4_experts: serve the routed experts packed as INT4 (k2jax.quantize.quantize_model_experts; a model
     whose config already says so is used as is); mesh: a k2jax.sharding mesh: the steps run under
     `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel, 'tensor' splits heads, and the
     cache's slots are sharded over the batch axes and its KDA heads over 'tensor'.
 
     State: `cache` (DecodeCache), `lengths` (host int32 [num_slots], tokens cached per slot), `compile_count`
-    (programs traced so far).
+    (programs traced so far). `piece_len`: the most tokens one prefill call takes per prompt.
     """
 
     def __init__(self, model, *, num_slots: int, max_len: int, min_bucket: int = 16,
@@ -161,6 +177,7 @@ class ModelRunner:
         self.buckets = length_buckets(max_len, min_bucket)
         self.max_prefill_batch = max(1, min(max_prefill_batch or num_slots, num_slots))
         self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
+        self.piece_len = max(b for b in self.buckets if b <= self.max_prefill_tokens)
         V = self.config.vocab_size
         self.vocab_limit = V if vocab_limit is None else min(V, int(vocab_limit))
         self.mask_words = (V + 31) // 32  # width of a row's packed grammar bitmask
@@ -172,7 +189,8 @@ class ModelRunner:
         self.cache = self._new_cache()
         self.lengths = np.zeros(num_slots, np.int32)
         self.compile_count = 0
-        self._prefill_jit, self._write_prefill_jit, self._decode_jit, self._write_decode_jit = self._build_steps()
+        (self._prefill_jit, self._continue_jit, self._write_prefill_jit, self._decode_jit,
+         self._write_decode_jit) = self._build_steps()
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _cache_shardings(self):
@@ -198,8 +216,8 @@ class ModelRunner:
             return step(*args, **kwargs)
 
     def _build_steps(self):
-        """Jitted (prefill, write_prefill, decode, write_decode): the reads sample too, the writes donate the
-        cache (see k2jax.serving.cache on why each step is two programs)."""
+        """Jitted (prefill, continue, write_prefill, decode, write_decode): the reads sample too, the writes
+        donate the cache (see k2jax.serving.cache on why each step is two programs)."""
         graphdef, param_def = self.graphdef, self._param_def
         # A static bound fixed per runner: no recompiles per request, and no mask at all when it is the full vocab.
         limit = self.vocab_limit if self.vocab_limit < self.config.vocab_size else None
@@ -213,34 +231,47 @@ class ModelRunner:
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
                                    vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
+        def continue_fn(params, cache, tokens, lengths, slots, starts, temp, top_k, top_p, seeds, bitmask,
+                        constrained, *, kv_len):
+            updates, logits = prefill_entries(model_of(params), tokens, lengths, cache, slots, starts, kv_len=kv_len)
+            return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
+                                   vocab_limit=limit, bitmask=bitmask, constrained=constrained)
+
         def decode_fn(params, cache, tokens, temp, top_k, top_p, seeds, counters, all_greedy, bitmask, constrained,
                       *, kv_len):
             updates, logits = decode_entries(model_of(params), cache, tokens, kv_len=kv_len)
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy,
                                    vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
-        def write_prefill_fn(cache, updates, lengths, slots):
+        def write_prefill_fn(cache, updates, lengths, slots, starts):
             self.compile_count += 1
-            return kvcache.write_prefill(cache, updates, lengths, slots)
+            return kvcache.write_prefill(cache, updates, lengths, slots, starts)
 
         def write_decode_fn(cache, updates, active):
             self.compile_count += 1
             return kvcache.write_decode(cache, updates, active)
 
         kw = {} if self._cache_sharding is None else {"out_shardings": self._cache_sharding}
-        return (jax.jit(prefill_fn), jax.jit(write_prefill_fn, donate_argnums=(0,), **kw),
+        return (jax.jit(prefill_fn), jax.jit(continue_fn, static_argnames=("kv_len",)),
+                jax.jit(write_prefill_fn, donate_argnums=(0,), **kw),
                 jax.jit(decode_fn, static_argnames=("kv_len",)),
                 jax.jit(write_decode_fn, donate_argnums=(0,), **kw))
 
     # ---- shapes ---------------------------------------------------------------------------------------------
     def prefill_shapes(self) -> list[tuple[int, int]]:
-        """Every (rows, length) bucket pair a prefill call can use."""
+        """Every (rows, length) bucket pair a prefill call of fresh prompts can use."""
         rows = pow2_upto(self.max_prefill_batch)
-        return [(r, T) for T in self.buckets for r in rows if r == 1 or r * T <= self.max_prefill_tokens]
+        return [(r, T) for T in self.buckets if T <= self.piece_len for r in rows
+                if r == 1 or r * T <= self.max_prefill_tokens]
+
+    def continue_buckets(self) -> list[int]:
+        """The kv length buckets a continuing piece (one row, piece_len tokens) can read: those of the starts
+        piece_len, 2 piece_len, ... below max_len."""
+        return sorted({bucket(start, self.buckets) for start in range(self.piece_len, self.max_len, self.piece_len)})
 
     def prefill_fits(self, prompt_lengths: Sequence[int]) -> bool:
-        """Whether one prefill call takes prompts of these lengths together (rows and the row x length bucket
-        within the limits). A single prompt always fits."""
+        """Whether one prefill call takes fresh pieces of these lengths (each at most piece_len) together (rows
+        and the row x length bucket within the limits). A single piece always fits."""
         if len(prompt_lengths) <= 1:
             return True
         rows = bucket(len(prompt_lengths), pow2_upto(self.max_prefill_batch)) \
@@ -256,6 +287,10 @@ class ModelRunner:
             z = np.zeros(r, np.int32)
             self._prefill_rows(np.zeros((r, T), np.int32), z, np.arange(r, dtype=np.int32), np.zeros(r, np.float32),
                                z, np.ones(r, np.float32), np.zeros(r, np.uint32), *self._masks(r, None, None))
+        z = np.zeros(1, np.int32)
+        for kv in self.continue_buckets():  # a length-0 row changes nothing
+            self._continue_row(np.zeros((1, self.piece_len), np.int32), z, z, z, kv, np.zeros(1, np.float32), z,
+                               np.ones(1, np.float32), np.zeros(1, np.uint32), *self._masks(1, None, None))
         zeros = np.zeros(S, np.int32)
         for kv in self.buckets:
             self._decode_kv(kv, zeros, np.zeros(S, bool), zeros, np.zeros(S, np.float32), zeros,
@@ -265,12 +300,30 @@ class ModelRunner:
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int], temperature, top_k, top_p, seeds,
-                bitmask=None, constrained=None):
-        """Prefill prompts (token id lists, at most max_prefill_batch, fitting `prefill_fits`) into the given
-        distinct slots, replacing what they held, and sample each one's first token. temperature, top_k, top_p,
-        seeds: per prompt (numpy float32 / int32 / float32 / uint32); bitmask / constrained: optional grammar masks
-        per prompt (int32 [n, mask_words], bool [n]). Returns the SampleOutput on the host (row i for prompt i)."""
+                bitmask=None, constrained=None, *, start: int = 0):
+        """Prefill prompts or pieces of them (token id lists of at most piece_len tokens) into the given distinct
+        slots and sample each one's next token. start 0: fresh pieces (at most max_prefill_batch, fitting
+        `prefill_fits`) replace what their slots held; start > 0: one piece continuing its slot, which holds
+        exactly `start` tokens of the sequence. temperature, top_k, top_p, seeds: per prompt (numpy float32 /
+        int32 / float32 / uint32); bitmask / constrained: optional grammar masks per prompt (int32 [n, mask_words],
+        bool [n]). Returns the SampleOutput on the host (row i for prompt i)."""
         n = len(prompts)
+        too_long = [len(p) for p in prompts if not 1 <= len(p) <= self.piece_len]
+        if too_long:
+            raise ValueError(f"ModelRunner.prefill: pieces hold 1 to piece_len={self.piece_len} tokens, got "
+                             f"{too_long[0]}")
+        if start:
+            if n != 1 or self.lengths[slots[0]] != start or start + len(prompts[0]) > self.max_len:
+                raise ValueError(f"ModelRunner.prefill: a continuing piece comes alone, its slot holds exactly "
+                                 f"start={start} tokens (slot {slots[0]} holds {self.lengths[slots[0]]}) and it ends "
+                                 f"within max_len={self.max_len}; got {n} piece(s) of {len(prompts[0])} tokens")
+            tokens = np.zeros((1, self.piece_len), np.int32)
+            tokens[0, :len(prompts[0])] = prompts[0]
+            return self._continue_row(tokens, np.array([len(prompts[0])], np.int32), np.array(slots, np.int32),
+                                      np.array([start], np.int32), bucket(start, self.buckets),
+                                      *(np.asarray(a, d) for a, d in ((temperature, np.float32), (top_k, np.int32),
+                                                                       (top_p, np.float32), (seeds, np.uint32))),
+                                      *self._masks(1, bitmask, constrained))
         r = bucket(n, pow2_upto(self.max_prefill_batch))
         T = bucket(max(len(p) for p in prompts), self.buckets)
         tokens, lengths = np.zeros((r, T), np.int32), np.zeros(r, np.int32)
@@ -302,9 +355,17 @@ class ModelRunner:
     def _prefill_rows(self, tokens, lengths, slots, temp, top_k, top_p, seeds, bitmask, constrained):
         updates, out = self._run(self._prefill_jit, self._param_leaves, tokens, lengths, temp, top_k, top_p, seeds,
                                  bitmask, constrained)
-        self.cache = self._run(self._write_prefill_jit, self.cache, updates, lengths, slots)
+        self.cache = self._run(self._write_prefill_jit, self.cache, updates, lengths, slots, np.zeros_like(lengths))
         used = lengths > 0
         self.lengths[slots[used]] = lengths[used]
+        return jax.device_get(out)
+
+    def _continue_row(self, tokens, lengths, slots, starts, kv_len, temp, top_k, top_p, seeds, bitmask, constrained):
+        updates, out = self._run(self._continue_jit, self._param_leaves, self.cache, tokens, lengths, slots, starts,
+                                 temp, top_k, top_p, seeds, bitmask, constrained, kv_len=kv_len)
+        self.cache = self._run(self._write_prefill_jit, self.cache, updates, lengths, slots, starts)
+        used = lengths > 0
+        self.lengths[slots[used]] = (starts + lengths)[used]
         return jax.device_get(out)
 
     def decode(self, tokens, active, counters, temperature, top_k, top_p, seeds, bitmask=None, constrained=None):

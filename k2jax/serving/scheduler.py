@@ -5,8 +5,12 @@
 of requests, while the engine knows nothing of jit, buckets or cache arrays). Each `step()`:
 1. admits waiting requests into free slots: the runner prefills a group of their prompts in one call that also
    samples their first token (the runner says which prompts fit one call);
-2. runs one decode step for all slots (inactive slots are left unchanged);
-3. applies stop rules (EOS / stop token ids, stop strings, max_tokens) and frees finished slots.
+2. continues one prompt longer than the runner's `piece_len` (max_prefill_tokens): such a prompt is admitted with
+   its first piece and prefilled one piece per later step, each continuing the slot's cache, until its last
+   piece samples its first token; the slots already decoding keep decoding in between (prompts waiting for
+   their pieces go first come, first served);
+3. runs one decode step for all decoding slots (the others are left unchanged);
+4. applies stop rules (EOS / stop token ids, stop strings, max_tokens) and frees finished slots.
 A request's failure stays its own: admission builds the whole prefill batch before it takes any slot, a failing
 prefill call fails only the requests it admits, a failing decode call only the requests it decodes, and an error
 in one request's bookkeeping (a decode, a callback) only that request. Every submitted request reaches a finished
@@ -165,6 +169,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens in the slot's cache so far
         self.aborted = False
         self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
         self._done = threading.Event()
@@ -172,6 +177,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def decoding(self) -> bool:
+        """Holding a slot with the whole prompt prefilled."""
+        return self.slot is not None and self.prefilled == len(self.prompt_ids)
 
     def wait(self, timeout: float | None = None) -> Completion:
         """Block until finished and return the Completion (TimeoutError after `timeout` seconds)."""
@@ -193,7 +203,8 @@ class Engine:
     model: a KimiLinear (already placed on `mesh` if one is given); tokenizer: optional (needed for text and stop
     strings); num_slots: concurrent sequences; max_len: context per slot (prompt + generated), default
     min(max_position_embeddings, 2048); min_bucket: smallest prompt / kv length bucket; max_prefill_batch: most prompts
-    prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill call;
+    prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill call, so also
+    the longest piece a long prompt is prefilled in (one piece per step, between decode steps);
     eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed experts packed
     as INT4; mesh: a `k2jax.sharding.make_mesh` mesh the parameters are placed on (see `ModelRunner` for these).
 
@@ -351,17 +362,24 @@ class Engine:
 
     # ---- the step --------------------------------------------------------------------------------------------
     def step(self) -> None:
-        """Admit waiting requests into free slots (prefill), then decode one token for every active slot. A failed
-        prefill or decode call finishes only the requests in it (reason 'error'), never raises for them."""
+        """Admit waiting requests into free slots (prefill), continue one long prompt by a piece, then decode one
+        token for every decoding slot. A failed prefill or decode call finishes only the requests in it (reason
+        'error'), never raises for them."""
         self._take_incoming()
         for req in [r for r in self.waiting if r.aborted]:
             self.waiting.remove(req)
             self._finish(req, FINISH_ABORT)
         for req in [r for r in self.slots if r is not None and r.aborted]:
             self._finish(req, FINISH_ABORT)
+        # Prompts admitted in an earlier step continue by one piece; one admitted now waits for the next step, so
+        # that a step runs at most one piece of a long prompt besides admission.
+        prefilling = [r for r in self.slots if r is not None and not r.decoding]
         while self.waiting and None in self.slots:
             self._admit()
-        if any(r is not None for r in self.slots):
+        prefilling = [r for r in prefilling if not r.finished]  # a failed admission may have lost the cache
+        if prefilling:
+            self._continue_prefill(min(prefilling, key=lambda r: r.t_submit))
+        if any(r is not None and r.decoding for r in self.slots):
             self._decode_step()
 
     def _take_incoming(self):
@@ -371,33 +389,40 @@ class Engine:
             except queue.Empty:
                 return
 
+    def _first_piece(self, req: Request) -> list[int]:
+        return req.prompt_ids[:self.runner.piece_len]
+
     def _next_group(self, num_free: int) -> list[Request]:
         """The waiting requests (from the front, not removed) one prefill call takes."""
         group = [self.waiting[0]]
         while len(group) < min(len(self.waiting), num_free):
-            lengths = [len(r.prompt_ids) for r in group] + [len(self.waiting[len(group)].prompt_ids)]
+            lengths = [len(self._first_piece(r)) for r in group + [self.waiting[len(group)]]]
             if not self.runner.prefill_fits(lengths):
                 break
             group.append(self.waiting[len(group)])
         return group
 
+    @staticmethod
+    def _sampling(group: list[Request]):
+        """Per-row sampling arrays (temperature, top_k, top_p, seed) of a prefill call."""
+        return (np.array([r.params.temperature for r in group], np.float32),
+                np.array([r.top_k for r in group], np.int32),
+                np.array([r.params.top_p for r in group], np.float32),
+                np.array([r.seed for r in group], np.uint32))
+
     def _admit(self):
-        """Prefill the next group of waiting requests into free slots. The whole call is prepared and run before
-        any slot is taken; if it fails, only the group's requests fail (and leave the queue)."""
+        """Prefill the next group of waiting requests (their first pieces) into free slots. The whole call is
+        prepared and run before any slot is taken; if it fails, only the group's requests fail (and leave the
+        queue). A request whose prompt is not done takes its slot and continues in later steps."""
         free = [i for i, r in enumerate(self.slots) if r is None]
         group = self._next_group(len(free))
         slots = free[:len(group)]
-        temp = np.array([r.params.temperature for r in group], np.float32)
-        top_k = np.array([r.top_k for r in group], np.int32)
-        top_p = np.array([r.params.top_p for r in group], np.float32)
-        seeds = np.array([r.seed for r in group], np.uint32)
+        temp, top_k, top_p, seeds = self._sampling(group)
+        pieces = [self._first_piece(r) for r in group]
         t0 = time.perf_counter()
         try:
-            if self._prefill_masks is None and any(r.grammar is not None for r in group):
-                self._prefill_masks = BatchBitmask(self.runner.max_prefill_batch, self.config.vocab_size)
-            bitmask, constrained = self._grammar_masks(self._prefill_masks, group)
-            out = self.runner.prefill([r.prompt_ids for r in group], slots, temp, top_k, top_p, seeds,
-                                      bitmask, constrained)
+            bitmask, constrained = self._prefill_grammar_masks(group)
+            out = self.runner.prefill(pieces, slots, temp, top_k, top_p, seeds, bitmask, constrained)
         except Exception as e:
             log.exception("prefill of %d request(s) failed", len(group))
             for req in group:
@@ -406,17 +431,38 @@ class Engine:
             self._recover_cache(e)
             return
         self.stats["prefill_calls"] += 1
-        self.stats["prefill_tokens"] += sum(len(r.prompt_ids) for r in group)
+        self.stats["prefill_tokens"] += sum(len(p) for p in pieces)
         self.stats["prefill_s"] += time.perf_counter() - t0
         for i, (req, s) in enumerate(zip(group, slots)):
             self.waiting.popleft()
-            req.slot, self.slots[s] = s, req
+            req.slot, self.slots[s], req.prefilled = s, req, len(pieces[i])
             self._temp[s], self._top_k[s], self._top_p[s], self._seed[s] = temp[i], top_k[i], top_p[i], seeds[i]
         for i, req in enumerate(group):
-            self._accept(req, out, i)
+            if req.decoding:
+                self._accept(req, out, i)
+
+    def _continue_prefill(self, req: Request):
+        """Prefill the next piece of a prompt that holds a slot; its last piece samples the first token. A failure
+        fails this request (and, if the call consumed the cache, every slot's)."""
+        piece = req.prompt_ids[req.prefilled:req.prefilled + self.runner.piece_len]
+        t0 = time.perf_counter()
+        try:
+            out = self.runner.prefill([piece], [req.slot], *self._sampling([req]), *self._prefill_grammar_masks([req]),
+                                      start=req.prefilled)
+        except Exception as e:
+            log.exception("prefill of request %s failed", req.id)
+            self._finish(req, FINISH_ERROR, error=f"prefill failed: {type(e).__name__}: {e}")
+            self._recover_cache(e)
+            return
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += len(piece)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        req.prefilled += len(piece)
+        if req.decoding:
+            self._accept(req, out, 0)
 
     def _decode_step(self):
-        active = np.array([r is not None for r in self.slots])
+        active = np.array([r is not None and r.decoding for r in self.slots])
         counters = np.array([len(r.token_ids) if r is not None else 0 for r in self.slots], np.int32)
         t0 = time.perf_counter()
         try:
@@ -427,7 +473,7 @@ class Engine:
                                      bitmask, constrained)
         except Exception as e:
             log.exception("decode step failed")
-            for req in [r for r in self.slots if r is not None]:
+            for req in [r for s, r in enumerate(self.slots) if active[s]]:
                 self._finish(req, FINISH_ERROR, error=f"decode failed: {type(e).__name__}: {e}")
             self._recover_cache(e)
             return
@@ -435,8 +481,14 @@ class Engine:
         self.stats["decode_tokens"] += int(active.sum())
         self.stats["decode_s"] += time.perf_counter() - t0
         for s, req in enumerate(list(self.slots)):
-            if req is not None:
+            if active[s] and req is not None:
                 self._accept(req, out, s)
+
+    def _prefill_grammar_masks(self, group: Sequence[Request]):
+        """The grammar masks of a prefill call's rows (see `_grammar_masks`); the buffers are made on first use."""
+        if self._prefill_masks is None and any(r.grammar is not None for r in group):
+            self._prefill_masks = BatchBitmask(self.runner.max_prefill_batch, self.config.vocab_size)
+        return self._grammar_masks(self._prefill_masks, group)
 
     @staticmethod
     def _grammar_masks(masks: BatchBitmask | None, rows: Sequence[Request | None]):

@@ -2,9 +2,11 @@
 
 The forward walks query blocks (`lax.scan`) and, inside each, key blocks (`lax.fori_loop`) with an online softmax:
 a running row max m, normaliser l and output accumulator, all float32. It keeps only o and the per-row
-logsumexp. The backward (a `jax.custom_vjp`, FlashAttention-2's) walks key blocks outside and query blocks inside,
-recomputing each block's probabilities from the logsumexp: dk and dv of the key block accumulate in the loop,
-dq in a [T, Dk] float32 buffer updated in place. No [T, S] array (scores, probabilities or mask) ever exists.
+logsumexp (returned on request: `return_lse`, to merge partial attentions). The backward (a `jax.custom_vjp`,
+FlashAttention-2's) walks key blocks outside and query blocks inside, recomputing each block's probabilities from
+the logsumexp: dk and dv of the key block accumulate in the loop, dq in a [T, Dk] float32 buffer updated in place.
+No [T, S] array (scores, probabilities or mask) ever exists. A cotangent of the logsumexp enters as
+d lse / d score = p, which only shifts the softmax-Jacobian term D of each row.
 
 Blocks that no visible pair can touch are never computed:
 - causal: the key loop of a query block stops after the last key block at or before its last position, and the
@@ -35,13 +37,14 @@ _NO_SEGMENT = jnp.iinfo(jnp.int32).max  # the "empty" end of a segment-id range
 
 
 def attention_blocked(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
-                      block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, return_max_logit=False):
+                      block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, return_max_logit=False, return_lse=False):
     """Blocked attention with the semantics, shapes and returns of `attention_reference`.
 
     q: [B, T, H, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; q_segment_ids int [B, T], kv_segment_ids int [B, S]
-    (0 = padding); q_offset int or int [B]. block_q, block_k: positive ints, capped at T and S rounded up to 8;
-    T and S need not be multiples (the tail block is padded with invisible rows and keys).
-    Returns o [B, T, H, Dv] in v's dtype [, max_logit float32 [B, H] (no gradient flows through it)].
+    (0 = padding); q_offset int or int [B]. block_q, block_k: positive ints, capped at T and S (rounded up to 8
+    from 8 on); T and S need not be multiples (the tail block is padded with invisible rows and keys).
+    Returns o [B, T, H, Dv] in v's dtype [, max_logit float32 [B, H] (no gradient flows through it)]
+    [, lse float32 [B, T, H] (differentiable)].
     """
     shape, kv_segment_ids, q_offset, scale = check_attention_inputs(
         q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale, op="attention_blocked")
@@ -50,15 +53,23 @@ def attention_blocked(q, k, v, *, scale=None, causal=True, q_segment_ids=None, k
     B, T, S, H, Hkv, G = shape.B, shape.T, shape.S, shape.H, shape.Hkv, shape.G
     if T == 0:
         o = jnp.zeros((B, 0, H, shape.Dv), v.dtype)
-        return (o, jnp.full((B, H), -jnp.inf, _F32)) if return_max_logit else o
-    bq, bk = min(bq, _round_up(T, 8)), min(bk, _round_up(S, 8))
+        return _returns(o, jnp.full((B, H), -jnp.inf, _F32), jnp.zeros((B, 0, H), _F32), return_max_logit,
+                        return_lse)
+    bq, bk = _cap(bq, T), _cap(bk, S)
     qc, kc, vc, q_pos, q_seg, k_seg = _chunk_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, shape, bq, bk)
     segmented = q_segment_ids is not None
     visit = visited_blocks(q_pos, q_seg, k_seg, causal=causal) if segmented else None
-    o, max_logit = _flash(float(scale), bool(causal), qc, kc, vc, q_pos, q_seg, k_seg, visit)
+    o, max_logit, lse = _flash(float(scale), bool(causal), qc, kc, vc, q_pos, q_seg, k_seg, visit)
     nq = qc.shape[0]
     o = jnp.transpose(o.reshape(nq, B, Hkv, bq, G, -1), (1, 0, 3, 2, 4, 5)).reshape(B, nq * bq, H, -1)[:, :T]
-    return (o, jax.lax.stop_gradient(max_logit)) if return_max_logit else o
+    lse = jnp.transpose(lse.reshape(nq, B, Hkv, bq, G), (1, 0, 3, 2, 4)).reshape(B, nq * bq, H)[:, :T]
+    return _returns(o, jax.lax.stop_gradient(max_logit), lse, return_max_logit, return_lse)
+
+
+def _returns(o, max_logit, lse, return_max_logit, return_lse):
+    """o, then max_logit and lse as asked."""
+    extra = (max_logit,) * return_max_logit + (lse,) * return_lse
+    return (o,) + extra if extra else o
 
 
 def attention_max_logit(q, k, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
@@ -74,7 +85,7 @@ def attention_max_logit(q, k, *, scale=None, causal=True, q_segment_ids=None, kv
     B, T, S, Hkv, G = shape.B, shape.T, shape.S, shape.Hkv, shape.G
     if T == 0:
         return jnp.full((B, shape.H), -jnp.inf, _F32)
-    bq, bk = min(bq, _round_up(T, 8)), min(bk, _round_up(S, 8))
+    bq, bk = _cap(bq, T), _cap(bk, S)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     qc, kc, _, q_pos, q_seg, k_seg = _chunk_inputs(q, k, k, q_segment_ids, kv_segment_ids, q_offset, shape, bq, bk)
     visit = visited_blocks(q_pos, q_seg, k_seg, causal=causal) if q_segment_ids is not None else None
@@ -122,6 +133,12 @@ def visited_blocks(q_pos, q_seg, k_seg, *, causal: bool):
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def _cap(block: int, n: int) -> int:
+    """A block no larger than needed for n rows: n itself below 8 (one decode token is one row, not eight),
+    else n rounded up to 8."""
+    return min(block, n if n < 8 else _round_up(n, 8))
 
 
 def _chunk_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, shape, bq, bk):
@@ -173,9 +190,10 @@ def _maybe(visit, i, j, compute, carry):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(scale, causal, qc, kc, vc, q_pos, q_seg, k_seg, visit):
-    """o [nq, B, Hkv, R, Dv] in v's dtype and max_logit float32 [B, H] from chunk-major inputs."""
-    o, _, max_logit = _forward(scale, causal, qc, kc, vc, q_pos, q_seg, k_seg, visit)
-    return o, max_logit
+    """o [nq, B, Hkv, R, Dv] in v's dtype, max_logit float32 [B, H] and lse float32 [nq, B, Hkv, R] (-inf for rows
+    that see no key) from chunk-major inputs."""
+    o, lse, max_logit = _forward(scale, causal, qc, kc, vc, q_pos, q_seg, k_seg, visit)
+    return o, max_logit, lse
 
 
 def _forward(scale, causal, qc, kc, vc, q_pos, q_seg, k_seg, visit):
@@ -206,10 +224,10 @@ def _forward(scale, causal, qc, kc, vc, q_pos, q_seg, k_seg, visit):
         rows = qi.shape[:3]
         init = (jnp.full(rows, -jnp.inf, _F32), jnp.zeros(rows, _F32), jnp.zeros(rows + (Dv,), _F32))
         m, l, acc = jax.lax.fori_loop(0, _key_blocks_seen(q_last[i], bk, nk, causal), step, init)
-        seen = l > 0  # rows that see no key output 0 and get a harmless logsumexp of 0
+        seen = l > 0  # rows that see no key output 0 and a logsumexp of -inf
         l_safe = jnp.where(seen, l, 1.0)
         o = jnp.where(seen[..., None], acc / l_safe[..., None], 0.0).astype(vc.dtype)
-        lse = jnp.where(seen, m + jnp.log(l_safe), 0.0)
+        lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
         return None, (o, lse, jnp.max(m.reshape(B, Hkv, bq, G), axis=2))
 
     _, (o, lse, m) = jax.lax.scan(q_block, None, (jnp.arange(qc.shape[0]), qc, q_pos, q_seg))
@@ -218,17 +236,21 @@ def _forward(scale, causal, qc, kc, vc, q_pos, q_seg, k_seg, visit):
 
 def _flash_fwd(scale, causal, qc, kc, vc, q_pos, q_seg, k_seg, visit):
     o, lse, max_logit = _forward(scale, causal, qc, kc, vc, q_pos, q_seg, k_seg, visit)
-    return (o, max_logit), (qc, kc, vc, q_pos, q_seg, k_seg, visit, o, lse)
+    # Rows that see no key keep a harmless logsumexp of 0 for the backward (their p is masked to 0 there).
+    return (o, max_logit, lse), (qc, kc, vc, q_pos, q_seg, k_seg, visit, o, jnp.where(jnp.isfinite(lse), lse, 0.0))
 
 
 def _flash_bwd(scale, causal, residuals, cotangents):
     qc, kc, vc, q_pos, q_seg, k_seg, visit, o, lse = residuals
     do = cotangents[0].astype(vc.dtype)  # max_logit carries no gradient
+    dlse = cotangents[2]
     nk, B, Hkv, bk, Dk = kc.shape
     nq, bq = qc.shape[0], q_pos.shape[-1]
     G = qc.shape[3] // bq
-    # D_r = do_r . o_r = sum_s p_rs dp_rs: the softmax-Jacobian term of every row, computed once.
+    # D_r = do_r . o_r = sum_s p_rs dp_rs: the softmax-Jacobian term of every row, computed once. A logsumexp
+    # cotangent g_r adds p_rs g_r to d score_rs, i.e. it shifts D_r by -g_r (rows without keys have p = 0).
     delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)  # [nq, B, Hkv, R]
+    delta = delta - jnp.where(jnp.isfinite(dlse), dlse, 0.0).astype(_F32)
     q_last = jnp.max(q_pos, axis=(1, 2))
     k_pos = jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, bk)
 

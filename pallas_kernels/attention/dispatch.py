@@ -7,7 +7,8 @@ for any platform):
   segment-id array, q_offset 0 when causal); MLA's absorbed form (Hkv == 1) and cache continuation use the XLA form;
 - everything else (CPU, and what a kernel lacks): the blocked XLA form (`attention_blocked`).
 With return_max_logit, the kernel branches compute max_logit with `attention_max_logit` (one extra pass of q k^T
-blocks, no softmax, no gradient), the XLA branch inside its own loop.
+blocks, no softmax, no gradient), the XLA branch inside its own loop. With return_lse (the log-sum-exp that
+merges partial attentions) every platform runs the XLA form: the kernels do not report it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ IMPLS = ("auto", "xla", "reference", "splash", "triton")
 
 
 def attention(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, q_offset=0, impl="auto",
-              block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, return_max_logit=False):
+              block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, return_max_logit=False, return_lse=False):
     """Softmax attention with causal masking by absolute position, packed segments and multi-query heads.
 
     q: [B, T, H, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv] with Hkv dividing H (Hkv == H: MLA's expanded form,
@@ -39,16 +40,21 @@ def attention(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segmen
     "splash" / "triton" (the kernels; interpreted off TPU / GPU). block_q, block_k: the XLA form's blocks.
     Returns o [B, T, H, Dv] in v's dtype (softmax in float32; rows that see no key give 0), and with
     return_max_logit also max_logit float32 [B, H]: the largest scaled logit over visible pairs (-inf where none),
-    which carries no gradient.
+    which carries no gradient, and with return_lse lse float32 [B, T, H]: each query's log-sum-exp of its visible
+    scaled logits (-inf where none), differentiable (impl "auto" then runs the XLA form; "splash" and "triton"
+    cannot report it).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
     masking = dict(scale=scale, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     blocks = dict(block_q=block_q, block_k=block_k)
+    returns = dict(return_max_logit=return_max_logit, return_lse=return_lse)
     if impl == "reference":
-        return attention_reference(q, k, v, q_offset=q_offset, return_max_logit=return_max_logit, **masking)
-    if impl == "xla":
-        return attention_blocked(q, k, v, q_offset=q_offset, return_max_logit=return_max_logit, **masking, **blocks)
+        return attention_reference(q, k, v, q_offset=q_offset, **returns, **masking)
+    if impl == "xla" or (impl == "auto" and return_lse):
+        return attention_blocked(q, k, v, q_offset=q_offset, **returns, **masking, **blocks)
+    if return_lse:
+        raise ValueError(f"attention: impl={impl!r} cannot return the log-sum-exp; use 'auto' or 'xla'")
     if impl in ("splash", "triton"):
         kernel = attention_splash if impl == "splash" else attention_triton
         o = kernel(q, k, v, q_offset=q_offset, **masking)

@@ -9,7 +9,7 @@ from pallas_kernels.attention.checks import check_attention_inputs, segments_or_
 
 
 def attention_reference(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
-                        return_max_logit=False):
+                        return_max_logit=False, return_lse=False):
     """softmax(scale * q k^T + mask) v per head, in float32, differentiable by plain autodiff.
 
     q: [B, T, H, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; query head h reads key/value head h // (H // Hkv)
@@ -19,7 +19,9 @@ def attention_reference(q, k, v, *, scale=None, causal=True, q_segment_ids=None,
     q_offset: int or int [B]: the absolute position of q's first token among the keys (q continues a cache of
     q_offset keys); causal: query t sees keys s <= q_offset + t.
     Returns o [B, T, H, Dv] in v's dtype (0 for rows that see no key), and with return_max_logit also
-    max_logit float32 [B, H]: the largest scaled logit over visible pairs (-inf where a head sees none).
+    max_logit float32 [B, H]: the largest scaled logit over visible pairs (-inf where a head sees none), and with
+    return_lse lse float32 [B, T, H]: the log-sum-exp of each query's visible scaled logits (-inf where it sees
+    none), the weight of this attention when merged with another over other keys.
     """
     shape, kv_segment_ids, q_offset, scale = check_attention_inputs(
         q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale, op="attention_reference")
@@ -42,7 +44,12 @@ def attention_reference(q, k, v, *, scale=None, causal=True, q_segment_ids=None,
     p = p / jnp.where(denom > 0, denom, 1.0)
     o = jnp.einsum("bhgts,bhsd->bhgtd", p, vh)
     o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, shape.H, -1).astype(v.dtype)
-    if not return_max_logit:
-        return o
-    max_logit = jax.lax.stop_gradient(jnp.max(scores, axis=(-2, -1)).reshape(B, shape.H))
-    return o, max_logit
+    out = (o,)
+    if return_max_logit:
+        out += (jax.lax.stop_gradient(jnp.max(scores, axis=(-2, -1)).reshape(B, shape.H)),)
+    if return_lse:
+        shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., 0]
+        lse = jnp.where(denom[..., 0] > 0, jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0)) + shift,
+                        -jnp.inf)  # [B, Hkv, G, T]
+        out += (jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, shape.H),)
+    return out[0] if len(out) == 1 else out

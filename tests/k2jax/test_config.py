@@ -184,3 +184,31 @@ def test_serve_cli_rejects_bad_settings_before_loading_anything(monkeypatch):
     cfg, model_changes = serve.settings(args)
     assert (cfg.slots, cfg.limits.request_timeout_s, cfg.warmup, cfg.port) == (3, 5.0, False, 0)
     assert model_changes == {"vocab_size": 300}
+
+
+def test_serve_cli_passes_max_prefill_tokens_and_checks_max_len(monkeypatch):
+    """--max-prefill-tokens reaches the Engine (0 is refused by ServeConfig), and a --max-len beyond the model's
+    max_position_embeddings is a clean exit naming both, not a traceback."""
+    import importlib.util
+    from pathlib import Path
+
+    import k2jax.serving.scheduler
+
+    spec = importlib.util.spec_from_file_location("k2jax_serve_cli", Path(__file__).resolve().parents[2] / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    with pytest.raises(SystemExit, match="serve field `max_prefill_tokens` = 0 is invalid"):
+        serve.main(["--config", "tiny", "--prompt", "x", "--max-prefill-tokens", "0"])
+    with pytest.raises(SystemExit, match="max_len=8192 exceeds the model's max_position_embeddings=4096"):
+        serve.main(["--config", "tiny", "--prompt", "x", "--max-len", "8192", "--override", "vocab_size=264"])
+    seen = {}
+
+    def engine(model, tokenizer, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(k2jax.serving.scheduler, "Engine", engine)
+    with pytest.raises(SystemExit, match="stop"):
+        serve.main(["--config", "tiny", "--prompt", "x", "--max-prefill-tokens", "64", "--max-len", "4096",
+                    "--override", "vocab_size=264"])
+    assert seen["max_prefill_tokens"] == 64 and seen["max_len"] == 4096

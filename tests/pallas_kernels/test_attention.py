@@ -17,6 +17,8 @@ from pallas_kernels.attention import (
     attention_reference,
     attention_splash,
     attention_triton,
+    latent_attention,
+    merge_attention,
     visited_blocks,
 )
 from tests.conftest import error_ratio
@@ -161,6 +163,129 @@ def test_max_logit_pass_alone():
     assert got.shape == (2, 4) and error_ratio(ref, got) < 1e-6
 
 
+@pytest.mark.parametrize("case", ["absorbed_cache", "decode"])
+def test_lse_matches_reference_and_has_gradients(case):
+    """return_lse: the blocked form's log-sum-exp equals the reference's (-inf exactly where a query sees no key),
+    and a loss that uses it (as merging partial attentions does) has the reference's gradients."""
+    B, T, S, H, Hkv, Dk, Dv = CASES[case]["shape"]
+    q, k, v, do = make_inputs(B, T, S, H, Hkv, Dk, Dv, seed=3)
+    w = jax.random.normal(jax.random.key(4), (B, T, H))
+    kw = CASES[case]["kw"]
+
+    def run(fn):
+        def loss(q, k, v):
+            o, lse = fn(q, k, v, return_lse=True, **kw)
+            return jnp.sum(o * do) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * w, 0.0)), lse
+        (_, lse), g = jit_fast_compile(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+        return lse, g
+
+    lse_ref, g_ref = run(attention_reference)
+    lse, g = run(lambda *a, **k: attention_blocked(*a, block_q=16, block_k=8, **k))
+    assert lse.shape == (B, T, H) and lse.dtype == jnp.float32
+    finite = np.isfinite(np.asarray(lse_ref))
+    assert np.array_equal(finite, np.isfinite(np.asarray(lse)))
+    assert error_ratio(np.asarray(lse_ref)[finite], np.asarray(lse)[finite]) < 1e-6
+    if case == "absorbed_cache":
+        assert not finite.all()  # padding queries see nothing
+    for name, a, b in zip(("dq", "dk", "dv"), g_ref, g):
+        assert error_ratio(a, b) < 1e-4, name
+    # "auto" gives the same (the XLA form on every platform when lse is asked for).
+    o_auto, lse_auto = attention(q, k, v, return_lse=True, **kw)
+    assert error_ratio(np.asarray(lse)[finite], np.asarray(lse_auto)[finite]) < 1e-6
+
+
+def test_merging_two_partial_attentions_equals_one():
+    """Attention over keys [0, S) equals the merge of attention over [0, 20) and over [20, S) by their
+    log-sum-exps, including rows that see nothing in one part or in both."""
+    q, k, v, _ = make_inputs(2, 9, 33, 4, 1, 16, 8, seed=5)
+    q_seg = jnp.array([[1] * 7 + [0] * 2, [2] * 9], jnp.int32)
+    kv_seg = jnp.array([[1] * 12 + [0] * 8 + [1] * 13, [3] * 20 + [2] * 13], jnp.int32)
+    kw = dict(causal=False, q_segment_ids=q_seg)
+    whole = attention_reference(q, k, v, kv_segment_ids=kv_seg, **kw)
+    o1, lse1 = attention_blocked(q, k[:, :20], v[:, :20], kv_segment_ids=kv_seg[:, :20], return_lse=True, **kw)
+    o2, lse2 = attention_blocked(q, k[:, 20:], v[:, 20:], kv_segment_ids=kv_seg[:, 20:], return_lse=True, **kw)
+    assert not np.isfinite(np.asarray(lse1)[1]).any()  # row 1's segment 2 has no key in the first part
+    o, lse = merge_attention(o1, lse1, o2, lse2)
+    assert error_ratio(whole, o) < 1e-6
+    np.testing.assert_array_equal(np.asarray(o)[0, 7:], 0.0)
+    _, lse_whole = attention_reference(q, k, v, kv_segment_ids=kv_seg, return_lse=True, **kw)
+    finite = np.isfinite(np.asarray(lse_whole))
+    assert np.array_equal(finite, np.isfinite(np.asarray(lse)))
+    assert error_ratio(np.asarray(lse_whole)[finite], np.asarray(lse)[finite]) < 1e-6
+
+
+def latent_reference(q_lat, q_pe, ckv, kpe, lengths, scale, q_mask):
+    """The absorbed form in float64 numpy, from the formula: scores over [c | k_pe], values c."""
+    q_lat, q_pe, ckv, kpe = (np.asarray(a, np.float64) for a in (q_lat, q_pe, ckv, kpe))
+    B, T, H, R = q_lat.shape
+    o, lse = np.zeros((B, T, H, R)), np.full((B, T, H), -np.inf)
+    for b in range(B):
+        n = int(lengths[b])
+        for t in range(T):
+            if n == 0 or not q_mask[b, t]:
+                continue
+            s = (q_lat[b, t] @ ckv[b, :n].T + q_pe[b, t] @ kpe[b, :n].T) * scale  # [H, n]
+            mx = s.max(-1, keepdims=True)
+            e = np.exp(s - mx)
+            o[b, t] = (e / e.sum(-1, keepdims=True)) @ ckv[b, :n]
+            lse[b, t] = np.log(e.sum(-1)) + mx[:, 0]
+    return o, lse
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_latent_attention_matches_reference(dtype):
+    """Query blocks of 2 over T = 5 (the last padded), key blocks of 8 over S = 37 (the last read from S - 8, its
+    overlap not counted twice), rows with cached lengths 37, 20 and 0, queries that do not continue the cache."""
+    ks = jax.random.split(jax.random.key(6), 4)
+    B, T, H, R, P, S = 3, 5, 4, 16, 8, 37
+    q_lat = jax.random.normal(ks[0], (B, T, H, R)).astype(dtype)
+    q_pe = jax.random.normal(ks[1], (B, T, H, P)).astype(dtype)
+    ckv = jax.random.normal(ks[2], (B, S, R)).astype(dtype)
+    kpe = jax.random.normal(ks[3], (B, S, P)).astype(dtype)
+    lengths = jnp.array([37, 20, 0], jnp.int32)
+    q_mask = jnp.ones((B, T), bool).at[0, 3:].set(False)
+    run = jit_fast_compile(lambda *a: latent_attention(*a, scale=0.2, q_mask=q_mask, block_q=2, block_k=8))
+    o, lse = run(q_lat, q_pe, ckv, kpe, lengths)
+    ref_o, ref_lse = latent_reference(q_lat, q_pe, ckv, kpe, lengths, 0.2, np.asarray(q_mask))
+    assert o.dtype == dtype and lse.dtype == jnp.float32
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert error_ratio(ref_o, o) < tol
+    finite = np.isfinite(ref_lse)
+    assert np.array_equal(finite, np.isfinite(np.asarray(lse))) and not finite[2].any() and not finite[0, 3:].any()
+    assert error_ratio(ref_lse[finite], np.asarray(lse)[finite]) < tol
+    np.testing.assert_array_equal(np.asarray(o, np.float32)[2], 0.0)
+
+
+def test_latent_attention_gradients_and_blocks_past_the_lengths():
+    """Plain autodiff through the block scan equals autodiff of the materialised form; a view padded far beyond
+    the cached lengths gives the same result (its blocks are skipped)."""
+    ks = jax.random.split(jax.random.key(7), 5)
+    B, T, H, R, P, S = 2, 3, 2, 8, 4, 24
+    args = [jax.random.normal(k, shape) for k, shape in
+            zip(ks, ((B, T, H, R), (B, T, H, P), (B, S, R), (B, S, P)))]
+    lengths = jnp.array([24, 9], jnp.int32)
+    w = jax.random.normal(ks[4], (B, T, H, R))
+
+    def materialised(q_lat, q_pe, ckv, kpe):
+        s = (jnp.einsum("bthr,bsr->bths", q_lat, ckv) + jnp.einsum("bthp,bsp->bths", q_pe, kpe)) * 0.3
+        s = jnp.where(jnp.arange(S)[None, None, None] < lengths[:, None, None, None], s, -jnp.inf)
+        return jnp.einsum("bths,bsr->bthr", jax.nn.softmax(s, -1), ckv), jax.nn.logsumexp(s, -1)
+
+    def loss(fn):
+        def f(*a):
+            o, lse = fn(*a)
+            return jnp.sum(o * w) + jnp.sum(lse)
+        return jax.jit(jax.grad(f, (0, 1, 2, 3)))(*args)
+
+    blocked = lambda *a: latent_attention(*a, lengths, scale=0.3, block_q=2, block_k=5)  # noqa: E731
+    for a, b in zip(loss(materialised), loss(blocked)):
+        assert error_ratio(a, b) < 1e-5
+    padded = [jnp.pad(a, ((0, 0), (0, 1000), (0, 0))) for a in args[2:]]
+    o, lse = latent_attention(*args[:2], *args[2:], lengths, scale=0.3, block_k=5)
+    o2, lse2 = latent_attention(*args[:2], *padded, lengths, scale=0.3, block_k=5)
+    assert error_ratio(o, o2) < 1e-6 and error_ratio(lse, lse2) < 1e-6
+
+
 @pytest.mark.parametrize("kernel", ["splash", "triton"])
 def test_interpreted_kernels_match_reference(kernel):
     """The kernel wrappers (scale, padding to blocks, segment ids, zeroed padding rows, v padding) on CPU."""
@@ -228,3 +353,13 @@ def test_bad_arguments_raise():
         attention_triton(q, k, v)
     with pytest.raises(ValueError, match="v must be"):
         attention_reference(q, k, v[:, :7])
+    with pytest.raises(ValueError, match="cannot return the log-sum-exp"):
+        attention(q, k, v, impl="splash", return_lse=True)
+    lat = jnp.zeros((1, 8, 4, 16)), jnp.zeros((1, 8, 4, 4))
+    with pytest.raises(ValueError, match="ckv must be"):
+        latent_attention(*lat, jnp.zeros((1, 5, 8)), jnp.zeros((1, 5, 4)), jnp.ones(1, jnp.int32), scale=1.0)
+    with pytest.raises(ValueError, match="kv_lengths must be"):
+        latent_attention(*lat, jnp.zeros((1, 5, 16)), jnp.zeros((1, 5, 4)), jnp.ones(2, jnp.int32), scale=1.0)
+    with pytest.raises(ValueError, match="q_mask must be"):
+        latent_attention(*lat, jnp.zeros((1, 5, 16)), jnp.zeros((1, 5, 4)), jnp.ones(1, jnp.int32), scale=1.0,
+                         q_mask=jnp.ones((1, 8), jnp.int32))

@@ -17,6 +17,7 @@ import k2jax
 from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
 from tests.conftest import error_ratio
+from tests.pallas_kernels.lowering import count_pallas_kernels
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -323,6 +324,61 @@ def test_mla_single_token():
     m = make_mla(cfg)
     x = rand_x(cfg, 3, 1)
     assert error_ratio(ref_mla(params64(m), cfg, x), m(x)[0]) <= 1e-5
+
+
+def test_mla_longer_than_one_block_matches_reference():
+    """T = 300 spans two of the attention op's 256-row query blocks: still the float64 loop's result."""
+    cfg = tiny_nope()
+    m = make_mla(cfg)
+    x = rand_x(cfg, 1, 300)
+    seg = jnp.asarray([[1] * 150 + [2] * 140 + [0] * 10], jnp.int32)
+    pos = segment_positions(seg)
+    assert error_ratio(ref_mla(params64(m), cfg, x, seg, pos), m(x, segment_ids=seg, positions=pos)[0]) <= 1e-5
+
+
+def test_mla_memory_is_linear_in_length():
+    """XLA's temp-buffer estimate of the layer's forward + backward at T = 4096 with packed segments: a quarter of
+    one head's [T, T] float32 scores at most (measured 10.7 MB; the [B, H, T, T] scores and [B, T, T] mask of a
+    materialised softmax are never built)."""
+    cfg = tiny_rope()
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MultiHeadLatentAttention(cfg, rngs=nnx.Rngs(0))))
+    T = 4096
+
+    def loss(state, x, seg):
+        return jnp.sum(nnx.merge(graphdef, state)(x, segment_ids=seg, positions=seg)[0])
+
+    specs = (jax.ShapeDtypeStruct((1, T, cfg.hidden_size), jnp.float32), jax.ShapeDtypeStruct((1, T), jnp.int32))
+    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(state, *specs).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < T * T * 4 / 4
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_mla_lowers_to_the_attention_kernels(platform):
+    """The layer's attention (no cache: training and a fresh prefill) at the 48B model's head dims (q/k 192, v 128,
+    bf16, packed segments) lowers to JAX's splash kernel on TPU and its Triton kernel on GPU, forward and backward
+    (the counts of the attention op's own lowering test); continuing a cache (the merged, log-sum-exp form) runs
+    the XLA form."""
+    cfg = tiny_nope().replace(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, dtype="bfloat16")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MultiHeadLatentAttention(cfg, rngs=nnx.Rngs(0))))
+    x = jax.ShapeDtypeStruct((1, 200, cfg.hidden_size), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 200), jnp.int32)
+
+    def fwd(state, x, seg):
+        return nnx.merge(graphdef, state)(x, segment_ids=seg)[0]
+
+    def fwd_bwd(state, x, seg):
+        return jax.grad(lambda st, x: jnp.sum(fwd(st, x, seg).astype(jnp.float32)), (0, 1))(state, x)
+
+    def continued(state, x, seg):
+        S = 64
+        cache = MLACache(jnp.zeros((1, S, cfg.kv_lora_rank), jnp.bfloat16),
+                         jnp.zeros((1, S, cfg.qk_rope_head_dim), jnp.bfloat16), jnp.full((1,), S, jnp.int32))
+        return nnx.merge(graphdef, state)(x, segment_ids=seg, cache=cache)[0]
+
+    kernels = {"tpu": (1, 2), "cuda": (1, 3)}[platform]
+    assert count_pallas_kernels(fwd, (state, x, seg), platform) == kernels[0]
+    assert count_pallas_kernels(fwd_bwd, (state, x, seg), platform) == kernels[1]
+    assert count_pallas_kernels(continued, (state, x, seg), platform) == 0
 
 
 # ---- segments, padding, causality ------------------------------------------------------------------------------

@@ -37,13 +37,18 @@ class Runner:
         self._prefill = jax.jit(lambda st, c, t, n, s: prefill(m(st), c, t, n, s))
         self._decode = jax.jit(lambda st, c, t, a: decode(m(st), c, t, a, kv_len=MAX_LEN))
         self._full = jax.jit(lambda st, t: nnx.merge(ref_def, st)(t)[0])
+        self._piece = jax.jit(lambda st, c, t, n, s, p, kv: prefill(m(st), c, t, n, s, p, kv_len=kv),
+                              static_argnums=(6,))
 
     def prefill(self, cache, rows, slots):
-        toks = np.zeros((len(rows), BUCKET), np.int32)
+        toks = np.zeros((len(rows), BUCKET if max(map(len, rows)) <= BUCKET else MAX_LEN), np.int32)
         for i, r in enumerate(rows):
             toks[i, :len(r)] = r
         return self._prefill(self.state, cache, toks, np.array([len(r) for r in rows], np.int32),
                              np.array(slots, np.int32))
+
+    def prefill_piece(self, cache, tokens, lengths, slots, starts, kv_len):
+        return self._piece(self.state, cache, tokens, lengths, slots, starts, kv_len)
 
     def decode(self, cache, tokens, active):
         return self._decode(self.state, cache, np.array(tokens, np.int32), np.array(active))
@@ -109,6 +114,43 @@ def test_prefill_then_greedy_decode_equals_full_forward(runner):
     for a, b in zip(jax.tree.leaves(empty), jax.tree.leaves(cache)):
         np.testing.assert_array_equal(np.asarray(b)[1], a[1])
     _generate_and_check(r, cache, [new + [int(np.argmax(logits[0]))], seqs[1]], {0: 2, 1: 0}, steps=3)
+
+
+def _prefill_pieces(r, cache, prompt, slot, cuts):
+    """Prefill `prompt` into `slot` as pieces split at `cuts`, each right-padded to BUCKET and continuing the slot
+    (the first fresh). Returns (cache, logits [vocab] after the last piece)."""
+    bounds = [0] + list(cuts) + [len(prompt)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        toks = np.zeros((1, BUCKET), np.int32)
+        toks[0, :hi - lo] = prompt[lo:hi]
+        kv_len = 0 if lo == 0 else (BUCKET if lo <= BUCKET else MAX_LEN)
+        cache, logits = r.prefill_piece(cache, toks, np.array([hi - lo], np.int32), np.array([slot], np.int32),
+                                        np.array([lo], np.int32), kv_len)
+    return cache, logits[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_in_pieces_equals_one_shot(runner, dtype):
+    """Pieces continuing the slot's cache (KDA states, MLA latents) that end mid KDA chunk (16 tokens), mid length
+    bucket and on both: the same logits as one-shot prefill (NoPE hybrid and RoPE all-MLA configs), then the same
+    greedy decode."""
+    r = runner if dtype == "float32" else Runner(KimiLinear(
+        runner.model.config.replace(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0)))
+    prompt = _prompt(7, 29)
+    one_cache, one = r.prefill(kvcache.init_cache(r.model.config, SLOTS, MAX_LEN), [prompt], slots=[1])
+    for cuts in ([5, 16], [16], [3, 11, 27]):
+        cache, logits = _prefill_pieces(r, kvcache.init_cache(r.model.config, SLOTS, MAX_LEN), prompt, 1, cuts)
+        np.testing.assert_array_equal(np.asarray(cache.lengths), [0, 29, 0])
+        assert error_ratio(one[0], logits) < (1e-5 if dtype == "float32" else 1e-2), cuts
+        if dtype == "float32":
+            assert error_ratio(r.full_last(prompt), logits) < 1e-5
+            _generate_and_check(r, cache, [prompt + [int(np.argmax(logits))]], {0: 1}, steps=2)
+        else:  # bf16: the same greedy tokens as one-shot prefill
+            tok = int(np.argmax(logits))
+            assert tok == int(np.argmax(one[0]))
+            a = r.decode(cache, [0, tok, 0], [False, True, False])[1][1]
+            b = r.decode(one_cache, [0, tok, 0], [False, True, False])[1][1]
+            assert error_ratio(b, a) < 1e-2 and int(np.argmax(a)) == int(np.argmax(b))
 
 
 def test_int4_experts_match_the_dequantized_model():

@@ -132,6 +132,37 @@ def test_stop_token_stop_string_and_max_tokens(engine):
     assert out.finish_reason == "length" and out.token_ids == ref[:3]
 
 
+def test_long_prompts_are_prefilled_in_pieces_between_decode_steps(engine):
+    """With max_prefill_tokens 16 a prompt of 17-26 tokens takes its slot with a first piece of 16 and is finished
+    by a second piece in the next step, while a request already decoding gets a token in each of those steps.
+    Greedy generations equal one-shot prefill's, and nothing compiles after warm-up."""
+    chunked = tiny_engine(max_prefill_tokens=16)
+    assert chunked.runner.piece_len == 16 and chunked.runner.continue_buckets() == [16]
+    chunked.warmup()
+    c0 = chunked.runner.compile_count
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = [_prompt(20, 26), _prompt(21, 17), _prompt(22, 5), _prompt(23, 16)]
+    ref = [o.token_ids for o in engine.generate(prompts, greedy)]
+
+    running = chunked.submit(_prompt(24, 5), SamplingParams(max_tokens=12, ignore_eos=True))
+    chunked.step()
+    n0 = len(running.token_ids)
+    long = chunked.submit(prompts[0], greedy)
+    chunked.step()  # admits the long prompt's first piece; the running request decodes
+    assert long.prefilled == 16 and long.token_ids == [] and len(running.token_ids) == n0 + 1
+    chunked.step()  # the second piece samples the first token, then both decode (as an admission does)
+    assert long.prefilled == 26 and len(long.token_ids) == 2 and len(running.token_ids) == n0 + 2
+    while chunked.has_work:
+        chunked.step()
+    assert long.wait(0).token_ids == ref[0]
+    assert [o.token_ids for o in chunked.generate(prompts, greedy)] == ref  # two long prompts at once
+    assert chunked.runner.compile_count == c0, "a prompt in pieces compiled after warm-up"
+    with pytest.raises(ValueError, match="piece_len=16"):
+        chunked.runner.prefill([[9] * 17], [0], [0.0], [0], [1.0], [0])
+    with pytest.raises(ValueError, match="holds exactly start=3"):
+        chunked.runner.prefill([[9] * 4], [0], [0.0], [0], [1.0], [0], start=3)
+
+
 @pytest.mark.parametrize("prompt, params, match", [
     ([], SamplingParams(), "empty"),
     ([9] * MAX_LEN, SamplingParams(max_tokens=1), "prompt has 32 tokens"),

@@ -1,0 +1,131 @@
+"""MLA's absorbed form over a latent cache: every query attends to cached latents in blocks, O(block) memory.
+
+In the absorbed form (kimi_linear.md section 3) a query of head h is q_lat,h = W_UK,h^T q_nope,h [R] with its rope
+part q_pe,h [P]; a cached token s is its normed latent c_s [R] and rope key k_pe,s [P], shared by all heads:
+
+    score_h(t, s) = scale * (q_lat,h(t) . c_s + q_pe,h(t) . k_pe,s),    o_h(t) = sum_s softmax_s(score_h(t, .)) c_s
+
+(the caller maps o_h back with W_UV,h). The cache is read in its own layout, a block of keys at a time
+(`lax.dynamic_slice`): it is never concatenated, transposed or broadcast over heads, and no [T, S] array exists.
+Heads act as extra query rows against the one shared key (multi-query), so each key block is read once for all of
+them; queries go in blocks too (scan over query blocks, then key blocks), so a score block is [block_q * H,
+block_k] whatever the number of queries (all 8,192 queries of a 48B prefill piece at once would make it
+[262,144, 512] float32, 512 MiB). Blocks past the longest cached length are skipped (`lax.cond`), so a view
+padded to a length bucket costs what its contents cost.
+
+All cached keys precede the queries (a chunk of new tokens continuing a sequence, or one decode token), so the
+only mask is each row's cached length and which queries continue the cache at all. With the log-sum-exp of the
+scores returned, the caller merges this with the attention among the new tokens themselves
+(`merge_attention`): one softmax over both, computed as two.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_K = 512
+
+
+def latent_attention(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, block_q: int = DEFAULT_BLOCK_Q,
+                     block_k: int = DEFAULT_BLOCK_K):
+    """Softmax attention of queries over a latent cache, in the latent space.
+
+    q_lat: [B, T, H, R]; q_pe: [B, T, H, P]; ckv: [B, S, R] (keys' latent part and the values); kpe: [B, S, P]
+    (keys' rope part); kv_lengths: int [B]: row b's keys are entries [0, kv_lengths[b]); q_mask: bool [B, T] or
+    None: queries that see the cache (False: they see no key). scale: the score scale. block_q: query tokens per
+    block (their H heads are the block's rows); block_k: keys per block. Matmul inputs keep their dtype (ckv's),
+    accumulation and softmax are float32.
+    Returns (o [B, T, H, R] in ckv's dtype, 0 where a query sees no key; lse float32 [B, T, H], the log-sum-exp
+    of the query's scaled scores, -inf where it sees no key). Differentiable by plain autodiff.
+    """
+    B, T, H, R = _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k)
+    S, P = ckv.shape[1], kpe.shape[-1]
+    dt = ckv.dtype
+    bq, bk = min(int(block_q), T), min(int(block_k), S)
+    nq, nk = -(-T // bq), -(-S // bk)
+    lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, S)
+    # A query that does not continue the cache sees a cache of length 0; padded query rows see none either.
+    lengths_q = jnp.broadcast_to(lengths[:, None], (B, T)) if q_mask is None else jnp.where(q_mask, lengths[:, None], 0)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, nq * bq - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    # Query blocks leading, rows = (token, head) pairs against one shared key: a plain batched matmul per block
+    # pair with the batch dim leading, and a [bq * H, bk] score block that stays in cache.
+    chunk = lambda x: jnp.swapaxes(pad(x).reshape(B, nq, bq * H, -1), 0, 1)  # noqa: E731
+    qc, pc = chunk(q_lat.astype(dt)), chunk(q_pe.astype(dt))
+    len_c = jnp.swapaxes(jnp.repeat(pad(lengths_q), H, axis=1).reshape(B, nq, bq * H), 0, 1)  # [nq, B, rows]
+    n_blocks = -(-jnp.max(lengths) // bk)  # key blocks holding any visible key
+
+    def q_block(_, xs):
+        ql, qp, len_rows = xs
+
+        def k_block(carry, j):
+            def compute(carry):
+                m, l, acc = carry
+                # The last block is read from S - bk when bk does not divide S; keys before j * bk were counted.
+                start = jnp.minimum(j * bk, S - bk)
+                c = jax.lax.dynamic_slice_in_dim(ckv, start, bk, axis=1)
+                kp = jax.lax.dynamic_slice_in_dim(kpe, start, bk, axis=1).astype(dt)
+                s = (jnp.einsum("bqr,bkr->bqk", ql, c, preferred_element_type=_F32)
+                     + jnp.einsum("bqp,bkp->bqk", qp, kp, preferred_element_type=_F32)) * scale
+                pos = start + jnp.arange(bk, dtype=jnp.int32)
+                ok = (pos[None, None, :] >= j * bk) & (pos[None, None, :] < len_rows[:, :, None])
+                s = jnp.where(ok, s, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing seen yet: exp(-inf) = 0
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                pv = jnp.einsum("bqk,bkr->bqr", p.astype(dt), c, preferred_element_type=_F32)
+                return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+            return jax.lax.cond(j < n_blocks, compute, lambda c: c, carry), None
+
+        rows = ql.shape[:2]
+        init = (jnp.full(rows, -jnp.inf, _F32), jnp.zeros(rows, _F32), jnp.zeros(rows + (R,), _F32))
+        (m, l, acc), _ = jax.lax.scan(k_block, init, jnp.arange(nk, dtype=jnp.int32))
+        seen = l > 0
+        l_safe = jnp.where(seen, l, 1.0)
+        o = jnp.where(seen[..., None], acc / l_safe[..., None], 0.0).astype(dt)
+        return None, (o, jnp.where(seen, m + jnp.log(l_safe), -jnp.inf))
+
+    _, (o, lse) = jax.lax.scan(q_block, None, (qc, pc, len_c))
+    o = jnp.swapaxes(o, 0, 1).reshape(B, nq * bq, H, R)[:, :T]
+    lse = jnp.swapaxes(lse, 0, 1).reshape(B, nq * bq, H)[:, :T]
+    return o, lse
+
+
+def merge_attention(o1, lse1, o2, lse2):
+    """One softmax over two disjoint key sets from the two partial results: o = (e1 o1 + e2 o2) / (e1 + e2) with
+    e_i = exp(lse_i - max(lse1, lse2)). o1, o2: [..., D]; lse1, lse2: float32 [...] (-inf: that part saw no key).
+    Returns (o [..., D] in o1's dtype, 0 where neither part saw a key; lse float32 [...])."""
+    m = jnp.maximum(lse1, lse2)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    e1, e2 = jnp.exp(lse1 - m_safe), jnp.exp(lse2 - m_safe)
+    total = e1 + e2
+    seen = total > 0
+    t_safe = jnp.where(seen, total, 1.0)
+    o = (e1[..., None] * o1.astype(_F32) + e2[..., None] * o2.astype(_F32)) / t_safe[..., None]
+    lse = jnp.where(seen, m_safe + jnp.log(t_safe), -jnp.inf)
+    return jnp.where(seen[..., None], o, 0.0).astype(o1.dtype), lse
+
+
+def _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k):
+    op = "latent_attention"
+    if q_lat.ndim != 4 or q_pe.ndim != 4 or q_lat.shape[:3] != q_pe.shape[:3]:
+        raise ValueError(f"{op}: q_lat must be [B, T, H, R] and q_pe [B, T, H, P] with the same B, T, H, got "
+                         f"{q_lat.shape} and {q_pe.shape}")
+    B, T, H, R = q_lat.shape
+    S = ckv.shape[1] if ckv.ndim == 3 else -1
+    if ckv.shape != (B, S, R) or kpe.shape != (B, S, q_pe.shape[-1]):
+        raise ValueError(f"{op}: ckv must be [B={B}, S, R={R}] and kpe [B, S, P={q_pe.shape[-1]}] with the same S, "
+                         f"got {ckv.shape} and {kpe.shape}")
+    if S < 1:
+        raise ValueError(f"{op}: the cache needs at least one entry (S >= 1), got S={S}")
+    if kv_lengths.shape != (B,) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
+        raise ValueError(f"{op}: kv_lengths must be int [B={B}], got {kv_lengths.dtype}{list(kv_lengths.shape)}")
+    if q_mask is not None and (q_mask.shape != (B, T) or q_mask.dtype != jnp.bool_):
+        raise ValueError(f"{op}: q_mask must be bool [B, T] = [{B}, {T}], got {q_mask.dtype}{list(q_mask.shape)}")
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {block!r}")
+    return B, T, H, R
