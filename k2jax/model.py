@@ -19,13 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
+from k2jax.layers.context_parallel import check_context_length, from_layout, to_layout
 from k2jax.layers.kda import KDAState, KimiDeltaAttention
 from k2jax.layers.linear import Linear
 from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
 from k2jax.layers.mlp import SwiGLU
 from k2jax.layers.moe import MoE, RouterBias, update_router_bias
 from k2jax.layers.norms import RMSNorm
-from k2jax.sharding import constrain, logical_names, make_param
+from k2jax.sharding import constrain, context_size, logical_names, make_param
 
 # Hidden states [batch, length, hidden] between layers: batch over the data axes, hidden replicated.
 _HIDDEN = ("batch", "length", None)
@@ -288,6 +289,16 @@ class KimiLinear(nnx.Module):
                 positions = segment_positions(seg)
         # With a cache and no positions, each MLA layer places x after the row's cached tokens.
         x = constrain(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt), _HIDDEN)
+        layout = None
+        if context_size() > 1:  # context parallelism: the layers see the sequence in config.context_layout
+            if cache is not None:
+                raise ValueError("KimiLinear: a cache cannot be used under context parallelism (a mesh with "
+                                 "context > 1 is for training); run cached inference on a mesh with context 1")
+            layout = self.config.context_layout
+            check_context_length(tokens.shape[1], layout)
+            x = to_layout(x, _HIDDEN, layout)
+            seg, positions, token_mask = (None if a is None else to_layout(a, ("batch", "length"), layout)
+                                          for a in (seg, positions, token_mask))
         auxes, updates, i = [], [], 0
         inputs = dict(segment_ids=seg, positions=positions, token_mask=token_mask)
         for block in (self.blocks if self.config.scan_layers else self.layers):
@@ -304,7 +315,7 @@ class KimiLinear(nnx.Module):
                     auxes.append(aux)
                 updates.append(update)
             i += n
-        h = self.norm(x)
+        h = self.norm(x if layout is None else from_layout(x, _HIDDEN, layout))
         return (h, auxes) if cache is None else (h, auxes, tuple(updates))
 
     def logits(self, h):

@@ -34,9 +34,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from k2jax.layers.context_parallel import check_context_length, latent_attention
 from k2jax.layers.linear import Linear
 from k2jax.layers.norms import RMSNorm
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
+from k2jax.sharding import context_size
 
 _F32 = jnp.float32
 
@@ -100,6 +102,7 @@ class MultiHeadLatentAttention(nnx.Module):
         self.num_heads, self.nope_dim, self.rope_dim = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
         self.v_dim, self.kv_lora_rank, self.hidden_size = c.v_head_dim, c.kv_lora_rank, c.hidden_size
         self.use_rope = not c.mla_use_nope
+        self.context_layout = c.context_layout
         self.rope_interleave = c.rope_interleave
         self.dtype = jnp.dtype(c.dtype)
         self.scale = softmax_scale(c)
@@ -203,6 +206,8 @@ class MultiHeadLatentAttention(nnx.Module):
         q_nope, q_pe = self.queries(x, positions)
         c, k_pe = self._latent(x, positions)
         latents = None if cache is None else MLALatents(c, k_pe.astype(self.dtype))
+        if cache is None and context_size() > 1:
+            return self._context_parallel(q_nope, q_pe, c, k_pe, segment_ids), None
         if cache is None or cache.ckv.shape[1] == 0:
             return self._expanded(q_nope, q_pe, c, k_pe, segment_ids), latents
         return self._absorbed(q_nope, q_pe, c, k_pe, segment_ids, cache), latents
@@ -255,6 +260,17 @@ class MultiHeadLatentAttention(nnx.Module):
         ctx = _dot("bhts,bsr->bhtr", p[..., :S], keys[0][0]) + _dot("bhts,bsr->bhtr", p[..., S:], keys[1][0])
         o = _dot("hbtr,hrv->hbtv", jnp.transpose(ctx.astype(dt), (1, 0, 2, 3)), w_uv)  # [H, B, T, d_v]
         o = jnp.transpose(o, (1, 2, 0, 3)).reshape(B, T, -1).astype(dt)
+        return self.o_proj(o)
+
+    # ---- context parallelism (training with the sequence split over `context`) ----------------------------------
+    def _context_parallel(self, q_nope, q_pe, c, k_pe, segment_ids):
+        """x's tokens split over `context` in config.context_layout: local queries against all-gathered latents,
+        absorbed form, through the attention op (k2jax.layers.context_parallel.latent_attention). [B, T, ...] ->
+        [B, T, hidden]."""
+        check_context_length(c.shape[1], self.context_layout)
+        w_uk, w_uv = self.absorbed_weights()
+        o = latent_attention(q_nope, q_pe, c, k_pe, segment_ids, w_uk, w_uv, scale=self.scale,
+                             layout=self.context_layout)
         return self.o_proj(o)
 
 

@@ -72,8 +72,8 @@ def output_weight(model, h_dtype):
 def lm_head_cross_entropy(model, h, targets, loss_mask):
     """(loss_sum, correct) of the model's logits at hidden states h [B, T, hidden] against targets int [B, T],
     weighted by loss_mask [B, T], without building the [B, T, vocab] logits: pallas_kernels.cross_entropy's
-    blockwise lm_head + cross-entropy (custom VJP), on each device's rows of the batch under a mesh (shard_map,
-    the sums added over the batch axes). Equal to the full-logits loss; logits are float32 (for a bfloat16 untied
+    blockwise lm_head + cross-entropy (custom VJP), on each device's tokens under a mesh (shard_map,
+    the sums added over the batch axes and, under context parallelism, `context`). Equal to the full-logits loss; logits are float32 (for a bfloat16 untied
     lm_head the full path rounded them to bfloat16 first)."""
     import jax
     from jax.sharding import PartitionSpec
@@ -89,11 +89,11 @@ def lm_head_cross_entropy(model, h, targets, loss_mask):
         return jax.lax.psum(sums, rows) if rows else sums
 
     mesh = jax.sharding.get_abstract_mesh()
-    rows = () if mesh.empty else logical_to_mesh_spec(("batch", "length"), mesh, targets.shape)[0]
-    rows = (rows,) if isinstance(rows, str) else tuple(rows or ())
+    spec = PartitionSpec() if mesh.empty else logical_to_mesh_spec(("batch", "length"), mesh, targets.shape)
+    # every mesh axis the tokens are split over (batch axes, and `context` on the length under context parallelism)
+    rows = tuple(a for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ())))
     if not rows:
         return local(x, w, targets, loss_mask)
-    spec = PartitionSpec(rows)
     # check_vma=False: the op's scan carries start from constants, which shard_map's varying-axes check rejects.
     return jax.shard_map(local, in_specs=(spec, PartitionSpec(), spec, spec), out_specs=PartitionSpec(),
                          check_vma=False)(x, w, targets, loss_mask)
