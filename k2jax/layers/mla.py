@@ -184,7 +184,8 @@ class MultiHeadLatentAttention(nnx.Module):
             raise ValueError(f"MultiHeadLatentAttention: cache.lengths must be int [B={B}], got "
                              f"{cache.lengths.dtype}{list(cache.lengths.shape)}")
 
-    def __call__(self, x, *, positions=None, segment_ids=None, cache: MLACache | None = None):
+    def __call__(self, x, *, positions=None, segment_ids=None, cache: MLACache | None = None,
+                 return_max_logit: bool = False):
         """x [B, T, hidden] (input-layernormed) -> (y [B, T, hidden], new latents).
 
         segment_ids: int [B, T] (0 = padding: attends to nothing, outputs zeros) or None; positions: int [B, T]
@@ -192,6 +193,8 @@ class MultiHeadLatentAttention(nnx.Module):
         the new latents are None. With one (an `MLACache` view of the row's earlier tokens) x's queries also
         attend to every cached token (x continues the row's first real segment) and the new latents are x's own
         (`MLALatents` [B, T, ...]), for the caller to store at positions cache.lengths + t.
+        return_max_logit (training, no cache; MuonClip): also return, last, the largest scaled attention logit per
+        (row, head), float32 [B, H], from inside the attention op (then the absorbed latent path computes it).
         """
         B, T = self._check_x(x)
         if segment_ids is not None and (segment_ids.shape != (B, T)
@@ -206,8 +209,11 @@ class MultiHeadLatentAttention(nnx.Module):
         q_nope, q_pe = self.queries(x, positions)
         c, k_pe = self._latent(x, positions)
         latents = None if cache is None else MLALatents(c, k_pe.astype(self.dtype))
-        if cache is None and context_size() > 1:
-            return self._context_parallel(q_nope, q_pe, c, k_pe, segment_ids), None
+        if return_max_logit and cache is not None:
+            raise ValueError("MultiHeadLatentAttention: return_max_logit is for training (no cache)")
+        if cache is None and (context_size() > 1 or return_max_logit):
+            y, max_logit = self._context_parallel(q_nope, q_pe, c, k_pe, segment_ids)
+            return (y, None, max_logit) if return_max_logit else (y, None)
         if cache is None or cache.ckv.shape[1] == 0:
             return self._expanded(q_nope, q_pe, c, k_pe, segment_ids), latents
         return self._absorbed(q_nope, q_pe, c, k_pe, segment_ids, cache), latents
@@ -262,16 +268,17 @@ class MultiHeadLatentAttention(nnx.Module):
         o = jnp.transpose(o, (1, 2, 0, 3)).reshape(B, T, -1).astype(dt)
         return self.o_proj(o)
 
-    # ---- context parallelism (training with the sequence split over `context`) ----------------------------------
+    # ---- context parallelism and MuonClip's max logit (training) --------------------------------------------------
     def _context_parallel(self, q_nope, q_pe, c, k_pe, segment_ids):
-        """x's tokens split over `context` in config.context_layout: local queries against all-gathered latents,
-        absorbed form, through the attention op (k2jax.layers.context_parallel.latent_attention). [B, T, ...] ->
-        [B, T, hidden]."""
-        check_context_length(c.shape[1], self.context_layout)
+        """Training attention through the attention op in the absorbed form (k2jax.layers.context_parallel.
+        latent_attention): with the tokens split over `context` (config.context_layout), local queries against
+        all-gathered latents; on one context shard, plain. [B, T, ...] -> (y [B, T, hidden], max logit f32 [B, H])."""
+        if context_size() > 1:
+            check_context_length(c.shape[1], self.context_layout)
         w_uk, w_uv = self.absorbed_weights()
-        o = latent_attention(q_nope, q_pe, c, k_pe, segment_ids, w_uk, w_uv, scale=self.scale,
-                             layout=self.context_layout)
-        return self.o_proj(o)
+        o, max_logit = latent_attention(q_nope, q_pe, c, k_pe, segment_ids, w_uk, w_uv, scale=self.scale,
+                                        layout=self.context_layout, return_max_logit=True)
+        return self.o_proj(o), max_logit
 
 
 def _first_real(seg):

@@ -292,6 +292,8 @@ class _Loop:
                            **expert_load_stats(out["expert_load"])}
                 if tcfg.aux_loss_weight > 0:
                     metrics["aux_loss"] = float(out["aux_loss"])
+                if "max_logit" in out:  # muonclip: each MLA layer's largest attention logit, before the clip
+                    metrics.update({f"max_logit/mla_{r}": float(v) for r, v in enumerate(out["max_logit"])})
                 if self.peak:
                     metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak * n_dev)
                 if step == self.start + 1:

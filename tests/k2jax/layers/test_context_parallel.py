@@ -65,7 +65,6 @@ def reference():
 
 @pytest.mark.parametrize("mesh_shape, layout", [
     ({"context": 2}, "zigzag"),
-    ({"context": 4}, "zigzag"),
     ({"context": 8}, "zigzag"),
     ({"context": 4}, "contiguous"),
     ({"fsdp": 2, "context": 4}, "zigzag"),
