@@ -25,19 +25,21 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # The flattened [batch * length] token rows of the MoE: batch axes major, context minor (a [B, T] reshape).
     ("tokens", ("data", "fsdp", "expert", "context")),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # Parameters are also sharded over `context` (gathered layer by layer like fsdp's): the devices of a context
+    # group each hold a different part of one sequence, so they should not each hold every weight.
+    ("embed", ("fsdp", "context")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
     # Low-rank dims are the only shardable dim of the up-projections (q_b, kv_b, f_b, g_b), so they take fsdp
     # (the down-projections already put fsdp on `embed`).
-    ("q_lora", "fsdp"),
-    ("kv_lora", "fsdp"),
-    ("kda_low_rank", "fsdp"),
+    ("q_lora", ("fsdp", "context")),
+    ("kv_lora", ("fsdp", "context")),
+    ("kda_low_rank", ("fsdp", "context")),
     ("conv", None),
     ("norm", None),
     ("expert", "expert"),
-    ("expert_embed", "fsdp"),
+    ("expert_embed", ("fsdp", "context")),
     ("expert_mlp", "tensor"),
     ("layers", None),  # the stacked-layer dim of scanned layers (model.LayerStack)
 )
@@ -75,7 +77,7 @@ def logical_names(variable) -> tuple[str | None, ...] | None:
 def logical_to_mesh_spec(names: Sequence[str | None], mesh, shape: Sequence[int] | None = None):
     """PartitionSpec for an array whose dims have logical `names`, resolved with LOGICAL_AXIS_RULES on `mesh`.
 
-    Mesh axes absent from `mesh`, or already used by an earlier dim, are skipped; with `shape`, trailing mesh
+    Mesh axes absent from `mesh`, or already used by an earlier dim, and `context` of size 1 are skipped; with `shape`, trailing mesh
     axes are dropped from a dim until its size divides evenly (so odd sizes stay replicated, never fail).
     Unknown logical names raise ValueError.
     """
@@ -92,7 +94,9 @@ def logical_to_mesh_spec(names: Sequence[str | None], mesh, shape: Sequence[int]
             raise ValueError(f"logical_to_mesh_spec: unknown logical axis {name!r}; known: {sorted(rules)}")
         target = rules[name]
         axes = [] if target is None else [target] if isinstance(target, str) else list(target)
-        axes = [a for a in axes if a in mesh.shape and a not in used]
+        # `context` of size 1 is left out, so that a mesh without context parallelism gives the specs it gave
+        # before that axis existed
+        axes = [a for a in axes if a in mesh.shape and a not in used and not (a == CONTEXT_AXIS and mesh.shape[a] == 1)]
         while shape is not None and axes and shape[i] % _prod(mesh.shape[a] for a in axes):
             axes.pop()
         used.update(axes)
