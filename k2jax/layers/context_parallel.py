@@ -150,6 +150,13 @@ def conv_halo_state(x, seg, kernel_size: int, layout: str):
 
 
 # ---- MLA: absorbed attention over all-gathered latents -------------------------------------------------------------
+def _tokens_in_natural_order(a, layout: str, n: int, m: int):
+    """a [B, n * T, ...] all-gathered (shard order, m pieces a shard) -> the row's tokens in natural order."""
+    B, N = a.shape[:2]
+    pieces = jnp.moveaxis(a.reshape((B, n * m, N // (n * m)) + a.shape[2:]), 1, 0)   # [n * m, B, piece, ...]
+    return jnp.moveaxis(natural_order(pieces, layout, n), 0, 1).reshape(a.shape)
+
+
 def latent_attention(q_nope, q_pe, c, k_pe, segment_ids, w_uk, w_uv, *, scale: float, layout: str, impl: str = "auto",
                      return_max_logit: bool = False):
     """MLA attention in the absorbed form over latents: score_h(t, s) = (q_lat,h(t) . c(s) + q_pe,h(t) . k_pe(s))
@@ -176,14 +183,9 @@ def latent_attention(q_nope, q_pe, c, k_pe, segment_ids, w_uk, w_uv, *, scale: f
         q = jnp.concatenate([q_lat.astype(dt), q_pe.astype(dt)], axis=-1)
         if n > 1:
             gather = lambda a: lax.all_gather(a, CONTEXT_AXIS, axis=1, tiled=True)  # noqa: E731
-            c_all, kpe_all = gather(c), gather(k_pe)
-            seg_all = None if seg is None else gather(seg)
             m = 2 if layout == "zigzag" else 1
-            reorder = lambda a: jnp.moveaxis(natural_order(  # noqa: E731
-                jnp.moveaxis(a.reshape((B, n * m, T // m) + a.shape[2:]), 1, 0), layout, n), 0, 1).reshape(
-                (B, n * T) + a.shape[2:])
-            c_all, kpe_all = reorder(c_all), reorder(kpe_all)
-            seg_all = None if seg is None else reorder(seg_all)
+            c_all, kpe_all = (_tokens_in_natural_order(gather(a), layout, n, m) for a in (c, k_pe))
+            seg_all = None if seg is None else _tokens_in_natural_order(gather(seg), layout, n, m)
             offsets = piece_positions(layout) * (T // m)
         else:
             c_all, kpe_all, seg_all, m, offsets = c, k_pe, seg, 1, [0]

@@ -212,7 +212,7 @@ class MultiHeadLatentAttention(nnx.Module):
         if return_max_logit and cache is not None:
             raise ValueError("MultiHeadLatentAttention: return_max_logit is for training (no cache)")
         if cache is None and (context_size() > 1 or return_max_logit):
-            y, max_logit = self._context_parallel(q_nope, q_pe, c, k_pe, segment_ids)
+            y, max_logit = self._latent_attention(q_nope, q_pe, c, k_pe, segment_ids)
             return (y, None, max_logit) if return_max_logit else (y, None)
         if cache is None or cache.ckv.shape[1] == 0:
             return self._expanded(q_nope, q_pe, c, k_pe, segment_ids), latents
@@ -269,7 +269,7 @@ class MultiHeadLatentAttention(nnx.Module):
         return self.o_proj(o)
 
     # ---- context parallelism and MuonClip's max logit (training) --------------------------------------------------
-    def _context_parallel(self, q_nope, q_pe, c, k_pe, segment_ids):
+    def _latent_attention(self, q_nope, q_pe, c, k_pe, segment_ids):
         """Training attention through the attention op in the absorbed form (k2jax.layers.context_parallel.
         latent_attention): with the tokens split over `context` (config.context_layout), local queries against
         all-gathered latents; on one context shard, plain. [B, T, ...] -> (y [B, T, hidden], max logit f32 [B, H])."""

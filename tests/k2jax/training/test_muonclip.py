@@ -10,7 +10,7 @@ from flax import nnx
 
 from k2jax import KimiLinear, load_config
 from k2jax.config import ConfigError
-from k2jax.model import segment_positions
+from k2jax.model import segment_positions, stack_layers, unstack_layers
 from k2jax.sharding import make_mesh
 from k2jax.training.config import TrainConfig
 from k2jax.training.optim import make_optimizer, qk_clip
@@ -22,8 +22,9 @@ B, T = 2, 16
 
 def _config(**changes):
     """KDA then RoPE MLA with a low-rank query (q_b_proj), so every part QK-clip scales is there."""
-    return load_config("tiny", num_hidden_layers=2, kda_layers=[1], full_attn_layers=[2], vocab_size=64,
-                       hidden_size=32, mla_use_nope=False, q_lora_rank=16, kda_impl="chunk", **changes)
+    fields = dict(num_hidden_layers=2, kda_layers=[1], full_attn_layers=[2], vocab_size=64, hidden_size=32,
+                  mla_use_nope=False, q_lora_rank=16, kda_impl="chunk")
+    return load_config("tiny", **{**fields, **changes})
 
 
 def _boost_queries(params, factor):
@@ -133,3 +134,20 @@ def test_muonclip_train_step_clips_after_the_update():
 def test_qk_clip_tau_is_validated():
     with pytest.raises(ConfigError, match="qk_clip_tau"):
         TrainConfig(qk_clip_tau=0)
+
+
+def test_qk_clip_of_scanned_layers_equals_the_per_layer_model():
+    """Scanned layers (LayerStack, [repeats, ...] weights): the max logits come out in layer order and each repeat
+    is clipped by its own layer's factors."""
+    cfg = _config(num_hidden_layers=4, kda_layers=[1, 3], full_attn_layers=[2, 4], first_k_dense_replace=4)
+    model = KimiLinear(cfg, rngs=nnx.Rngs(0))
+    scanned = stack_layers(model)
+    tokens, seg = _inputs()
+    logits = _max_logits(model, tokens, seg)
+    np.testing.assert_allclose(_max_logits(scanned, tokens, seg), logits, rtol=1e-6)
+    tau = float(jnp.median(logits))
+    graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
+    clipped = unstack_layers(nnx.merge(graphdef, qk_clip(scanned.config, params, logits, tau), rest))
+    want = qk_clip(cfg, nnx.state(model, nnx.Param), logits, tau)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(nnx.state(clipped, nnx.Param))):
+        np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-6, err_msg=str(path))
