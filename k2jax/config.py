@@ -353,6 +353,11 @@ class ModelConfig(Config):
     # Per-layer rematerialisation (jax.checkpoint of each layer): "none" | "full" (save only the layer input) |
     # "dots" (save matmul outputs) | "dots_no_batch" (save matmul outputs without batch dims).
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Context parallelism (a mesh with `context` > 1, k2jax.layers.context_parallel): how the sequence is laid out
+    # over the context shards inside the model. "zigzag" (2n pieces, shard i holds pieces i and 2n-1-i: equal
+    # causal-attention work per shard) or "contiguous" (shard i holds the i-th n-th). Inputs and outputs are always
+    # in natural order; the model permutes its hidden states on entry and exit.
+    context_layout: Literal["zigzag", "contiguous"] = "zigzag"
     # Routed-expert quantization (k2jax.quantize): None, or {experts: None | 'int4', group_size: 32,
     # scale_dtype: 'bfloat16', qat: false}; missing keys take these defaults.
     quantization: Annotated[dict | None, Allowed("null or a mapping with keys experts, group_size, scale_dtype, "

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
+from k2jax.layers.context_parallel import check_context_length, from_layout, to_layout
 from k2jax.layers.kda import KDAState, KimiDeltaAttention
 from k2jax.layers.linear import Linear
 from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
 from k2jax.layers.mlp import SwiGLU
 from k2jax.layers.moe import MoE, RouterBias, update_router_bias
 from k2jax.layers.norms import RMSNorm
-from k2jax.sharding import constrain, logical_names, make_param
+from k2jax.sharding import constrain, context_size, logical_names, make_param
 
 # Hidden states [batch, length, hidden] between layers: batch over the data axes, hidden replicated.
 _HIDDEN = ("batch", "length", None)
@@ -71,16 +72,24 @@ class DecoderLayer(nnx.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, rngs=rngs, param_dtype=pdt,
                               dtype=jnp.dtype(config.dtype))
 
-    def __call__(self, x, *, segment_ids=None, positions=None, token_mask=None, cache=None):
+    def __call__(self, x, *, segment_ids=None, positions=None, token_mask=None, cache=None,
+                 return_max_logit: bool = False):
         """x: [B, T, hidden] -> ([B, T, hidden], MoE aux dict or None, cache update or None).
 
         segment_ids: int [B, T] (0 = padding) or None; positions: int [B, T] (RoPE MLA) or None; token_mask:
         bool [B, T] (False = padding, left out of the MoE statistics) or None; cache: this layer's cache
-        (KDAState or MLACache) or None. See the layers for what the cache update is.
+        (KDAState or MLACache) or None. See the layers for what the cache update is. return_max_logit (training,
+        MuonClip): also return, last, an MLA layer's largest attention logit per head over the batch, float32 [H]
+        (None for a KDA layer).
         """
         normed = self.input_layernorm(x)
+        max_logit = None
         if self.layer_type == "kda":
             attn, update = self.self_attn(normed, segment_ids=segment_ids, cache=cache)
+        elif return_max_logit:
+            attn, update, max_logit = self.self_attn(normed, segment_ids=segment_ids, positions=positions,
+                                                     cache=cache, return_max_logit=True)
+            max_logit = jnp.max(max_logit, axis=0)
         else:
             attn, update = self.self_attn(normed, segment_ids=segment_ids, positions=positions, cache=cache)
         h = x + attn.astype(x.dtype)
@@ -89,7 +98,8 @@ class DecoderLayer(nnx.Module):
             ffn, aux = self.block_sparse_moe(normed, token_mask=token_mask)
         else:
             ffn, aux = self.mlp(normed), None
-        return h + ffn.astype(h.dtype), aux, update
+        out = h + ffn.astype(h.dtype)
+        return (out, aux, update, max_logit) if return_max_logit else (out, aux, update)
 
 
 _REMAT_POLICIES = {
@@ -104,17 +114,18 @@ def _remat(fn, remat: str):
     return fn if remat == "none" else jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
 
 
-def _call_layer(layer: DecoderLayer, x, *, remat: str, cache, **inputs):
+def _call_layer(layer: DecoderLayer, x, *, remat: str, cache, return_max_logit: bool = False, **inputs):
     """layer(x) with the hidden-state sharding constraint; with `remat` != 'none' its activations are recomputed
-    in the backward pass (jax.checkpoint over the layer's state and inputs). Returns (x, aux, cache update)."""
+    in the backward pass (jax.checkpoint over the layer's state and inputs). Returns (x, aux, cache update), and
+    the layer's max logit last with return_max_logit (see DecoderLayer)."""
     if remat == "none":
-        x, aux, update = layer(x, cache=cache, **inputs)
-        return constrain(x, _HIDDEN), aux, update
+        x, *out = layer(x, cache=cache, return_max_logit=return_max_logit, **inputs)
+        return (constrain(x, _HIDDEN), *out)
     graphdef, state = nnx.split(layer)
 
     def pure(state, x, cache, inputs):
-        x, aux, update = nnx.merge(graphdef, state)(x, cache=cache, **inputs)
-        return constrain(x, _HIDDEN), aux, update
+        x, *out = nnx.merge(graphdef, state)(x, cache=cache, return_max_logit=return_max_logit, **inputs)
+        return (constrain(x, _HIDDEN), *out)
 
     return _remat(pure, remat)(state, x, cache, inputs)
 
@@ -182,10 +193,11 @@ class LayerStack(nnx.Module):
         stacked = jax.tree.map(lambda *vs: _stacked(vs), *states, is_leaf=lambda v: isinstance(v, nnx.Variable))
         self.layers = nnx.merge(graphdef, stacked)
 
-    def __call__(self, x, *, remat: str, cache=None, **inputs):
+    def __call__(self, x, *, remat: str, cache=None, return_max_logit: bool = False, **inputs):
         """x [B, T, hidden] -> (x after all period * repeats layers, the per-MoE-layer aux dicts in layer order,
-        the cache updates in layer order or None). cache: None or the period * repeats layers' caches in layer
-        order (run j, position q at index j * period + q); `inputs` as DecoderLayer's."""
+        the cache updates in layer order or None), and with return_max_logit the MLA layers' max logits [H] in
+        layer order last. cache: None or the period * repeats layers' caches in layer order (run j, position q at
+        index j * period + q); `inputs` as DecoderLayer's."""
         graphdef, state = nnx.split(self.layers)
         P, R = self.period, self.repeats
         # Position q of every run has the same layer kind, so its caches stack along the scanned axis.
@@ -193,23 +205,30 @@ class LayerStack(nnx.Module):
 
         def run(x, xs):
             state, caches = xs
-            auxes, updates = [], []
+            auxes, updates, maxes = [], [], []
             for q, layer in enumerate(nnx.merge(graphdef, state)):
-                x, aux, update = layer(x, cache=None if caches is None else caches[q], **inputs)
+                x, aux, update, *mx = layer(x, cache=None if caches is None else caches[q],
+                                            return_max_logit=return_max_logit, **inputs)
                 x = constrain(x, _HIDDEN)
                 updates.append(update)
                 if aux is not None:
                     auxes.append(aux)
+                if mx and mx[0] is not None:
+                    maxes.append(mx[0])
             aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None
-            return x, (aux, None if caches is None else updates)
+            return x, (aux, None if caches is None else updates, jnp.stack(maxes) if maxes else None)
 
-        x, (aux, updates) = jax.lax.scan(_remat(run, remat), x, (state, stacked))
+        x, (aux, updates, maxes) = jax.lax.scan(_remat(run, remat), x, (state, stacked))
         updates = None if updates is None else [jax.tree.map(lambda a: a[j], updates[q])
                                                 for j in range(R) for q in range(P)]
+        # [repeats, layers of a kind per run, ...]: repeat-major is layer order
+        maxes = [] if maxes is None else [maxes[j, m] for j in range(R) for m in range(maxes.shape[1])]
         if aux is None:
-            return x, [], updates
-        per_run = jax.tree.leaves(aux)[0].shape[1]  # [repeats, MoE layers per run, ...]: repeat-major = layer order
-        return x, [jax.tree.map(lambda a: a[j, m], aux) for j in range(R) for m in range(per_run)], updates
+            auxes = []
+        else:
+            per_run = jax.tree.leaves(aux)[0].shape[1]
+            auxes = [jax.tree.map(lambda a: a[j, m], aux) for j in range(R) for m in range(per_run)]
+        return (x, auxes, updates, maxes) if return_max_logit else (x, auxes, updates)
 
 
 class KimiLinear(nnx.Module):
@@ -272,9 +291,11 @@ class KimiLinear(nnx.Module):
                 raise ValueError(f"KimiLinear: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
                                  f"got min {lo}, max {hi}")
 
-    def hidden_states(self, tokens, segment_ids=None, *, positions=None, cache=None):
+    def hidden_states(self, tokens, segment_ids=None, *, positions=None, cache=None, return_max_logit=False):
         """Final-normed hidden states [B, T, hidden] and the per-MoE-layer aux dicts; with a cache also the cache
-        updates: (h, auxes) or (h, auxes, updates). Arguments as `__call__`."""
+        updates: (h, auxes) or (h, auxes, updates). Arguments as `__call__`. return_max_logit (training, no cache;
+        for MuonClip): also return, last, every MLA layer's largest attention logit per head over the batch,
+        float32 [num_mla_layers, H] in layer order."""
         self._check_inputs(tokens, segment_ids, positions, cache)
         dt = jnp.dtype(self.config.dtype)
         if segment_ids is None:
@@ -288,23 +309,43 @@ class KimiLinear(nnx.Module):
                 positions = segment_positions(seg)
         # With a cache and no positions, each MLA layer places x after the row's cached tokens.
         x = constrain(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt), _HIDDEN)
-        auxes, updates, i = [], [], 0
+        layout = None
+        if context_size() > 1:  # context parallelism: the layers see the sequence in config.context_layout
+            if cache is not None:
+                raise ValueError("KimiLinear: a cache cannot be used under context parallelism (a mesh with "
+                                 "context > 1 is for training); run cached inference on a mesh with context 1")
+            layout = self.config.context_layout
+            check_context_length(tokens.shape[1], layout)
+            x = to_layout(x, _HIDDEN, layout)
+            seg, positions, token_mask = (None if a is None else to_layout(a, ("batch", "length"), layout)
+                                          for a in (seg, positions, token_mask))
+        if return_max_logit and cache is not None:
+            raise ValueError("KimiLinear: return_max_logit is for training (no cache)")
+        auxes, updates, maxes, i = [], [], [], 0
         inputs = dict(segment_ids=seg, positions=positions, token_mask=token_mask)
         for block in (self.blocks if self.config.scan_layers else self.layers):
             n = block.period * block.repeats if isinstance(block, LayerStack) else 1
             block_cache = None if cache is None else list(cache[i:i + n])
             if isinstance(block, LayerStack):
-                x, stack_aux, update = block(x, remat=self.config.remat, cache=block_cache, **inputs)
+                x, stack_aux, update, *mx = block(x, remat=self.config.remat, cache=block_cache,
+                                                  return_max_logit=return_max_logit, **inputs)
                 auxes.extend(stack_aux)
                 updates.extend(update or [])
+                maxes.extend(mx[0] if mx else [])
             else:
-                x, aux, update = _call_layer(block, x, remat=self.config.remat,
-                                             cache=None if block_cache is None else block_cache[0], **inputs)
+                x, aux, update, *mx = _call_layer(block, x, remat=self.config.remat,
+                                                  cache=None if block_cache is None else block_cache[0],
+                                                  return_max_logit=return_max_logit, **inputs)
                 if aux is not None:
                     auxes.append(aux)
                 updates.append(update)
+                if mx and mx[0] is not None:
+                    maxes.append(mx[0])
             i += n
-        h = self.norm(x)
+        h = self.norm(x if layout is None else from_layout(x, _HIDDEN, layout))
+        if return_max_logit:
+            H = self.config.num_attention_heads
+            return h, auxes, jnp.stack(maxes) if maxes else jnp.zeros((0, H), jnp.float32)
         return (h, auxes) if cache is None else (h, auxes, tuple(updates))
 
     def logits(self, h):

@@ -13,26 +13,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# `context` splits the sequence (context parallelism); it sits next to `tensor` so that its ring neighbours are
+# close on a TPU torus.
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+CONTEXT_AXIS = "context"
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
+    ("length", "context"),
+    # The flattened [batch * length] token rows of the MoE: batch axes major, context minor (a [B, T] reshape).
+    ("tokens", ("data", "fsdp", "expert", "context")),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # Parameters are also sharded over `context` (gathered layer by layer like fsdp's): the devices of a context
+    # group each hold a different part of one sequence, so they should not each hold every weight.
+    ("embed", ("fsdp", "context")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
     # Low-rank dims are the only shardable dim of the up-projections (q_b, kv_b, f_b, g_b), so they take fsdp
     # (the down-projections already put fsdp on `embed`).
-    ("q_lora", "fsdp"),
-    ("kv_lora", "fsdp"),
-    ("kda_low_rank", "fsdp"),
+    ("q_lora", ("fsdp", "context")),
+    ("kv_lora", ("fsdp", "context")),
+    ("kda_low_rank", ("fsdp", "context")),
     ("conv", None),
     ("norm", None),
     ("expert", "expert"),
-    ("expert_embed", "fsdp"),
+    ("expert_embed", ("fsdp", "context")),
     ("expert_mlp", "tensor"),
     ("layers", None),  # the stacked-layer dim of scanned layers (model.LayerStack)
 )
@@ -70,7 +77,7 @@ def logical_names(variable) -> tuple[str | None, ...] | None:
 def logical_to_mesh_spec(names: Sequence[str | None], mesh, shape: Sequence[int] | None = None):
     """PartitionSpec for an array whose dims have logical `names`, resolved with LOGICAL_AXIS_RULES on `mesh`.
 
-    Mesh axes absent from `mesh`, or already used by an earlier dim, are skipped; with `shape`, trailing mesh
+    Mesh axes absent from `mesh`, or already used by an earlier dim, and `context` of size 1 are skipped; with `shape`, trailing mesh
     axes are dropped from a dim until its size divides evenly (so odd sizes stay replicated, never fail).
     Unknown logical names raise ValueError.
     """
@@ -87,7 +94,9 @@ def logical_to_mesh_spec(names: Sequence[str | None], mesh, shape: Sequence[int]
             raise ValueError(f"logical_to_mesh_spec: unknown logical axis {name!r}; known: {sorted(rules)}")
         target = rules[name]
         axes = [] if target is None else [target] if isinstance(target, str) else list(target)
-        axes = [a for a in axes if a in mesh.shape and a not in used]
+        # `context` of size 1 is left out, so that a mesh without context parallelism gives the specs it gave
+        # before that axis existed
+        axes = [a for a in axes if a in mesh.shape and a not in used and not (a == CONTEXT_AXIS and mesh.shape[a] == 1)]
         while shape is not None and axes and shape[i] % _prod(mesh.shape[a] for a in axes):
             axes.pop()
         used.update(axes)
@@ -103,13 +112,14 @@ def _prod(xs) -> int:
 
 
 # ---- meshes and placement ----------------------------------------------------------------------------------------
-# Convention: every mesh has the four MESH_AXES, in this order, with AxisType.Auto (GSPMD propagates shardings;
+# Convention: every mesh has the five MESH_AXES, in this order, with AxisType.Auto (GSPMD propagates shardings;
 # jax.make_mesh would default to Explicit axes on JAX >= 0.7, which changes shard_map's input rules). Activate a
 # mesh with `jax.set_mesh(mesh)` around jit/tracing: `constrain` and the expert-parallel MoE read it from there.
 
 
 def _mesh_dims(shape, n_devices: int) -> tuple[int, ...]:
-    """Mesh sizes in MESH_AXES order from None, a {axis: size} dict or a 4-sequence; one -1 takes the rest."""
+    """Mesh sizes in MESH_AXES order from None, a {axis: size} dict, a 5-sequence in MESH_AXES order or a
+    4-sequence (data, fsdp, expert, tensor; context 1: the layout before the context axis); one -1 takes the rest."""
     if shape is None:
         dims = [1] * len(MESH_AXES)
     elif isinstance(shape, dict):
@@ -119,8 +129,11 @@ def _mesh_dims(shape, n_devices: int) -> tuple[int, ...]:
         dims = [shape.get(a, 1) for a in MESH_AXES]
     else:
         dims = list(shape)
-        if len(dims) != len(MESH_AXES):
-            raise ValueError(f"make_mesh: shape {tuple(dims)} must give {len(MESH_AXES)} sizes, for {MESH_AXES}")
+        if len(dims) == len(MESH_AXES) - 1:
+            dims.insert(MESH_AXES.index(CONTEXT_AXIS), 1)
+        elif len(dims) != len(MESH_AXES):
+            raise ValueError(f"make_mesh: shape {tuple(dims)} must give {len(MESH_AXES)} sizes, for {MESH_AXES} "
+                             f"(or 4, without context)")
     if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in dims):
         raise ValueError(f"make_mesh: mesh sizes must be integers, got {dims}")
     dims = [int(d) for d in dims]
@@ -138,10 +151,10 @@ def _mesh_dims(shape, n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(shape=None, devices=None) -> jax.sharding.Mesh:
-    """A Mesh over MESH_AXES = ('data', 'fsdp', 'expert', 'tensor'), all AxisType.Auto.
+    """A Mesh over MESH_AXES = ('data', 'fsdp', 'expert', 'context', 'tensor'), all AxisType.Auto.
 
-    shape: None (one device: the default, behaves like no mesh), a dict {axis: size} (missing axes are 1), or a
-    4-sequence in MESH_AXES order; one size may be -1 (all remaining devices). devices: defaults to
+    shape: None (one device: the default, behaves like no mesh), a dict {axis: size} (missing axes are 1), a
+    5-sequence in MESH_AXES order, or a 4-sequence (data, fsdp, expert, tensor) with context 1; one size may be -1 (all remaining devices). devices: defaults to
     `jax.devices()` (every process's devices on multi-host); the first prod(shape) are used, laid out by
     `mesh_utils.create_device_mesh` (TPU-topology aware) when it accepts the shape, else in order.
     """
@@ -188,7 +201,8 @@ def shard_model(model, mesh):
 
 
 def batch_sharding(mesh, shape: Sequence[int] | None = None):
-    """NamedSharding for [batch, length] inputs (tokens, segment ids, targets): batch over data, fsdp, expert.
+    """NamedSharding for [batch, length] inputs (tokens, segment ids, targets): batch over data, fsdp, expert,
+    length over context.
     With `shape`, axes that do not divide the batch are dropped (see logical_to_mesh_spec)."""
     return jax.sharding.NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), mesh, shape))
 
@@ -201,3 +215,12 @@ def constrain(x, names: Sequence[str | None]):
         return x
     spec = logical_to_mesh_spec(names, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def context_size() -> int:
+    """Size of the `context` axis of the active mesh (1 without a mesh, without that axis, or inside a shard_map,
+    where the layers' context-parallel paths must not nest)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return 1
+    return int(mesh.shape.get(CONTEXT_AXIS, 1))

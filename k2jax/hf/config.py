@@ -36,7 +36,7 @@ _RUNTIME_FIELDS = ("name", "param_dtype", "dtype")
 # Fields that choose how k2jax computes or trains, not what the model is; a config.json in either format may carry
 # them under their own names (transformers keeps unknown keys and ignores them).
 _IMPLEMENTATION_FIELDS = ("kda_impl", "kda_chunk_size", "moe_impl", "moe_ep_impl", "moe_capacity_factor",
-                          "scan_layers", "remat", "moe_bias_update_rate", "initializer_range")
+                          "scan_layers", "remat", "context_layout", "moe_bias_update_rate", "initializer_range")
 
 
 # ---- config.json keys ----------------------------------------------------------------------------------------------

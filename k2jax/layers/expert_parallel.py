@@ -204,7 +204,7 @@ def _ragged_body(x, idx, topk_w, w1, w3, w2, *, cap, dtype, ep, tensor, a2a):
 
 # ---- entry point -------------------------------------------------------------------------------------------------
 def _specs(mesh, N, D, w1_shape):
-    tok = logical_to_mesh_spec(("batch", None), mesh, (N, D))
+    tok = logical_to_mesh_spec(("tokens", None), mesh, (N, D))
     wspec = logical_to_mesh_spec(("expert", "expert_embed", "expert_mlp"), mesh, w1_shape)
     return tok, wspec
 

@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from k2jax.layers.context_parallel import check_context_length, conv_halo_state, spec
 from k2jax.layers.linear import Linear
 from k2jax.layers.norms import GatedRMSNorm, l2_normalize
-from k2jax.sharding import make_param
+from k2jax.sharding import CONTEXT_AXIS, context_size, make_param
 from k2jax.layers.short_conv import ShortConv
 from pallas_kernels.kda import kda, kda_step
+from pallas_kernels.kda.context_parallel import kda_context_parallel
 
 QK_L2_EPS = 1e-6
 # fla / Mamba initialisation ranges of the gate parameters.
@@ -154,6 +156,11 @@ class KimiDeltaAttention(nnx.Module):
         x = x.astype(self.dtype)
         if cache is not None and T == 1 and segment_ids is None:
             return self._step(x[:, 0], cache)
+        if context_size() > 1:
+            if cache is not None:
+                raise ValueError("KimiDeltaAttention: a cache cannot be used under context parallelism (a mesh with "
+                                 "context > 1 is for training); run cached inference on a mesh with context 1")
+            return self._output(self._mix_context_parallel(x, segment_ids), x), None
         cs = (None, None, None) if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
         q, cq = self.q_conv1d(self.q_proj(x), segment_ids, cs[0])
         k, ck = self.k_conv1d(self.k_proj(x), segment_ids, cs[1])
@@ -166,6 +173,49 @@ class KimiDeltaAttention(nnx.Module):
                        chunk_size=self.config.kda_chunk_size, impl=self.config.kda_impl)
         y = self._output(o, x)
         return y, (None if cache is None else KDAState(cq, ck, cv, final))
+
+    def _mix_context_parallel(self, x, segment_ids):
+        """Training with the sequence split over `context` (k2jax.layers.context_parallel), x [B, T, hidden] in
+        config.context_layout -> KDA outputs o [B, T, H, V] before the output gate, same layout.
+
+        Inside one shard_map: each short conv reads its halo (`conv_halo_state`) and the recurrence runs
+        `kda_context_parallel`. Channels are whole on every device here (heads are not split over `tensor`)."""
+        layout, W = self.config.context_layout, self.kernel_size
+        B, T, _ = x.shape
+        check_context_length(T, layout)
+        D = self.num_heads * self.head_dim
+        g, beta = self._gate_and_beta(x)
+        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        convs = [nnx.split(c) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
+        projected = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        m = 2 if layout == "zigzag" else 1
+
+        def local(q, k, v, g, beta, seg, conv_states):
+            b, t = seg.shape
+            tp = t // m
+            pieces = lambda a: jnp.swapaxes(a.reshape((b, m, tp) + a.shape[2:]), 0, 1)  # noqa: E731  [m, b, tp, ..]
+            seg_p = pieces(seg)
+            mixed = []
+            for a, (graphdef, _), state in zip((q, k, v), convs, conv_states):
+                a_p = pieces(a)
+                start = conv_halo_state(a_p, seg_p, W, layout).reshape(m * b, W - 1, D)
+                y, _ = nnx.merge(graphdef, state)(a_p.reshape(m * b, tp, D),
+                                                  None if segment_ids is None else seg_p.reshape(m * b, tp), start)
+                mixed.append(jnp.swapaxes(y.reshape(m, b, tp, D), 0, 1).reshape(b, t, D))
+            q, k = self._qk(mixed[0], mixed[1])
+            o, _ = kda_context_parallel(q, k, self._heads(mixed[2]), g, beta, axis_name=CONTEXT_AXIS,
+                                        scale=self.head_dim ** -0.5, segment_ids=None if segment_ids is None else seg,
+                                        chunk_size=self.config.kda_chunk_size, impl=self.config.kda_impl,
+                                        layout=layout)
+            return o
+
+        tok = spec(("batch", "length", None), (B, T, D))
+        in_specs = (tok, tok, tok, spec(("batch", "length", None, None), g.shape),
+                    spec(("batch", "length", None), beta.shape), spec(("batch", "length"), (B, T)),
+                    jax.sharding.PartitionSpec())
+        out_spec = spec(("batch", "length", None, None), (B, T, self.num_heads, self.head_dim))
+        return jax.shard_map(local, in_specs=in_specs, out_specs=out_spec, check_vma=False)(
+            *projected, g, beta, seg, [state for _, state in convs])
 
     def _step(self, x_t, cache: KDAState):
         """One decode token per row: x_t [B, hidden] -> (y [B, 1, hidden], new KDAState)."""

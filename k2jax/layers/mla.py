@@ -39,9 +39,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from k2jax.layers import context_parallel
 from k2jax.layers.linear import Linear
 from k2jax.layers.norms import RMSNorm
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
+from k2jax.sharding import context_size
 from pallas_kernels.attention import attention, latent_attention, merge_attention
 
 _F32 = jnp.float32
@@ -90,6 +92,7 @@ class MultiHeadLatentAttention(nnx.Module):
         self.num_heads, self.nope_dim, self.rope_dim = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
         self.v_dim, self.kv_lora_rank, self.hidden_size = c.v_head_dim, c.kv_lora_rank, c.hidden_size
         self.use_rope = not c.mla_use_nope
+        self.context_layout = c.context_layout
         self.rope_interleave = c.rope_interleave
         self.dtype = jnp.dtype(c.dtype)
         self.scale = softmax_scale(c)
@@ -162,7 +165,8 @@ class MultiHeadLatentAttention(nnx.Module):
             raise ValueError(f"MultiHeadLatentAttention: cache.lengths must be int [B={B}], got "
                              f"{cache.lengths.dtype}{list(cache.lengths.shape)}")
 
-    def __call__(self, x, *, positions=None, segment_ids=None, cache: MLACache | None = None):
+    def __call__(self, x, *, positions=None, segment_ids=None, cache: MLACache | None = None,
+                 return_max_logit: bool = False):
         """x [B, T, hidden] (input-layernormed) -> (y [B, T, hidden], new latents).
 
         segment_ids: int [B, T] (0 = padding: attends to nothing, outputs zeros) or None; positions: int [B, T]
@@ -170,6 +174,8 @@ class MultiHeadLatentAttention(nnx.Module):
         the new latents are None. With one (an `MLACache` view of the row's earlier tokens) x's queries also
         attend to every cached token (x continues the row's first real segment) and the new latents are x's own
         (`MLALatents` [B, T, ...]), for the caller to store at positions cache.lengths + t.
+        return_max_logit (training, no cache; MuonClip): also return, last, the largest scaled attention logit per
+        (row, head), float32 [B, H], from inside the attention op (then the absorbed latent path computes it).
         """
         B, T = self._check_x(x)
         if segment_ids is not None and (segment_ids.shape != (B, T)
@@ -184,6 +190,11 @@ class MultiHeadLatentAttention(nnx.Module):
         q_nope, q_pe = self.queries(x, positions)
         c, k_pe = self._latent(x, positions)
         latents = None if cache is None else MLALatents(c, k_pe.astype(self.dtype))
+        if return_max_logit and cache is not None:
+            raise ValueError("MultiHeadLatentAttention: return_max_logit is for training (no cache)")
+        if cache is None and (context_size() > 1 or return_max_logit):
+            y, max_logit = self._latent_attention(q_nope, q_pe, c, k_pe, segment_ids)
+            return (y, None, max_logit) if return_max_logit else (y, None)
         if cache is None or cache.ckv.shape[1] == 0:
             o = self._expanded(q_nope, q_pe, c, k_pe, segment_ids)
         else:
@@ -227,6 +238,19 @@ class MultiHeadLatentAttention(nnx.Module):
                                       cache.kpe.astype(dt), cache.lengths, scale=self.scale, q_mask=q_mask)
         o = _dot("hbtr,hrv->hbtv", jnp.transpose(o_lat, (2, 0, 1, 3)), w_uv)  # [H, B, T, d_v]
         return jnp.transpose(o, (1, 2, 0, 3)).astype(dt), lse
+
+    # ---- context parallelism and MuonClip's max logit (training) --------------------------------------------------
+    def _latent_attention(self, q_nope, q_pe, c, k_pe, segment_ids):
+        """Training attention through the attention op in the absorbed form (k2jax.layers.context_parallel.
+        latent_attention): with the tokens split over `context` (config.context_layout), local queries against
+        all-gathered latents; on one context shard, plain. [B, T, ...] -> (y [B, T, hidden], max logit f32 [B, H])."""
+        if context_size() > 1:
+            context_parallel.check_context_length(c.shape[1], self.context_layout)
+        w_uk, w_uv = self.absorbed_weights()
+        o, max_logit = context_parallel.latent_attention(q_nope, q_pe, c, k_pe, segment_ids, w_uk, w_uv,
+                                                         scale=self.scale, layout=self.context_layout,
+                                                         return_max_logit=True)
+        return self.o_proj(o), max_logit
 
 
 def _first_real(seg):

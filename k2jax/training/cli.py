@@ -47,10 +47,12 @@ def parser(prog: str = "train.py", default_config: str = "default", dry_run_only
                              "step on simulated CPU devices and report per-device memory (k2jax.training.dry_run)")
     if not dry_run_only:
         g.add_argument("--dry-run", action="store_true", help="plan a pod run instead of training")
-    g.add_argument("--mesh", help="'fsdp=8,expert=8' or 'data,fsdp,expert,tensor' sizes (default: the run "
+    g.add_argument("--mesh", help="'fsdp=8,context=8' or 'data,fsdp,expert,context,tensor' sizes (default: the run "
                                   "config's train.mesh, else chosen for --devices)")
     g.add_argument("--devices", type=int, help="simulated device count (default: the mesh's size, else 8)")
     g.add_argument("--no-compile", action="store_true", help="lower only (no activation estimate)")
+    g.add_argument("--target", choices=sorted(dry_run.TARGETS),
+                   help="chip to check the plan against (HBM GiB: v5p 95, v6e 32, h200 141): prints whether it fits")
     return p
 
 
@@ -84,7 +86,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     reexec = list(getattr(sys, "orig_argv", [None] + sys.argv)[1:])
     try:
         dry_run.plan(args.config, _overrides(args), mesh=args.mesh, devices=args.devices,
-                     compile=not args.no_compile, argv_for_reexec=reexec)
+                     compile=not args.no_compile, argv_for_reexec=reexec, target=args.target)
     except (ConfigError, ValueError) as e:
         return _error(e)
     return 0
@@ -96,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
     if args.dry_run:
         return _dry_run(args)
-    if args.mesh or args.devices or args.no_compile:
-        p.error("--mesh, --devices and --no-compile apply to --dry-run (the mesh of a run is train.mesh)")
+    if args.mesh or args.devices or args.no_compile or args.target:
+        p.error("--mesh, --devices, --no-compile and --target apply to --dry-run (the mesh of a run is train.mesh)")
     _default_compile_cache()
     try:
         mcfg, tcfg = load_run_config(args.config, _overrides(args))

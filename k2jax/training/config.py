@@ -32,7 +32,7 @@ from k2jax.config import (Allowed, Config, ConfigError, ModelConfig, NonEmptyStr
 from k2jax.config_files import load_config, resolve_config_path
 from k2jax.sharding import MESH_AXES
 
-MeshAxis = Literal["data", "fsdp", "expert", "tensor"]  # k2jax.sharding.MESH_AXES
+MeshAxis = Literal["data", "fsdp", "expert", "context", "tensor"]  # k2jax.sharding.MESH_AXES
 
 
 class TrainConfig(Config):
@@ -48,7 +48,9 @@ class TrainConfig(Config):
     seed: NonNegativeInt = 0
     run_dir: NonEmptyStr | None = None  # metrics.jsonl, tensorboard/, checkpoints/; None: runs/<config file stem>
     # Optimizer.
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: optax.contrib.muon on matrices, AdamW on the rest
+    optimizer: Literal["adamw", "muon", "muonclip"] = "adamw"  # muon: optax.contrib.muon on matrices, AdamW on the
+    #                                 rest; muonclip: muon + QK-clip of the MLA heads whose max logit exceeds qk_clip_tau
+    qk_clip_tau: PositiveNumber = 100.0  # muonclip: the largest attention logit an MLA head may keep (Kimi K2: 100)
     learning_rate: PositiveNumber = 3e-3
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # wsd: warmup-stable-decay; constant after warmup
     warmup_steps: NonNegativeInt = 30
@@ -92,7 +94,9 @@ class TrainConfig(Config):
     progress: bool = True
     # per-device peak FLOP/s for MFU; None: measured matmul rate on CPU
     peak_flops: Annotated[PositiveNumber | None, Allowed("null or a positive number (FLOP/s per device)")] = None
-    # Parallelism: {data: 2, fsdp: 1, expert: 1, tensor: 1}; None = every device on `data`.
+    # Parallelism: {data: 2, fsdp: 1, expert: 1, context: 1, tensor: 1}; None = every device on `data`. context > 1
+    # splits each sequence over that many devices (context parallelism; seq_len must divide into 2 x context
+    # pieces for the default zigzag layout, model.context_layout).
     mesh: Annotated[dict[MeshAxis, PositiveInt] | None,
                     Allowed(f"null or a mapping of mesh axes {MESH_AXES} to positive integer sizes")] = None
     coordinator_address: str | None = None  # multi-host: "host:port" of process 0

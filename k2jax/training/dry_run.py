@@ -31,6 +31,8 @@ from k2jax.sharding import MESH_AXES
 from k2jax.training.config import TrainConfig
 
 _REEXEC_MARK = "K2JAX_DRY_RUN_DEVICES"
+# HBM per chip of the targets `--target` names, GiB.
+TARGETS = {"v5p": 95, "v6e": 32, "h200": 141}
 
 
 # ---- simulated devices -------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def ensure_cpu_devices(n: int, argv_for_reexec: list[str] | None = None) -> None
 
 # ---- mesh choice -------------------------------------------------------------------------------------------------
 def parse_mesh(text: str) -> dict[str, int]:
-    """'fsdp=8,expert=8' or '1,8,8,1' (MESH_AXES order) -> {axis: size}."""
+    """'fsdp=8,context=8' or '1,8,8,1,1' (MESH_AXES order; 4 sizes: data, fsdp, expert, tensor) -> {axis: size}."""
     text = text.strip()
     try:
         if "=" in text:
@@ -68,11 +70,15 @@ def parse_mesh(text: str) -> dict[str, int]:
                 out[k.strip()] = int(v)
         else:
             sizes = [int(v) for v in text.split(",")]
-            if len(sizes) != len(MESH_AXES):
+            if len(sizes) == len(MESH_AXES) - 1:
+                out = dict(zip([a for a in MESH_AXES if a != "context"], sizes))
+            elif len(sizes) == len(MESH_AXES):
+                out = dict(zip(MESH_AXES, sizes))
+            else:
                 raise ValueError
-            out = dict(zip(MESH_AXES, sizes))
     except ValueError:
-        raise ValueError(f"--mesh {text!r}: expected 'axis=size,...' with axes {MESH_AXES}, or 4 sizes") from None
+        raise ValueError(f"--mesh {text!r}: expected 'axis=size,...' with axes {MESH_AXES}, or 5 sizes in that "
+                         f"order (4: without context)") from None
     unknown = sorted(set(out) - set(MESH_AXES))
     if unknown or any(v <= 0 for v in out.values()):
         raise ValueError(f"--mesh {text!r}: axes must be among {MESH_AXES} with positive sizes")
@@ -84,7 +90,7 @@ def default_mesh(n_devices: int, config: ModelConfig) -> dict[str, int]:
     ep = 1
     while ep < 8 and n_devices % (2 * ep) == 0 and config.num_experts % (2 * ep) == 0:
         ep *= 2
-    return {"data": 1, "fsdp": n_devices // ep, "expert": ep, "tensor": 1}
+    return {"data": 1, "fsdp": n_devices // ep, "expert": ep, "context": 1, "tensor": 1}
 
 
 # ---- the step ----------------------------------------------------------------------------------------------------
@@ -112,7 +118,7 @@ def batch_spec(tcfg: TrainConfig, mesh) -> dict:
 
 def dry_run(config: ModelConfig | str, mesh_shape, batch: int | None = None, seq_len: int | None = None, *,
             train: TrainConfig | None = None, optimizer: str | None = None, scan_layers: bool = True,
-            compile: bool = True, devices=None, verbose: bool = True) -> dict:
+            compile: bool = True, devices=None, verbose: bool = True, target: str | None = None) -> dict:
     """Lower (and with `compile`, compile) the training step of `config` and `train` on a mesh of `mesh_shape`
     without allocating anything: `k2jax.training.step.make_train_step` over the abstract TrainState.
 
@@ -122,7 +128,9 @@ def dry_run(config: ModelConfig | str, mesh_shape, batch: int | None = None, seq
     memory, far less lowering time) instead of as the config says. `devices`: defaults to the first prod(mesh)
     CPU devices. Returns bytes per device {'params', 'optimizer', 'batch_bytes', and with compile 'activations'
     (XLA temp), 'peak' (arguments + outputs - donated + temp), 'generated_code'}, plus 'mesh', 'batch',
-    'seq_len', 'lower_s', 'compile_s'. Raises ConfigError when the batch does not divide over the mesh.
+    'seq_len', 'lower_s', 'compile_s'; with compile also 'total' (parameters + optimizer state + batch +
+    activations: the step's state donated, as a long run needs) and, for a `target` chip (TARGETS), 'hbm' and
+    'fits'. Raises ConfigError when the batch does not divide over the mesh.
     """
     import jax
 
@@ -134,6 +142,8 @@ def dry_run(config: ModelConfig | str, mesh_shape, batch: int | None = None, seq
 
     if isinstance(config, str):
         config = load_config(config)
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"dry_run: target must be one of {sorted(TARGETS)}, got {target!r}")
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ValueError(f"dry_run: batch and seq_len must be positive integers, got {name}={value!r}")
@@ -165,6 +175,10 @@ def dry_run(config: ModelConfig | str, mesh_shape, batch: int | None = None, seq
             out["generated_code"] = int(mem.generated_code_size_in_bytes)
             out["peak"] = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                               + mem.temp_size_in_bytes)
+            out["total"] = out["params"] + out["optimizer"] + out["batch_bytes"] + out["activations"]
+            if target is not None:
+                out["target"], out["hbm"] = target, TARGETS[target] * 2 ** 30
+                out["fits"] = out["total"] <= out["hbm"]
     if verbose:
         print(report(mcfg, tcfg, out))
     return out
@@ -184,14 +198,20 @@ def report(config: ModelConfig, train: TrainConfig, r: dict) -> str:
              f"              optimizer state {_gib(r['optimizer'])}"]
     if "activations" in r:
         lines += [f"              activations     {_gib(r['activations'])}  (XLA:CPU temp buffers of the step)",
+                  f"              total           {_gib(r['total'])}  (parameters + optimizer + batch + "
+                  f"activations, state donated)",
                   f"              peak            {_gib(r['peak'])}  (arguments + outputs - donated + temp)"]
+        if "hbm" in r:
+            verdict = "fits" if r["fits"] else "does NOT fit"
+            lines.append(f"  target {r['target']}: {r['hbm'] / 2 ** 30:.0f} GiB HBM per chip: {verdict} "
+                         f"({r['total'] / r['hbm']:.0%} of HBM; XLA:CPU overstates activations, see README)")
     lines.append(f"  lowered in {r['lower_s']:.1f} s" + (f", compiled in {r['compile_s']:.1f} s" if "compile_s" in r
                                                           else " (not compiled: no activation estimate)"))
     return "\n".join(lines)
 
 
 def plan(config: str, overrides: list[str], *, mesh: str | None = None, devices: int | None = None,
-         compile: bool = True, argv_for_reexec: list[str] | None = None) -> dict:
+         compile: bool = True, argv_for_reexec: list[str] | None = None, target: str | None = None) -> dict:
     """The dry run of a command line: load the run config with its overrides (k2jax.training.config), choose the
     mesh (`mesh` text, else the run config's train.mesh unless `devices` disagrees with it, else `default_mesh`
     for `devices` or 8), make that many simulated devices, and run `dry_run`. Raises ConfigError / ValueError for
@@ -199,6 +219,8 @@ def plan(config: str, overrides: list[str], *, mesh: str | None = None, devices:
     from k2jax.training.config import load_run_config
     from k2jax.training.loop import check_batch
 
+    if target is not None and target not in TARGETS:
+        raise ConfigError(f"--target {target!r}: must be one of {sorted(TARGETS)} (HBM GiB per chip: {TARGETS})")
     mcfg, tcfg = load_run_config(config, overrides)
     if mesh is not None:
         shape = parse_mesh(mesh)
@@ -211,4 +233,4 @@ def plan(config: str, overrides: list[str], *, mesh: str | None = None, devices:
         raise ConfigError(f"--devices {devices} does not match the mesh {shape} ({n} devices)")
     check_batch(tcfg, shape)  # before the devices: a re-executed process would fail the same way
     ensure_cpu_devices(n, argv_for_reexec)
-    return dry_run(mcfg, shape, train=tcfg, compile=compile)
+    return dry_run(mcfg, shape, train=tcfg, compile=compile, target=target)

@@ -76,7 +76,7 @@ def build_mesh(tcfg: TrainConfig):
 
 def check_batch(tcfg: TrainConfig, mesh_shape: Mapping[str, int], process_count: int = 1) -> None:
     """ConfigError unless each micro-batch divides over the data-parallel devices of a mesh of `mesh_shape`
-    ({axis: size}) and the global batch over the `process_count` hosts."""
+    ({axis: size}), the global batch over the `process_count` hosts, and the sequence into 2 x context pieces."""
     dp = math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert"))
     micro = tcfg.batch_size // tcfg.grad_accum_steps
     if micro % dp:
@@ -85,6 +85,10 @@ def check_batch(tcfg: TrainConfig, mesh_shape: Mapping[str, int], process_count:
     if tcfg.batch_size % process_count:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {process_count} "
                           f"processes")
+    cp = mesh_shape.get("context", 1)
+    if cp > 1 and tcfg.seq_len % (2 * cp):
+        raise ConfigError(f"train.seq_len={tcfg.seq_len} must be divisible by 2 x the context axis ({cp}): "
+                          f"context parallelism cuts each sequence into 2 x context equal pieces (zigzag layout)")
 
 
 def make_source(mcfg: ModelConfig, tcfg: TrainConfig, process_index: int = 0, process_count: int = 1):
@@ -292,6 +296,8 @@ class _Loop:
                            **expert_load_stats(out["expert_load"])}
                 if tcfg.aux_loss_weight > 0:
                     metrics["aux_loss"] = float(out["aux_loss"])
+                if "max_logit" in out:  # muonclip: each MLA layer's largest attention logit, before the clip
+                    metrics.update({f"max_logit/mla_{r}": float(v) for r, v in enumerate(out["max_logit"])})
                 if self.peak:
                     metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak * n_dev)
                 if step == self.start + 1:

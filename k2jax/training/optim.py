@@ -10,6 +10,11 @@
   expert's matrix of the stacked [E, in, out] expert weights, with updates scaled to AdamW's RMS
   (`consistent_rms=0.2`, as in Moonlight) so that one learning rate serves both; AdamW (same schedule, no weight
   decay) on the embedding, the lm_head, the short-conv filters and every vector.
+- 'muonclip': 'muon', then QK-clip (Kimi K2 report, section 2.1) after every update: each MLA head h whose largest
+  attention logit S_h over the step's batch exceeded tau (`qk_clip_tau`) has gamma_h = tau / S_h applied to its own
+  query/key weights, split so that its logits scale by gamma_h: the per-head no-RoPE query and key columns
+  (q_proj / q_b_proj's q_nope, kv_b_proj's k_nope) by sqrt(gamma_h), the per-head RoPE query columns by gamma_h, and
+  the RoPE key, shared by all heads (kv_a_proj_with_mqa's k_pe columns), left untouched (`qk_clip`).
 Both are preceded by global-norm gradient clipping when `grad_clip > 0`.
 """
 
@@ -74,7 +79,7 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
     if cfg.optimizer == "adamw":
         tx = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                          weight_decay=cfg.weight_decay, mask=decay_mask)
-    elif cfg.optimizer == "muon":
+    elif cfg.optimizer in ("muon", "muonclip"):  # muonclip's QK-clip follows the update (train step, `qk_clip`)
         from optax import contrib
 
         tx = contrib.muon(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
@@ -85,3 +90,64 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
     if cfg.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
     return tx, schedule
+
+
+# ---- QK-clip (MuonClip) ----------------------------------------------------------------------------------------------
+def mla_attention_rows(config, params) -> dict[tuple, tuple[int, ...]]:
+    """For each MLA self_attn module of `params` (an nnx State of the model's parameters, either layout), by path
+    prefix: the rows of the model's max logits [num_mla_layers, H] (layer order) it owns: one for a per-layer
+    module, `repeats` (in order) for a scanned LayerStack's stacked module."""
+    from flax import nnx
+
+    from k2jax.model import block_layout
+
+    mla_layers = [i for i, kind in enumerate(config.layer_types) if kind != "kda"]
+    row_of = {layer: r for r, layer in enumerate(mla_layers)}
+    layout = block_layout(config) if config.scan_layers else None
+    rows = {}
+    for path, _ in nnx.to_flat_state(params):
+        path = tuple(str(p) if not isinstance(p, int) else p for p in path)
+        if "self_attn" not in path or "kv_b_proj" not in path:
+            continue
+        prefix = path[:path.index("self_attn") + 1]
+        if prefix[0] == "layers":
+            layers = [int(prefix[1])]
+        else:
+            entry = layout[int(prefix[1])]
+            layers = ([entry[1]] if entry[0] == "layer"
+                      else [entry[1] + j * entry[2] + int(prefix[3]) for j in range(entry[3])])
+        rows[prefix] = tuple(row_of[i] for i in layers)
+    return rows
+
+
+def qk_clip(config, params, max_logits, tau: float):
+    """QK-clip of every MLA head (see the module docstring): params (nnx State of the model's parameters, either
+    layout) -> the clipped State. max_logits float32 [num_mla_layers, H]: each head's largest scaled attention logit
+    over the step (KimiLinear.hidden_states(return_max_logit=True), maxed over the batch); heads at or below tau
+    (and -inf: no visible key) are unchanged. Jittable."""
+    from flax import nnx
+
+    H, n, P, dv = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                   config.v_head_dim)
+    gamma = jnp.where(max_logits > tau, tau / jnp.maximum(max_logits, tau), 1.0).astype(jnp.float32)  # [L, H]
+    q_name = "q_proj" if config.q_lora_rank is None else "q_b_proj"
+    rows = mla_attention_rows(config, params)
+
+    def scale_columns(kernel, g, parts):
+        """kernel [in, H * sum(widths)] (or [repeats, in, ...] with g [repeats, H]); parts: (width, power) per
+        head part, each scaled by g ** power."""
+        head = jnp.concatenate([jnp.broadcast_to(g[..., None] ** p, g.shape + (w,)) for w, p in parts], axis=-1)
+        factor = head.reshape(g.shape[:-1] + (1, -1))  # [..., 1, H * width]
+        return (kernel.astype(jnp.float32) * factor).astype(kernel.dtype)
+
+    out = []
+    for path, var in nnx.to_flat_state(params):
+        key = tuple(str(p) if not isinstance(p, int) else p for p in path)
+        prefix = key[:key.index("self_attn") + 1] if "self_attn" in key else None
+        if prefix in rows and key[len(prefix):] in ((q_name, "kernel"), ("kv_b_proj", "kernel")):
+            r = rows[prefix]
+            g = gamma[jnp.asarray(r)] if var.get_value().ndim == 3 else gamma[r[0]]
+            parts = ((n, 0.5), (P, 1.0)) if key[len(prefix)] == q_name else ((n, 0.5), (dv, 0.0))
+            var = var.replace(scale_columns(var.get_value(), g, parts))
+        out.append((path, var))
+    return nnx.from_flat_state(out)

@@ -49,7 +49,7 @@ def router_bias_rows(mcfg: ModelConfig, biases) -> dict[tuple, tuple[int, ...]]:
 # ---- the jitted steps -----------------------------------------------------------------------------------------------
 _STEP_FIELDS = ("steps", "grad_accum_steps", "optimizer", "learning_rate", "schedule", "warmup_steps",
                 "decay_fraction", "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip",
-                "aux_loss_weight", "moe_bias_update")
+                "aux_loss_weight", "moe_bias_update", "qk_clip_tau")
 _CACHE: dict = {}  # jitted steps by configuration, so repeated `train` calls in one process reuse compilations
 
 
@@ -72,8 +72,8 @@ def output_weight(model, h_dtype):
 def lm_head_cross_entropy(model, h, targets, loss_mask):
     """(loss_sum, correct) of the model's logits at hidden states h [B, T, hidden] against targets int [B, T],
     weighted by loss_mask [B, T], without building the [B, T, vocab] logits: pallas_kernels.cross_entropy's
-    blockwise lm_head + cross-entropy (custom VJP), on each device's rows of the batch under a mesh (shard_map,
-    the sums added over the batch axes). Equal to the full-logits loss; logits are float32 (for a bfloat16 untied
+    blockwise lm_head + cross-entropy (custom VJP), on each device's tokens under a mesh (shard_map,
+    the sums added over the batch axes and, under context parallelism, `context`). Equal to the full-logits loss; logits are float32 (for a bfloat16 untied
     lm_head the full path rounded them to bfloat16 first)."""
     import jax
     from jax.sharding import PartitionSpec
@@ -89,25 +89,28 @@ def lm_head_cross_entropy(model, h, targets, loss_mask):
         return jax.lax.psum(sums, rows) if rows else sums
 
     mesh = jax.sharding.get_abstract_mesh()
-    rows = () if mesh.empty else logical_to_mesh_spec(("batch", "length"), mesh, targets.shape)[0]
-    rows = (rows,) if isinstance(rows, str) else tuple(rows or ())
+    spec = PartitionSpec() if mesh.empty else logical_to_mesh_spec(("batch", "length"), mesh, targets.shape)
+    # every mesh axis the tokens are split over (batch axes, and `context` on the length under context parallelism)
+    rows = tuple(a for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ())))
     if not rows:
         return local(x, w, targets, loss_mask)
-    spec = PartitionSpec(rows)
     # check_vma=False: the op's scan carries start from constants, which shard_map's varying-axes check rejects.
     return jax.shard_map(local, in_specs=(spec, PartitionSpec(), spec, spec), out_specs=PartitionSpec(),
                          check_vma=False)(x, w, targets, loss_mask)
 
 
-def _forward_loss(graphdef, params, biases, rest, batch):
-    """Masked cross-entropy pieces of one micro-batch: (loss_sum, correct, aux dict)."""
+def _forward_loss(graphdef, params, biases, rest, batch, max_logit: bool = False):
+    """Masked cross-entropy pieces of one micro-batch: (loss_sum, correct, aux dict); with max_logit the aux dict
+    also holds 'max_logit' f32 [num_mla_layers, H] (MuonClip)."""
     import jax.numpy as jnp
     from flax import nnx
 
     model = nnx.merge(graphdef, params, biases, rest)
-    h, auxes = model.hidden_states(batch["tokens"], batch.get("segment_ids"))
+    h, auxes, *maxes = model.hidden_states(batch["tokens"], batch.get("segment_ids"), return_max_logit=max_logit)
     loss_sum, correct = lm_head_cross_entropy(model, h, batch["targets"], batch["loss_mask"])
     aux = {k: jnp.stack([a[k] for a in auxes]) for k in (auxes[0] if auxes else {})}  # as KimiLinear(return_aux)
+    if max_logit:
+        aux["max_logit"] = maxes[0]
     return loss_sum, correct, aux
 
 
@@ -151,15 +154,20 @@ def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule
     import jax.numpy as jnp
     import optax
 
+    from k2jax.training.optim import qk_clip
+
     A = tcfg.grad_accum_steps
     aux_w = float(tcfg.aux_loss_weight)
     rate = float(mcfg.moe_bias_update_rate) if tcfg.moe_bias_update else 0.0
+    clip = tcfg.optimizer == "muonclip"
 
     def micro_objective(params, biases, rest, mb, total):
-        loss_sum, correct, aux = _forward_loss(graphdef, params, biases, rest, mb)
+        loss_sum, correct, aux = _forward_loss(graphdef, params, biases, rest, mb, max_logit=clip)
         balance = _balance_loss(aux) if aux_w > 0 else jnp.zeros((), jnp.float32)
         load = aux.get("expert_load", jnp.zeros((0, 1), jnp.float32))
-        return loss_sum / total + aux_w * balance / A, (loss_sum, correct, load, balance / A)
+        # the stats of micro-batches add up, except the max logit (last), whose running max `accumulate` keeps
+        max_logit = aux.get("max_logit", jnp.zeros((0, mcfg.num_attention_heads), jnp.float32))
+        return loss_sum / total + aux_w * balance / A, (loss_sum, correct, load, balance / A, max_logit)
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
@@ -174,11 +182,13 @@ def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule
             g_acc, s_acc = carry
             (_, stats), g = grad_fn(params, biases, rest, mb, total)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, jax.tree.map(jnp.add, s_acc, stats)), None
+            stats = (*jax.tree.map(jnp.add, s_acc[:-1], stats[:-1]), jnp.maximum(s_acc[-1], stats[-1]))
+            return (g_acc, stats), None
 
         zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         first = jax.tree.map(lambda x: x[0], micro)
         s0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, biases, rest, first, total)[0][1]))
+        s0 = (*s0[:-1], jnp.full_like(s0[-1], -jnp.inf))  # the max logit's running max
         (grads, stats), _ = jax.lax.scan(body, (zeros_g, s0), micro)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return grads, stats
@@ -186,17 +196,22 @@ def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule
     def step(state, batch, step_index):
         params, biases, rest, opt = state["params"], state["biases"], state["rest"], state["opt"]
         total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        grads, (loss_sum, correct, load, balance) = accumulate(params, biases, rest, batch, total)
+        grads, (loss_sum, correct, load, balance, max_logit) = accumulate(params, biases, rest, batch, total)
         loss = loss_sum / total
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, opt, params)
-        new = {"params": optax.apply_updates(params, updates), "biases": _update_biases(biases, load, rate, bias_rows),
+        new_params = optax.apply_updates(params, updates)
+        if clip:  # MuonClip: QK-clip after the update, from the logits this step's forward saw
+            new_params = qk_clip(mcfg, new_params, max_logit, float(tcfg.qk_clip_tau))
+        new = {"params": new_params, "biases": _update_biases(biases, load, rate, bias_rows),
                "rest": rest, "opt": new_opt}
         # A non-finite step changes nothing: the state stays the last good one.
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "accuracy": correct / total, "grad_norm": grad_norm, "aux_loss": balance,
                    "expert_load": load, "finite": finite, "lr": schedule(step_index), "loss_tokens": total}
+        if clip:  # per MLA layer, the largest logit over its heads (before the clip)
+            metrics["max_logit"] = jnp.max(max_logit, axis=-1)
         return new, metrics
 
     return jax.jit(step)

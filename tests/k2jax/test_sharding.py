@@ -20,10 +20,11 @@ def test_make_mesh_conventions():
     assert one.axis_names == MESH_AXES and one.devices.size == 1
     assert all(t == AxisType.Auto for t in one.axis_types)
     m = make_mesh({"expert": 4, "data": 2})
-    assert dict(m.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert dict(m.shape) == {"data": 2, "fsdp": 1, "expert": 4, "context": 1, "tensor": 1}
+    assert dict(make_mesh((1, 1, 2, 2, 2)).shape) == {"data": 1, "fsdp": 1, "expert": 2, "context": 2, "tensor": 2}
     assert dict(make_mesh((1, -1, 2, 1)).shape)["fsdp"] == 4
     assert make_mesh((1, 1, 2, 1), devices=jax.devices()[4:]).devices.flatten().tolist() == jax.devices()[4:6]
-    for bad, msg in [({"model": 2}, "unknown mesh axes"), ((2, 2), "4 sizes"), ((16, 1, 1, 1), "needs 16"),
+    for bad, msg in [({"model": 2}, "unknown mesh axes"), ((2, 2), "5 sizes"), ((16, 1, 1, 1), "needs 16"),
                      ((0, 1, 1, 1), "positive"), ((-1, -1, 1, 1), "at most one"), ((3, -1, 1, 1), "do not split")]:
         with pytest.raises(ValueError, match=msg):
             make_mesh(bad)
@@ -33,6 +34,9 @@ def test_rules_and_shardings():
     mesh = make_mesh((2, 2, 2, 1))
     assert logical_to_mesh_spec(("batch", "length"), mesh, (8, 5)) == P(("data", "fsdp", "expert"), None)
     assert logical_to_mesh_spec(("batch", "length"), mesh, (2, 5)) == P("data", None)  # 2 rows: one axis fits
+    cp = make_mesh({"fsdp": 2, "context": 4})
+    assert logical_to_mesh_spec(("batch", "length"), cp, (2, 8)) == P(("data", "fsdp", "expert"), "context")
+    assert logical_to_mesh_spec(("batch", "length"), cp, (2, 6))[1] is None  # 6 tokens do not split over 4
     assert logical_to_mesh_spec(("expert", "expert_embed", "expert_mlp"), mesh) == P("expert", "fsdp", "tensor")
     assert batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)
     cfg = load_config("tiny")
@@ -40,6 +44,9 @@ def test_rules_and_shardings():
     sh = param_shardings(nnx.state(model), mesh)
     assert sh["layers"][1]["block_sparse_moe"]["experts"]["w1"].get_value().spec == P("expert", "fsdp", "tensor")
     assert sh["embed_tokens"].get_value().spec == P("tensor", "fsdp")
+    # with context parallelism the weights are sharded over `context` too (gathered layer by layer, as fsdp's)
+    cp_sh = param_shardings(nnx.state(model), cp)
+    assert cp_sh["embed_tokens"].get_value().spec == P("tensor", ("fsdp", "context"))
     assert sh["layers"][1]["block_sparse_moe"]["gate"]["e_score_correction_bias"].get_value().spec == P(None)
 
 

@@ -31,7 +31,7 @@ def _gib(stdout, label):
 def test_48b_lowers_on_64_simulated_devices_with_exact_state_bytes():
     out = _run_cli("--config", "kimi_linear_48b_a3b", "--devices", "64", "--batch", "64", "--seq-len", "64",
                    "--no-compile")
-    assert "64 simulated devices, mesh {'data': 1, 'fsdp': 8, 'expert': 8, 'tensor': 1}, batch 64" in out
+    assert "64 simulated devices, mesh {'data': 1, 'fsdp': 8, 'expert': 8, 'context': 1, 'tensor': 1}, batch 64" in out
     cfg = load_config("kimi_linear_48b_a3b")
     n = count_params(cfg)
     # bf16 parameters: routed experts split over all 64 devices (expert x fsdp), everything else over fsdp = 8
@@ -47,9 +47,26 @@ def test_small_model_compiles_and_reports_memory():
     cfg = load_config("tiny", num_hidden_layers=1, kda_layers=[1], full_attn_layers=[], first_k_dense_replace=0,
                       kda_impl="reference")  # one KDA + MoE layer: the least to compile
     r = dry_run(cfg, (1, 2, 2, 2), 4, 16, verbose=False)
-    assert r["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "context": 1, "tensor": 2}
     assert r["activations"] > 0 and r["peak"] >= r["params"] + r["optimizer"]
     assert r["params"] < 4 * count_params(cfg)["total"]  # sharded: fewer float32 bytes than one full copy
+
+
+def test_context_parallel_plan_against_a_target():
+    """A mesh with context parallelism compiles, and --target adds the total and the verdict against its HBM."""
+    cfg = load_config("tiny", num_hidden_layers=2, kda_layers=[1], full_attn_layers=[2], first_k_dense_replace=2,
+                      kda_impl="chunk")
+    r = dry_run(cfg, {"fsdp": 2, "context": 4}, 2, 64, verbose=False, target="v6e")
+    assert r["mesh"]["context"] == 4
+    assert r["total"] == r["params"] + r["optimizer"] + r["batch_bytes"] + r["activations"]
+    assert r["hbm"] == 32 * 2 ** 30 and r["fits"] is True
+    with pytest.raises(ValueError, match="target must be one of"):
+        dry_run(cfg, {"fsdp": 2}, 2, 64, verbose=False, target="v4")
+
+
+def test_parse_mesh_takes_the_context_axis():
+    assert parse_mesh("expert=8,context=8") == {"data": 1, "fsdp": 1, "expert": 8, "context": 8, "tensor": 1}
+    assert parse_mesh("1,2,4,8,1")["context"] == 8 and parse_mesh("1,2,4,1")["context"] == 1
 
 
 def test_cli_reexecutes_when_jax_already_has_too_few_devices():
@@ -61,13 +78,14 @@ def test_cli_reexecutes_when_jax_already_has_too_few_devices():
 
 
 def test_mesh_parsing_and_defaults():
-    assert parse_mesh("fsdp=8,expert=8") == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
-    assert parse_mesh("2,1,4,1") == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert parse_mesh("fsdp=8,expert=8") == {"data": 1, "fsdp": 8, "expert": 8, "context": 1, "tensor": 1}
+    assert parse_mesh("2,1,4,1") == {"data": 2, "fsdp": 1, "expert": 4, "context": 1, "tensor": 1}
     for bad in ("model=2", "1,2", "fsdp=0", "fsdp=x"):
         with pytest.raises(ValueError, match="--mesh"):
             parse_mesh(bad)
-    assert default_mesh(64, load_config("kimi_linear_48b_a3b")) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
-    assert default_mesh(6, load_config("tiny")) == {"data": 1, "fsdp": 3, "expert": 2, "tensor": 1}
+    assert default_mesh(64, load_config("kimi_linear_48b_a3b")) == {"data": 1, "fsdp": 8, "expert": 8, "context": 1,
+                                                                   "tensor": 1}
+    assert default_mesh(6, load_config("tiny")) == {"data": 1, "fsdp": 3, "expert": 2, "context": 1, "tensor": 1}
     with pytest.raises(ValueError, match="positive integers"):
         dry_run("tiny", None, 0, 16)
     ensure_cpu_devices(8)  # the test process has exactly 8
