@@ -2,11 +2,14 @@
 that continue, branch, are evicted and run concurrently (f32 and bf16, the hybrid KDA + MLA config), the cached
 token counts, snapshots inside long prefills, and no compilation after warm-up."""
 
+import functools
+
 import numpy as np
 import pytest
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
+from k2jax.serving.prefix_store import PrefixStore
 from k2jax.serving.scheduler import Engine, SamplingParams
 
 MAX_LEN = 64
@@ -30,12 +33,18 @@ def _tokens(seed, n):
     return [int(t) for t in np.random.default_rng(seed).integers(8, 264, n)]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def engines(request):
-    model = KimiLinear(hybrid_config(request.param), rngs=nnx.Rngs(0))
+@functools.cache
+def engine_pair(dtype):
+    """(cache on, cache off) engines over one model; the tests share them (compiling is most of their cost)."""
+    model = KimiLinear(hybrid_config(dtype), rngs=nnx.Rngs(0))
     on, off = make_engine(model, 1 << 20), make_engine(model, 0)
     on.warmup()
     return on, off
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def engines(request):
+    return engine_pair(request.param)
 
 
 def _run(engine, prompts):
@@ -82,10 +91,16 @@ def test_conversations_continue_branch_and_run_concurrently(engines):
 def test_eviction_under_a_tiny_budget_recomputes_exactly():
     """A budget of about one sequence: conversations evict each other, every output still equals the cache-off
     one, and the bytes in use stay within the budget."""
-    model = KimiLinear(hybrid_config("float32"), rngs=nnx.Rngs(1))
-    store_probe = make_engine(model, 1 << 20).prefix
-    budget = 5 * store_probe.page_bytes + store_probe.snapshots.nbytes_per_snapshot  # 40 tokens and one snapshot
-    on, off = make_engine(model, budget), make_engine(model, 0)
+    on, off = engine_pair("float32")
+    budget = 5 * on.prefix.page_bytes + on.prefix.snapshots.nbytes_per_snapshot  # 40 tokens and one snapshot
+    roomy, on.prefix = on.prefix, PrefixStore(on.runner, budget, page_size=on.prefix.page_size)
+    try:
+        _conversations_round_robin(on, off, budget)
+    finally:
+        on.prefix = roomy
+
+
+def _conversations_round_robin(on, off, budget):
     histories = {k: _tokens(100 + k, 12) for k in range(3)}
     for turn in range(3):
         for k in range(3):  # round robin: each conversation's turn evicts the others' prefixes
@@ -102,8 +117,15 @@ def test_long_prefills_snapshot_every_n_tokens():
     """A prompt prefilled in pieces caches its prefix every snapshot_every tokens, so a second prompt sharing
     the first 36 tokens resumes at 32 (the last multiple of 16 within the shared part) and matches the cache-off
     output."""
-    model = KimiLinear(hybrid_config("float32"), rngs=nnx.Rngs(2))
-    on, off = make_engine(model, 1 << 20, snapshot_every=16), make_engine(model, 0)
+    on, off = engine_pair("float32")
+    on.snapshot_every = 16
+    try:
+        _shared_long_prefix(on, off)
+    finally:
+        on.snapshot_every = 1024
+
+
+def _shared_long_prefix(on, off):
     shared = _tokens(300, 36)
     first, second = shared + _tokens(301, 10), shared + _tokens(302, 8)
     (gen, cached), = _run(on, [first])
