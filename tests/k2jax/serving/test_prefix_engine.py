@@ -11,6 +11,7 @@ from flax import nnx
 from k2jax import KimiLinear, load_config
 from k2jax.serving.prefix_store import PrefixStore
 from k2jax.serving.scheduler import Engine, SamplingParams
+from k2jax.tokenizer import ByteTokenizer
 
 MAX_LEN = 64
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -23,10 +24,10 @@ def hybrid_config(dtype):
 
 
 def make_engine(model, prefix_cache_bytes, **kw):
-    """4 slots, context 64, buckets 16 / 32 / 64, pieces of at most 32 tokens."""
+    """4 slots, context 64, buckets 16 / 32 / 64, pieces of at most 32 tokens, the byte tokenizer."""
     opts = dict(num_slots=4, max_len=MAX_LEN, min_bucket=16, max_prefill_batch=2, max_prefill_tokens=32,
                 prefix_cache_bytes=prefix_cache_bytes, prefix_page_size=8, snapshot_every=1024)
-    return Engine(model, None, **{**opts, **kw})
+    return Engine(model, ByteTokenizer(), **{**opts, **kw})
 
 
 def _tokens(seed, n):
