@@ -141,3 +141,20 @@ def test_prefix_cache_settings_are_checked():
         make_engine(model, -1)
     with pytest.raises(ValueError, match="snapshot_every=0"):
         make_engine(model, 1 << 20, snapshot_every=0)
+
+
+def test_an_all_mla_model_resumes_anywhere_without_snapshots():
+    """Kimi K2's case (every layer MLA): no snapshot store; a request resumes at any cached token count, even
+    inside a cached edge, and greedy outputs equal the cache-off ones."""
+    cfg = load_config("tiny", vocab_size=264, num_hidden_layers=1, kda_layers=(), full_attn_layers=(1,))
+    model = KimiLinear(cfg, rngs=nnx.Rngs(3))
+    on, off = make_engine(model, 1 << 20), make_engine(model, 0)
+    assert on.prefix.snapshots is None and not on.prefix.hybrid
+    turn1 = _tokens(400, 20)
+    (gen1, cached1), = _run(on, [turn1])
+    turn2 = turn1 + gen1 + _tokens(401, 5)
+    branch = turn1[:13] + _tokens(402, 6)  # leaves the cached path mid-edge: resumes at 13 all the same
+    got = _run(on, [turn2]) + _run(on, [branch])
+    assert cached1 == 0 and [c for _, c in got] == [len(turn1) + len(gen1) - 1, 13]
+    assert [g for g, _ in got] == [w for w, _ in _run(off, [turn2]) + _run(off, [branch])]
+    assert gen1 == _run(off, [turn1])[0][0]
