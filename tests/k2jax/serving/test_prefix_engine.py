@@ -105,7 +105,7 @@ def _conversations_round_robin(on, off, budget):
     histories = {k: _tokens(100 + k, 12) for k in range(3)}
     for turn in range(3):
         for k in range(3):  # round robin: each conversation's turn evicts the others' prefixes
-            (gen, cached), = _run(on, [histories[k]])
+            (gen, _), = _run(on, [histories[k]])
             assert gen == _run(off, [histories[k]])[0][0], (turn, k)
             histories[k] = histories[k] + gen + _tokens(200 + 10 * turn + k, 3)
             assert on.prefix_stats()["bytes_in_use"] <= budget
