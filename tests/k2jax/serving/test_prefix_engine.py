@@ -11,6 +11,7 @@ from flax import nnx
 from k2jax import KimiLinear, load_config
 from k2jax.serving.prefix_store import PrefixStore
 from k2jax.serving.scheduler import Engine, SamplingParams
+from k2jax.sharding import make_mesh, shard_model
 from k2jax.tokenizer import ByteTokenizer
 
 MAX_LEN = 64
@@ -158,3 +159,20 @@ def test_an_all_mla_model_resumes_anywhere_without_snapshots():
     assert cached1 == 0 and [c for _, c in got] == [len(turn1) + len(gen1) - 1, 13]
     assert [g for g, _ in got] == [w for w, _ in _run(off, [turn2]) + _run(off, [branch])]
     assert gen1 == _run(off, [turn1])[0][0]
+
+
+def test_a_sharded_engine_resumes_with_the_cache_sharded_as_before():
+    """On a mesh (8 CPU devices: data 2 x expert 2 x tensor 2) a resumed conversation equals the single-device,
+    cache-off output, and the slot cache keeps its sharding through the prefix copies."""
+    _, off = engine_pair("float32")
+    mesh = make_mesh({"data": -1, "expert": 2, "tensor": 2})
+    model = shard_model(KimiLinear(hybrid_config("float32"), rngs=nnx.Rngs(0)), mesh)
+    on = make_engine(model, 1 << 20, mesh=mesh)
+    spec = on.runner.cache.layers[0].recurrent.sharding.spec
+    turn1 = _tokens(500, 20)
+    (gen1, _), = _run(on, [turn1])
+    turn2 = turn1 + gen1 + _tokens(501, 5)
+    (gen2, cached2), = _run(on, [turn2])
+    assert cached2 == len(turn1) + len(gen1) - 1
+    assert [gen1, gen2] == [_run(off, [turn1])[0][0], _run(off, [turn2])[0][0]]
+    assert on.runner.cache.layers[0].recurrent.sharding.spec == spec and spec[1] == "tensor"
