@@ -3,6 +3,7 @@
     python serve.py --checkpoint DIR --prompt "Once upon a time" [--prompt ...] [--max-tokens 64]
     python serve.py --checkpoint DIR --prompts-file prompts.txt --slots 32      # one prompt per line
     python serve.py --checkpoint DIR --http --port 8000                         # /v1/completions, /v1/chat/completions
+    python serve.py --checkpoint DIR --http --prefix-cache-gb 8                 # more room for cached prefixes
     python serve.py --config default --prompt "hi"                             # random weights, byte tokenizer
 
 DIR is a Hugging Face folder (config.json + safetensors) or an orbax checkpoint written by train.py. The CLI is
@@ -24,6 +25,7 @@ from k2jax.serving.config import ServeConfig
 # flag -> ServeConfig field (dotted: a field of its `limits`)
 _SERVE_FLAGS = {"slots": "slots", "max_len": "max_len", "min_bucket": "min_bucket",
                 "max_prefill_tokens": "max_prefill_tokens", "int4_experts": "int4_experts",
+                "prefix_cache_gb": "prefix_cache_gb", "snapshot_every": "snapshot_every",
                 "tensor_parallel": "tensor_parallel", "expert_parallel": "expert_parallel", "host": "host",
                 "port": "port", "max_body_bytes": "limits.max_body_bytes", "max_waiting": "limits.max_waiting",
                 "request_timeout": "limits.request_timeout_s", "default_max_tokens": "limits.default_max_tokens"}
@@ -62,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     eng.add_argument("--max-prefill-tokens", type=int,
                      help="tokens one prefill call takes (rows x length bucket); a longer prompt is prefilled in "
                           "pieces of at most this many, between decode steps " + default("max_prefill_tokens"))
+    eng.add_argument("--prefix-cache-gb", type=float,
+                     help="device memory (GiB) for cached prefixes: requests resume from them and prefill only the "
+                          "rest; 0 turns it off " + default("prefix_cache_gb"))
+    eng.add_argument("--snapshot-every", type=int,
+                     help="a long prefill also caches its prefix every this many tokens " + default("snapshot_every"))
     eng.add_argument("--no-warmup", action="store_true", help="compile lazily instead of all buckets up front")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -147,7 +154,9 @@ def _build(args, serve: ServeConfig, model_overrides: dict):
         raise SystemExit(f"the tokenizer {tok_src!r} does not fit the model: {e}{hint}")
     try:  # e.g. --max-len beyond the model's max_position_embeddings
         engine = Engine(model, tokenizer, num_slots=serve.slots, max_len=serve.max_len, min_bucket=serve.min_bucket,
-                        max_prefill_tokens=serve.max_prefill_tokens, int4_experts=serve.int4_experts, mesh=mesh)
+                        max_prefill_tokens=serve.max_prefill_tokens, int4_experts=serve.int4_experts, mesh=mesh,
+                        prefix_cache_bytes=int(serve.prefix_cache_gb * 2 ** 30),
+                        prefix_page_size=serve.prefix_page_size, snapshot_every=serve.snapshot_every)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     return engine, tokenizer
@@ -210,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"--- {len(outs)} prompts, {n} tokens in {wall:.2f} s: {n / wall:.1f} tok/s overall, decode "
           f"{st['decode_tokens'] / max(st['decode_s'], 1e-9):.1f} tok/s over {st['decode_steps']} steps, "
           f"mean ttft {1e3 * sum(o.ttft_s for o in outs) / len(outs):.0f} ms", file=sys.stderr)
+    pc = engine.prefix_stats()
+    if pc is not None:
+        print(f"--- prefix cache: {pc['hits']} hits / {pc['queries']} queries, {pc['cached_tokens']} prompt tokens "
+              f"reused, {pc['evicted_nodes']} evictions, {pc['bytes_in_use'] / 2 ** 20:.1f} MiB in use of "
+              f"{pc['budget_bytes'] / 2 ** 20:.0f} MiB", file=sys.stderr)
     return 0
 
 

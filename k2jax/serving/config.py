@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from k2jax.config import Allowed, Config, NonEmptyStr, PositiveInt
+from k2jax.config import Allowed, Config, NonEmptyStr, NonNegativeNumber, PositiveInt
 from k2jax.serving.limits import ServerLimits
 
 
@@ -23,6 +23,12 @@ class ServeConfig(Config):
     # Tokens one prefill call takes (rows x length bucket): a longer prompt is prefilled in pieces of at most this
     # many (the largest length bucket within it), one piece per engine step, so decoding slots keep going.
     max_prefill_tokens: PositiveInt = 8192
+    # Device memory (GiB) of the prefix cache (k2jax.serving.prefix_store): requests resume from cached prefixes
+    # (MLA latents in pages of prefix_page_size tokens, KDA state snapshots) and prefill only the rest; 0 = off.
+    prefix_cache_gb: NonNegativeNumber = 1.0
+    prefix_page_size: PositiveInt = 16
+    # A prompt's prefill also stops to cache its prefix every this many tokens (long shared system prompts).
+    snapshot_every: PositiveInt = 1024
     warmup: bool = True  # compile every length bucket up front (else lazily, on first use)
     int4_experts: bool = False  # serve the routed experts from INT4 weights
     tensor_parallel: PositiveInt = 1  # devices on the 'tensor' mesh axis

@@ -153,7 +153,9 @@ class ModelRunner:
     vocab) are never sampled (default: none masked); int4_experts: serve the routed experts packed as INT4 (k2jax.quantize.quantize_model_experts; a model
     whose config already says so is used as is); mesh: a k2jax.sharding mesh: the steps run under
     `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel, 'tensor' splits heads, and the
-    cache's slots are sharded over the batch axes and its KDA heads over 'tensor'.
+    cache's slots are sharded over the batch axes and its KDA heads over 'tensor'; resume_anywhere: continuing
+    pieces may start at any length and are padded to their own length bucket (a prefix cache needs this: see
+    `continue_lengths`).
 
     State: `cache` (DecodeCache), `lengths` (host int32 [num_slots], tokens cached per slot), `compile_count`
     (programs traced so far). `piece_len`: the most tokens one prefill call takes per prompt.
@@ -161,7 +163,7 @@ class ModelRunner:
 
     def __init__(self, model, *, num_slots: int, max_len: int, min_bucket: int = 16,
                  max_prefill_batch: int | None = None, max_prefill_tokens: int = 8192, vocab_limit: int | None = None,
-                 int4_experts: bool = False, mesh=None):
+                 int4_experts: bool = False, mesh=None, resume_anywhere: bool = False):
         cfg = model.config
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"ModelRunner: num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
@@ -178,6 +180,9 @@ class ModelRunner:
         self.max_prefill_batch = max(1, min(max_prefill_batch or num_slots, num_slots))
         self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
         self.piece_len = max(b for b in self.buckets if b <= self.max_prefill_tokens)
+        # A prefix cache resumes slots at any length and continues them by short suffixes: continuing pieces are
+        # then padded to their own length bucket (not piece_len) and may start anywhere (every kv bucket).
+        self.resume_anywhere = resume_anywhere
         V = self.config.vocab_size
         self.vocab_limit = V if vocab_limit is None else min(V, int(vocab_limit))
         self.mask_words = (V + 31) // 32  # width of a row's packed grammar bitmask
@@ -265,9 +270,16 @@ class ModelRunner:
                 if r == 1 or r * T <= self.max_prefill_tokens]
 
     def continue_buckets(self) -> list[int]:
-        """The kv length buckets a continuing piece (one row, piece_len tokens) can read: those of the starts
-        piece_len, 2 piece_len, ... below max_len."""
+        """The kv length buckets a continuing piece (one row) can read: those of the starts piece_len,
+        2 piece_len, ... below max_len (every bucket when `resume_anywhere`)."""
+        if self.resume_anywhere:
+            return list(self.buckets)
         return sorted({bucket(start, self.buckets) for start in range(self.piece_len, self.max_len, self.piece_len)})
+
+    def continue_lengths(self) -> list[int]:
+        """The token buckets a continuing piece is padded to: piece_len, or with `resume_anywhere` every length
+        bucket up to it (a 128-token suffix then costs a 128-token prefill)."""
+        return [b for b in self.buckets if b <= self.piece_len] if self.resume_anywhere else [self.piece_len]
 
     def prefill_fits(self, prompt_lengths: Sequence[int]) -> bool:
         """Whether one prefill call takes fresh pieces of these lengths (each at most piece_len) together (rows
@@ -289,8 +301,9 @@ class ModelRunner:
                                z, np.ones(r, np.float32), np.zeros(r, np.uint32), *self._masks(r, None, None))
         z = np.zeros(1, np.int32)
         for kv in self.continue_buckets():  # a length-0 row changes nothing
-            self._continue_row(np.zeros((1, self.piece_len), np.int32), z, z, z, kv, np.zeros(1, np.float32), z,
-                               np.ones(1, np.float32), np.zeros(1, np.uint32), *self._masks(1, None, None))
+            for T in self.continue_lengths():
+                self._continue_row(np.zeros((1, T), np.int32), z, z, z, kv, np.zeros(1, np.float32), z,
+                                   np.ones(1, np.float32), np.zeros(1, np.uint32), *self._masks(1, None, None))
         zeros = np.zeros(S, np.int32)
         for kv in self.buckets:
             self._decode_kv(kv, zeros, np.zeros(S, bool), zeros, np.zeros(S, np.float32), zeros,
@@ -317,7 +330,7 @@ class ModelRunner:
                 raise ValueError(f"ModelRunner.prefill: a continuing piece comes alone, its slot holds exactly "
                                  f"start={start} tokens (slot {slots[0]} holds {self.lengths[slots[0]]}) and it ends "
                                  f"within max_len={self.max_len}; got {n} piece(s) of {len(prompts[0])} tokens")
-            tokens = np.zeros((1, self.piece_len), np.int32)
+            tokens = np.zeros((1, bucket(len(prompts[0]), self.continue_lengths())), np.int32)
             tokens[0, :len(prompts[0])] = prompts[0]
             return self._continue_row(tokens, np.array([len(prompts[0])], np.int32), np.array(slots, np.int32),
                                       np.array([start], np.int32), bucket(start, self.buckets),

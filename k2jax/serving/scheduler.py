@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from k2jax.chat.grammar import BatchBitmask, GrammarMatcher, GrammarTokenizer
+from k2jax.serving.prefix_store import PrefixStore
 from k2jax.serving.runner import ModelRunner
 from k2jax.serving.sampling import MAX_TOP_LOGPROBS
 from k2jax.tokenizer import IM_END
@@ -151,6 +152,7 @@ class Completion:
     ttft_s: float
     total_s: float
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens resumed from the prefix cache (not prefilled)
 
 
 class Request:
@@ -170,6 +172,8 @@ class Request:
         self.error: str | None = None
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens in the slot's cache so far
+        self.cached_tokens = 0  # of those, tokens loaded from the prefix cache
+        self.cuts: list[int] = []  # prompt lengths where a prefill piece ends and the prefix cache takes a snapshot
         self.aborted = False
         self.t_submit, self.t_first, self.t_done = time.perf_counter(), None, None
         self._done = threading.Event()
@@ -193,7 +197,8 @@ class Request:
         t_first = self.t_first if self.t_first is not None else self.t_done
         return Completion(self.id, self.prompt_ids, self.token_ids, self.text, self.finish_reason or "",
                           self.logprobs if self.params.logprobs is not None else None,
-                          (t_first or 0) - self.t_submit, (self.t_done or 0) - self.t_submit, self.error)
+                          (t_first or 0) - self.t_submit, (self.t_done or 0) - self.t_submit, self.error,
+                          self.cached_tokens)
 
 
 # ---- engine -----------------------------------------------------------------------------------------------------
@@ -206,7 +211,10 @@ class Engine:
     prefilled in one call (default num_slots); max_prefill_tokens: rows x bucket limit of one prefill call, so also
     the longest piece a long prompt is prefilled in (one piece per step, between decode steps);
     eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed experts packed
-    as INT4; mesh: a `k2jax.sharding.make_mesh` mesh the parameters are placed on (see `ModelRunner` for these).
+    as INT4; mesh: a `k2jax.sharding.make_mesh` mesh the parameters are placed on (see `ModelRunner` for these);
+    prefix_cache_bytes: device bytes of the prefix cache (0: off; see k2jax.serving.prefix_store), whose pages
+    hold prefix_page_size tokens; snapshot_every: a prompt's prefill also stops to cache its prefix every this
+    many tokens (so a long shared system prompt hits while requests continue behind it).
 
     runner: the ModelRunner; vocab_limit: ids the engine may generate are [0, vocab_limit) = [0, min(model vocab,
     tokenizer.vocab_size)) (the model vocab without a tokenizer); error: None, or why the engine thread died.
@@ -214,8 +222,15 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, num_slots: int = 8, max_len: int | None = None,
                  min_bucket: int = 16, max_prefill_batch: int | None = None, max_prefill_tokens: int = 8192,
-                 eos_token_ids: Sequence[int] | None = None, int4_experts: bool = False, mesh=None):
+                 eos_token_ids: Sequence[int] | None = None, int4_experts: bool = False, mesh=None,
+                 prefix_cache_bytes: int = 0, prefix_page_size: int = 16, snapshot_every: int = 1024):
         cfg = model.config
+        if prefix_cache_bytes < 0 or snapshot_every < 1:
+            raise ValueError(f"Engine: prefix_cache_bytes={prefix_cache_bytes} must be >= 0 (0 = off) and "
+                             f"snapshot_every={snapshot_every} >= 1")
+        use_prefix = prefix_cache_bytes > 0 and any(kind == "mla" for kind in cfg.layer_types)
+        if prefix_cache_bytes > 0 and not use_prefix:
+            log.warning("the prefix cache is off: it stores MLA latents and this model has no MLA layer")
         self.tokenizer = tokenizer
         max_len = min(cfg.max_position_embeddings, 2048) if max_len is None else max_len
         # Ids in [0, tokenizer.vocab_size) decode (byte, tiktoken and HF tokenizers alike); a model vocabulary
@@ -223,7 +238,11 @@ class Engine:
         self.vocab_limit = cfg.vocab_size if tokenizer is None else min(cfg.vocab_size, int(tokenizer.vocab_size))
         self.runner = ModelRunner(model, num_slots=num_slots, max_len=max_len, min_bucket=min_bucket,
                                   max_prefill_batch=max_prefill_batch, max_prefill_tokens=max_prefill_tokens,
-                                  vocab_limit=self.vocab_limit, int4_experts=int4_experts, mesh=mesh)
+                                  vocab_limit=self.vocab_limit, int4_experts=int4_experts, mesh=mesh,
+                                  resume_anywhere=use_prefix)
+        self.prefix = PrefixStore(self.runner, prefix_cache_bytes, page_size=prefix_page_size) if use_prefix else None
+        self.snapshot_every = snapshot_every
+        self._prefix_logged = time.monotonic()
         self.num_slots, self.max_len = num_slots, max_len
         eos = set(eos_token_ids if eos_token_ids is not None else [cfg.eos_token_id])
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_id is not None:
@@ -274,8 +293,18 @@ class Engine:
             return self._grammar_tokenizer
 
     def warmup(self) -> float:
-        """Compile every shape the runner can use now (so serving never compiles); returns the seconds taken."""
-        return self.runner.warmup()
+        """Compile every shape the runner (and the prefix cache) can use now (so serving never compiles); returns
+        the seconds taken."""
+        t0 = time.perf_counter()
+        self.runner.warmup()
+        if self.prefix is not None:
+            self.prefix.warmup()
+        return time.perf_counter() - t0
+
+    def prefix_stats(self) -> dict | None:
+        """The prefix cache's counters and sizes (k2jax.serving.prefix_store.PrefixStore.stats), None when off
+        (thread-safe)."""
+        return None if self.prefix is None else self.prefix.stats()
 
     # ---- submission -------------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
@@ -389,13 +418,37 @@ class Engine:
             except queue.Empty:
                 return
 
+    def _piece_end(self, req: Request) -> int:
+        """Where the request's next prefill piece ends: piece_len on, or at its next cut."""
+        ends = [req.prefilled + self.runner.piece_len, len(req.prompt_ids)] + [c for c in req.cuts if c > req.prefilled]
+        return min(ends)
+
     def _first_piece(self, req: Request) -> list[int]:
-        return req.prompt_ids[:self.runner.piece_len]
+        return req.prompt_ids[:self._piece_end(req)]
+
+    def _plan(self, req: Request, match) -> None:
+        """Set the prompt lengths where its prefill stops to cache a prefix: every snapshot_every tokens and, for a
+        hybrid model, where the prompt leaves a cached path that has no snapshot there (so the next request
+        branching at that point resumes there)."""
+        n = len(req.prompt_ids)
+        cuts = set(range(self.snapshot_every, n, self.snapshot_every))
+        if self.prefix.hybrid and match.num_tokens < match.num_matched < n:
+            cuts.add(match.num_matched)
+        req.cuts = sorted(c for c in cuts if c > match.num_tokens)
+
+    def _peek_hit(self, req: Request) -> bool:
+        """Whether the prefix cache holds a prefix of the request (not counted in the stats); plans its cuts."""
+        match = self.prefix.lookup(req.prompt_ids, record=False)
+        self._plan(req, match)
+        return match.num_tokens > 0
 
     def _next_group(self, num_free: int) -> list[Request]:
-        """The waiting requests (from the front, not removed) one prefill call takes."""
+        """The waiting requests (from the front, not removed) one prefill call takes: prompts starting from
+        scratch (one that the prefix cache can resume is admitted alone, by `_admit_cached`)."""
         group = [self.waiting[0]]
         while len(group) < min(len(self.waiting), num_free):
+            if self.prefix is not None and self._peek_hit(self.waiting[len(group)]):
+                break
             lengths = [len(self._first_piece(r)) for r in group + [self.waiting[len(group)]]]
             if not self.runner.prefill_fits(lengths):
                 break
@@ -415,8 +468,14 @@ class Engine:
         prepared and run before any slot is taken; if it fails, only the group's requests fail (and leave the
         queue). A request whose prompt is not done takes its slot and continues in later steps."""
         free = [i for i, r in enumerate(self.slots) if r is None]
+        if self.prefix is not None and self._peek_hit(self.waiting[0]):
+            self._admit_cached(self.waiting[0], free[0])
+            return
         group = self._next_group(len(free))
         slots = free[:len(group)]
+        if self.prefix is not None:
+            for req in group:  # count each query once, when it is admitted
+                self.prefix.lookup(req.prompt_ids)
         temp, top_k, top_p, seeds = self._sampling(group)
         pieces = [self._first_piece(r) for r in group]
         t0 = time.perf_counter()
@@ -440,11 +499,42 @@ class Engine:
         for i, req in enumerate(group):
             if req.decoding:
                 self._accept(req, out, i)
+            else:
+                self._cache_piece(req)
+
+    def _admit_cached(self, req: Request, slot: int):
+        """Admit the request at the front of the queue into `slot` resumed from its cached prefix, and prefill its
+        first piece after it. If the load fails, the request fails (and, if the copy consumed the cache, every
+        slot's)."""
+        match = self.prefix.lookup(req.prompt_ids)
+        self._plan(req, match)
+        self.waiting.popleft()
+        try:
+            self.prefix.load(slot, match)
+        except Exception as e:
+            log.exception("loading a cached prefix for request %s failed", req.id)
+            self._finish(req, FINISH_ERROR, error=f"prefix cache load failed: {type(e).__name__}: {e}")
+            self._recover_cache(e)
+            return
+        temp, top_k, top_p, seeds = self._sampling([req])
+        req.slot, self.slots[slot] = slot, req
+        req.prefilled = req.cached_tokens = match.num_tokens
+        self._temp[slot], self._top_k[slot], self._top_p[slot], self._seed[slot] = temp[0], top_k[0], top_p[0], seeds[0]
+        self._continue_prefill(req)
+
+    def _cache_piece(self, req: Request):
+        """After a prefill piece that ended at one of the request's cuts: cache the prompt so far."""
+        if self.prefix is None or req.prefilled not in req.cuts:
+            return
+        try:
+            self.prefix.save(req.slot, req.prompt_ids[:req.prefilled])
+        except Exception:  # a prefix that is not cached costs time later, never correctness
+            log.exception("caching the prefix of request %s failed", req.id)
 
     def _continue_prefill(self, req: Request):
         """Prefill the next piece of a prompt that holds a slot; its last piece samples the first token. A failure
         fails this request (and, if the call consumed the cache, every slot's)."""
-        piece = req.prompt_ids[req.prefilled:req.prefilled + self.runner.piece_len]
+        piece = req.prompt_ids[req.prefilled:self._piece_end(req)]
         t0 = time.perf_counter()
         try:
             out = self.runner.prefill([piece], [req.slot], *self._sampling([req]), *self._prefill_grammar_masks([req]),
@@ -460,6 +550,8 @@ class Engine:
         req.prefilled += len(piece)
         if req.decoding:
             self._accept(req, out, 0)
+        else:
+            self._cache_piece(req)
 
     def _decode_step(self):
         active = np.array([r is not None and r.decoding for r in self.slots])
@@ -574,8 +666,11 @@ class Engine:
         """End `req` (once; later calls do nothing): free its slot, send the final event unless `emitted`."""
         if req.finished:
             return
+        holds_slot = req.slot is not None and self.slots[req.slot] is req
+        if holds_slot and self.prefix is not None and reason in (FINISH_STOP, FINISH_LENGTH) and req.decoding:
+            self._cache_sequence(req)
         req.finish_reason, req.error, req.t_done = reason, error, time.perf_counter()
-        if req.slot is not None and self.slots[req.slot] is req:
+        if holds_slot:
             self.slots[req.slot] = None
         with self._cv:
             self._unfinished -= 1
@@ -584,6 +679,21 @@ class Engine:
         if not emitted and req.callback is not None:
             self._call(req, Event(req.id, [], "", [], True, reason, error))
         req._done.set()
+
+    def _cache_sequence(self, req: Request):
+        """Cache what a finished request's slot holds: its prompt and generated tokens but the last (never fed
+        back), so the next turn of the conversation resumes where this one ended."""
+        n = int(self.runner.lengths[req.slot])
+        try:
+            self.prefix.save(req.slot, (req.prompt_ids + req.token_ids)[:n])
+        except Exception:
+            log.exception("caching the sequence of request %s failed", req.id)
+        if time.monotonic() - self._prefix_logged >= 60:
+            self._prefix_logged = time.monotonic()
+            st = self.prefix.stats()
+            log.info("prefix cache: %d hits / %d queries, %d cached tokens reused, %d evicted nodes, %.1f of %.1f MiB "
+                     "in use", st["hits"], st["queries"], st["cached_tokens"], st["evicted_nodes"],
+                     st["bytes_in_use"] / 2 ** 20, st["budget_bytes"] / 2 ** 20)
 
     def _finish_everything(self, reason: str, error: str | None = None):
         """Finish every queued, waiting and active request."""

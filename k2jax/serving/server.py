@@ -1,5 +1,7 @@
-"""OpenAI-compatible HTTP API over an `Engine`: /v1/completions, /v1/chat/completions (both with SSE streaming),
-/v1/models and /health. Built on FastAPI + uvicorn (the `serve` extra).
+"""OpenAI-compatible HTTP API over an `Engine`: /v1/completions, /v1/chat/completions (both with SSE streaming,
+and a last usage chunk when asked with stream_options.include_usage), /v1/models, /health and /v1/stats (the
+prefix cache's hits, cached tokens, evictions and bytes in use, and the engine's token counts). Every usage
+reports prompt_tokens_details.cached_tokens: prompt tokens resumed from the prefix cache. Built on FastAPI + uvicorn (the `serve` extra).
 
 The engine runs in its own thread; each request registers a callback that hands the engine's events to the
 request's asyncio queue. No request can fail another, and every one gets an answer:
@@ -130,6 +132,12 @@ class _BodyLimit:
 
 
 # ---- request bodies -----------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False  # end the stream with a chunk holding the usage (and no choices), as OpenAI
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -140,6 +148,7 @@ class _Common(BaseModel):
     top_k: int = 0
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False
@@ -220,6 +229,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: ServerLimits 
             return JSONResponse(status_code=503, content=body)
         return body
 
+    @app.get("/v1/stats")
+    async def stats():
+        st = engine.stats
+        return {"prefix_cache": engine.prefix_stats(), "active": engine.num_active, "waiting": engine.num_waiting,
+                "prefill_tokens": st["prefill_tokens"], "decode_tokens": st["decode_tokens"],
+                "finished": dict(st["finished"])}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
@@ -239,7 +255,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: ServerLimits 
                                      for ids in prompts], limits)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _sse(_completion_chunks(run, rid, model_name, tokenizer))
+            return _sse(_completion_chunks(run, rid, model_name, tokenizer, _include_usage(body)))
         if not await run.wait_unless_disconnected(request):
             return _client_gone()
         choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
@@ -270,7 +286,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: ServerLimits 
                                                     max_tokens is None)], limits, grammars=[grammar])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _sse(_chat_chunks(run, rid, model_name, tokenizer, StreamParser(reasoning_open)))
+            return _sse(_chat_chunks(run, rid, model_name, tokenizer, StreamParser(reasoning_open),
+                                     _include_usage(body)))
         if not await run.wait_unless_disconnected(request):
             return _client_gone()
         r = run.reqs[0]
@@ -537,7 +554,8 @@ class _Run:
     def usage(self) -> dict:
         p = sum(len(r.prompt_ids) for r in self.reqs)
         c = sum(len(r.token_ids) for r in self.reqs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in self.reqs)}}
 
 
 async def _disconnected(request: Request) -> None:
@@ -560,12 +578,19 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(run: _Run, make_chunks):
-    """Yield SSE lines from make_chunks(index, Event); abort the engine requests if the client goes away."""
+def _include_usage(body: _Common) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+async def _stream(run: _Run, make_chunks, usage_chunk=None):
+    """Yield SSE lines from make_chunks(index, Event), then usage_chunk(usage) if given; abort the engine
+    requests if the client goes away."""
     try:
         async for i, ev in run.events():
             for chunk in make_chunks(i, ev):
                 yield _data(chunk)
+        if usage_chunk is not None:
+            yield _data(usage_chunk(run.usage()))
         yield "data: [DONE]\n\n"
     except APIError as e:
         yield _data({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
@@ -573,7 +598,13 @@ async def _stream(run: _Run, make_chunks):
         run.abort()
 
 
-def _completion_chunks(run, rid, model_name, tokenizer):
+def _usage_chunk(rid, object_, model_name):
+    """The last chunk of a stream asked for with stream_options.include_usage: no choices, the usage."""
+    return lambda usage: {"id": rid, "object": object_, "created": int(time.time()), "model": model_name,
+                          "choices": [], "usage": usage}
+
+
+def _completion_chunks(run, rid, model_name, tokenizer, include_usage=False):
     def make(i, ev: Event):
         if not ev.text and not ev.finished and not ev.logprobs:
             return []
@@ -581,12 +612,12 @@ def _completion_chunks(run, rid, model_name, tokenizer):
         return [{"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                  "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}]}]
 
-    return _stream(run, make)
+    return _stream(run, make, _usage_chunk(rid, "text_completion", model_name) if include_usage else None)
 
 
-def _chat_chunks(run, rid, model_name, tokenizer, parser: StreamParser):
+def _chat_chunks(run, rid, model_name, tokenizer, parser: StreamParser, include_usage=False):
     """Chunks of a streamed chat reply: the role first, then the parser's reasoning_content / content /
-    tool_calls deltas (a call's name and id first, its arguments in pieces), then the finish_reason."""
+    tool_calls deltas (a call's name and id first, its arguments in pieces), then the finish_reason (and the usage chunk when asked)."""
     started = [False]
 
     def make(i, ev: Event):
@@ -608,7 +639,7 @@ def _chat_chunks(run, rid, model_name, tokenizer, parser: StreamParser):
                                              "finish_reason": parser.finish_reason(ev.finish_reason)}]})
         return out
 
-    return _stream(run, make)
+    return _stream(run, make, _usage_chunk(rid, "chat.completion.chunk", model_name) if include_usage else None)
 
 
 # ---- helpers: logprobs --------------------------------------------------------------------------------------------

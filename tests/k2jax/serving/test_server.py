@@ -19,6 +19,7 @@ from k2jax.serving.scheduler import SamplingParams  # noqa: E402
 from k2jax.serving.server import make_server  # noqa: E402
 from k2jax.tokenizer import ByteTokenizer  # noqa: E402
 from tests.k2jax.serving.test_engine import MAX_LEN, tiny_engine  # noqa: E402
+from tests.k2jax.serving.test_prefix_engine import engine_pair  # noqa: E402
 
 MODEL = "tiny-test"
 TIMEOUT = 120.0
@@ -121,7 +122,8 @@ def test_completion_equals_engine_output_with_and_without_streaming(served):
     out = r.json()
     choice = out["choices"][0]
     assert out["object"] == "text_completion" and choice["text"] == ref.text and choice["finish_reason"] == "length"
-    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     lp = choice["logprobs"]
     assert len(lp["token_logprobs"]) == 6 and all(len(t) <= 2 for t in lp["top_logprobs"])
     with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
@@ -130,6 +132,37 @@ def test_completion_equals_engine_output_with_and_without_streaming(served):
     assert events[-1] == "[DONE]"
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == ref.text
     assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_cached_tokens_in_usage_streamed_usage_and_the_stats_endpoint():
+    """With the prefix cache on: a prompt sent again resumes from its cached prefix (the second request stops
+    its prefill where it leaves the cached path, so the third resumes there); usage reports the cached tokens,
+    also in the last chunk of a stream with stream_options.include_usage; GET /v1/stats shows the hits."""
+    engine, _ = engine_pair("float32")
+    body = {"model": MODEL, "prompt": "the same system prompt", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    n = len("the same system prompt")
+    engine.start()
+    try:
+        with _serve(engine, LIMITS) as client:
+            before = client.get("/v1/stats").json()["prefix_cache"]
+            outs = [client.post("/v1/completions", json=body).json() for _ in range(3)]
+            assert [o["usage"]["prompt_tokens_details"]["cached_tokens"] for o in outs] == [0, 0, n - 1]
+            assert len({o["choices"][0]["text"] for o in outs}) == 1
+            with client.stream("POST", "/v1/completions",
+                               json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                events = _sse_events(r)
+            assert events[-1] == "[DONE]" and events[-2]["choices"] == []
+            assert events[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] == n - 1
+            assert "".join(e["choices"][0]["text"] for e in events[:-2]) == outs[0]["choices"][0]["text"]
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                    "temperature": 0}
+            usage = client.post("/v1/chat/completions", json=chat).json()["usage"]
+            assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+            after = client.get("/v1/stats").json()["prefix_cache"]
+            assert after["hits"] - before["hits"] == 2 and after["queries"] - before["queries"] == 5
+            assert 0 < after["bytes_in_use"] <= after["budget_bytes"]
+    finally:
+        engine.shutdown()
 
 
 def test_chat_completion_with_and_without_streaming(served):
@@ -385,10 +418,10 @@ def test_cli_generates_for_prompts_and_a_file(tmp_path, capsys):
     f.write_text("first line\n\nsecond\n")
     # configs/default.yaml has 512 ids, the byte tokenizer 264: served as is, ids >= 264 are never sampled.
     argv = ["--config", "default", "--slots", "4", "--max-len", str(MAX_LEN), "--no-warmup", "--max-tokens", "3",
-            "--prompt", "hi", "--prompts-file", str(f)]
+            "--prefix-cache-gb", "0.001", "--prompt", "hi", "--prompts-file", str(f)]
     assert serve.main(argv) == 0
     captured = capsys.readouterr()
     assert captured.out.count("=== ") == 3 and "'second' -> [length, 3 tokens" in captured.out
-    assert "tok/s" in captured.err
+    assert "tok/s" in captured.err and "--- prefix cache: 0 hits / 3 queries" in captured.err
     with pytest.raises(SystemExit, match="context"):
         serve.main(argv[:-4] + ["--prompt", "y" * 40])

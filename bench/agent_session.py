@@ -1,0 +1,215 @@
+"""Agent sessions through the engine, prefix cache on and off: per-turn latency against the turn index, prefilled
+and cached tokens, and concurrent sessions sharing a system prompt.
+
+    python bench/agent_session.py                                   # 60 turns, 16 x 4 turns (minutes on 2 cores)
+    python bench/agent_session.py --turns 200 --out docs/agent_session.md --plot docs/agent_session.png
+
+1. One session: the first prompt has --first-tokens random tokens; every turn generates --gen-tokens (greedy,
+   EOS ignored), then a tool result of --tool-tokens random tokens is appended and the whole history is the next
+   turn's prompt (what an agent client sends). Each configuration runs the session twice with different random
+   tokens of the same lengths: the first pass compiles every shape the second uses, the second is timed
+   (compiles excluded). Latency = submission to last token of a turn. Prefilled = prompt tokens the engine ran
+   through prefill; cached = prompt tokens resumed from the prefix cache.
+2. --sessions concurrent sessions whose first prompts share a --system-tokens system prompt (then --user-tokens of
+   their own), --session-turns turns each; session 0's first turn runs alone first (the system prompt is then
+   cached once, as on a server that has seen it before). Throughput = generated tokens / wall time; memory = the
+   prefix cache's bytes in use at the end (pages + snapshots) and the pages holding the system prompt.
+Models have random weights (the timing does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from k2jax import KimiLinear, load_config  # noqa: E402
+from k2jax.serving.page_pool import pages_for  # noqa: E402
+from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
+
+
+def make_engine(model, args, prefix_gb: float) -> Engine:
+    return Engine(model, None, num_slots=args.slots, max_len=args.max_len, min_bucket=args.min_bucket,
+                  max_prefill_tokens=args.max_prefill_tokens, prefix_cache_bytes=int(prefix_gb * 2 ** 30),
+                  snapshot_every=args.snapshot_every)
+
+
+def compiles(engine: Engine) -> int:
+    """Programs the engine has compiled so far (the runner's steps and the prefix cache's copies)."""
+    extra = 0 if engine.prefix is None else engine.prefix.compile_count + (
+        engine.prefix.snapshots.compile_count if engine.prefix.snapshots is not None else 0)
+    return engine.runner.compile_count + extra
+
+
+def random_tokens(rng, n: int, vocab: int) -> list[int]:
+    return [int(t) for t in rng.integers(3, vocab, n)]
+
+
+def run_session(engine: Engine, args, seed: int) -> list[dict]:
+    """One scripted session; returns one row per turn: latency_s, history (prompt tokens), prefilled, cached."""
+    rng = np.random.default_rng(seed)
+    vocab = engine.config.vocab_size
+    params = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
+    history = random_tokens(rng, args.first_tokens, vocab)
+    rows = []
+    for turn in range(args.turns):
+        before = engine.stats["prefill_tokens"]
+        t0 = time.perf_counter()
+        (out,) = engine.generate([history], params)
+        latency = time.perf_counter() - t0
+        rows.append(dict(turn=turn, latency_s=latency, history=len(history),
+                         prefilled=engine.stats["prefill_tokens"] - before, cached=out.cached_tokens))
+        history = history + out.token_ids + random_tokens(rng, args.tool_tokens, vocab)
+    return rows
+
+
+def single_session(model, args, prefix_gb: float) -> tuple[list[dict], int]:
+    """The timed pass's rows and the programs compiled during it (0 expected)."""
+    engine = make_engine(model, args, prefix_gb)
+    run_session(engine, args, seed=1)  # compiles every shape the timed pass uses
+    before = compiles(engine)
+    rows = run_session(engine, args, seed=2)
+    return rows, compiles(engine) - before
+
+
+def concurrent_sessions(model, args, prefix_gb: float) -> dict:
+    """--sessions sessions sharing a system prompt, each --session-turns turns, all in flight at once."""
+    engine = make_engine(model, args, prefix_gb)
+    vocab = engine.config.vocab_size
+    params = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
+
+    def run_all(seed):
+        rng = np.random.default_rng(seed)
+        system = random_tokens(rng, args.system_tokens, vocab)
+        firsts = [system + random_tokens(rng, args.user_tokens, vocab) for _ in range(args.sessions)]
+        tools = [[random_tokens(rng, args.tool_tokens, vocab) for _ in range(args.session_turns)]
+                 for _ in range(args.sessions)]
+        generated = [0] * args.sessions
+
+        def session(k, turns):
+            history = firsts[k]
+            for turn in turns:
+                out = engine.submit(history, params).wait()
+                generated[k] += len(out.token_ids)
+                history = history + out.token_ids + tools[k][turn]
+            return history
+
+        before = engine.stats["prefill_tokens"]
+        t0 = time.perf_counter()
+        engine.start()
+        try:
+            session(0, [0])  # the system prompt reaches the cache once
+            threads = [threading.Thread(target=session, args=(k, range(1 if k == 0 else 0, args.session_turns)))
+                       for k in range(args.sessions)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            engine.shutdown()
+        wall = time.perf_counter() - t0
+        return dict(wall_s=wall, generated=sum(generated), prefilled=engine.stats["prefill_tokens"] - before)
+
+    for seed in range(args.warm_passes):  # compile (thread timing varies the shapes a little: more than one pass)
+        run_all(seed=100 + seed)
+    before = compiles(engine)
+    res = run_all(seed=4)
+    res["compiles"] = compiles(engine) - before
+    st = engine.prefix_stats()
+    res.update(tok_per_s=res["generated"] / res["wall_s"], bytes_in_use=st["bytes_in_use"] if st else 0,
+               system_prompt_page_bytes=(pages_for(args.system_tokens, engine.prefix.page_size) * engine.prefix.page_bytes
+                                         if st else 0))
+    return res
+
+
+def summarize(rows: list[dict]) -> dict:
+    total_prefilled = sum(r["prefilled"] for r in rows)
+    final_history = rows[-1]["history"]
+    return dict(first_ms=rows[0]["latency_s"] * 1e3, last_ms=rows[-1]["latency_s"] * 1e3,
+                ratio=rows[-1]["latency_s"] / rows[0]["latency_s"], prefilled=total_prefilled,
+                cached=sum(r["cached"] for r in rows), history=final_history,
+                prefilled_over_history=total_prefilled / final_history)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default")
+    p.add_argument("--turns", type=int, default=60)
+    p.add_argument("--first-tokens", type=int, default=256)
+    p.add_argument("--tool-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--sessions", type=int, default=16)
+    p.add_argument("--session-turns", type=int, default=3)
+    p.add_argument("--warm-passes", type=int, default=2, help="untimed passes of the concurrent sessions")
+    p.add_argument("--system-tokens", type=int, default=2048)
+    p.add_argument("--user-tokens", type=int, default=64)
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=None, help="default: what the longest session needs")
+    p.add_argument("--min-bucket", type=int, default=128)
+    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    p.add_argument("--snapshot-every", type=int, default=1024)
+    p.add_argument("--prefix-cache-gb", type=float, default=1.0)
+    p.add_argument("--skip-off", action="store_true", help="only the cache-on runs")
+    p.add_argument("--skip-concurrent", action="store_true")
+    p.add_argument("--out", help="write the markdown tables here too")
+    p.add_argument("--plot", help="save latency against turn index (PNG) here")
+    args = p.parse_args()
+    need_single = args.first_tokens + args.turns * (args.gen_tokens + args.tool_tokens)
+    need_conc = args.system_tokens + args.user_tokens + args.session_turns * (args.gen_tokens + args.tool_tokens)
+    args.max_len = args.max_len or max(need_single, need_conc) + args.gen_tokens
+    model = KimiLinear(load_config(args.config), rngs=nnx.Rngs(0))
+    configs = [("on", args.prefix_cache_gb)] + ([] if args.skip_off else [("off", 0.0)])
+
+    lines = [f"config `{args.config}`, {args.turns} turns (first prompt {args.first_tokens} tokens, +{args.tool_tokens} "
+             f"tool tokens and {args.gen_tokens} generated per turn), max_len {args.max_len}, min_bucket "
+             f"{args.min_bucket}, max_prefill_tokens {args.max_prefill_tokens}, compiles excluded", "",
+             "| prefix cache | first turn ms | last turn ms | last / first | prefilled tokens | cached tokens | "
+             "final history | prefilled / history | compiles in the timed pass |", "|---|---|---|---|---|---|---|---|---|"]
+    curves = {}
+    for name, gb in configs:
+        rows, compiled = single_session(model, args, gb)
+        curves[name] = rows
+        s = summarize(rows)
+        lines.append(f"| {name} | {s['first_ms']:.0f} | {s['last_ms']:.0f} | {s['ratio']:.2f} | {s['prefilled']:,} | "
+                     f"{s['cached']:,} | {s['history']:,} | {s['prefilled_over_history']:.2f} | {compiled} |")
+        print(lines[-1], flush=True)
+    if not args.skip_concurrent:
+        lines += ["", f"{args.sessions} concurrent sessions, a shared {args.system_tokens}-token system prompt + "
+                  f"{args.user_tokens} own tokens, {args.session_turns} turns each ({args.slots} slots)", "",
+                  "| prefix cache | wall s | generated tok/s | prefilled tokens | prefix cache bytes in use | "
+                  "system prompt pages (bytes) | compiles in the timed pass |", "|---|---|---|---|---|---|---|"]
+        for name, gb in configs:
+            r = concurrent_sessions(model, args, gb)
+            lines.append(f"| {name} | {r['wall_s']:.1f} | {r['tok_per_s']:.1f} | {r['prefilled']:,} | "
+                         f"{r['bytes_in_use']:,} | {r['system_prompt_page_bytes']:,} | {r['compiles']} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name, rows in curves.items():
+            ax.plot([r["turn"] for r in rows], [r["latency_s"] * 1e3 for r in rows], label=f"prefix cache {name}")
+        ax.set_xlabel("turn")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"agent session, config {args.config}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
