@@ -19,8 +19,16 @@ import sys
 import time
 from pathlib import Path
 
+from flax import nnx
+
+from k2jax import KimiLinear, load_config
+from k2jax.chat import load_chat_template
 from k2jax.config import ConfigError, ModelConfig, parse_overrides
 from k2jax.serving.config import ServeConfig
+from k2jax.serving.loading import load_model
+from k2jax.serving.scheduler import Engine, SamplingParams
+from k2jax.sharding import make_mesh, shard_model
+from k2jax.tokenizer import load_tokenizer
 
 # flag -> ServeConfig field (dotted: a field of its `limits`)
 _SERVE_FLAGS = {"slots": "slots", "max_len": "max_len", "min_bucket": "min_bucket",
@@ -109,14 +117,6 @@ def settings(args: argparse.Namespace) -> tuple[ServeConfig, dict]:
 
 
 def _build(args, serve: ServeConfig, model_overrides: dict):
-    from flax import nnx
-
-    from k2jax import KimiLinear, load_config
-    from k2jax.serving.loading import load_model
-    from k2jax.serving.scheduler import Engine
-    from k2jax.sharding import make_mesh, shard_model
-    from k2jax.tokenizer import load_tokenizer
-
     tp, ep = serve.tensor_parallel, serve.expert_parallel
     mesh = None
     if tp * ep > 1:
@@ -178,15 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         serve, model_overrides = settings(args)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
-    from k2jax.serving.scheduler import SamplingParams
 
     engine, tokenizer = _build(args, serve, model_overrides)
     if serve.warmup:
         print(f"warm-up: compiled {len(engine.runner.buckets)} length buckets in {engine.warmup():.1f} s",
               file=sys.stderr)
     if args.http:
-        from k2jax.chat import load_chat_template
-        from k2jax.serving.server import make_server
+        from k2jax.serving.server import make_server  # noqa: PLC0415 (FastAPI, the serve extra: --http only)
 
         name = args.model_name or Path(args.checkpoint or args.config).name
         print(f"serving {name!r} on http://{serve.host}:{serve.port} (slots={engine.num_slots}, "

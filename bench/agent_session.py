@@ -196,9 +196,9 @@ def main():
         with open(args.out, "w") as f:
             f.write(text + "\n")
     if args.plot:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (optional: the dev extra)
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional)
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name, rows in curves.items():

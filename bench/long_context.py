@@ -38,6 +38,17 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from k2jax import KimiLinear, load_config
+from k2jax.layers.kda import KimiDeltaAttention
+from k2jax.layers.mla import MultiHeadLatentAttention
+from k2jax.serving.runner import ModelRunner
+from k2jax.training.step import lm_head_cross_entropy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -52,14 +63,7 @@ def peak_rss_mib(who=resource.RUSAGE_SELF) -> float:
 # ---- one point, in its own process --------------------------------------------------------------------------------
 def program(kind: str, mode: str, T: int):
     """(jitted function, its arguments) of one point: kind model / kda48 / mla48, mode fwd / fwdbwd."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from k2jax import KimiLinear, load_config
-    from k2jax.layers.kda import KimiDeltaAttention
-    from k2jax.layers.mla import MultiHeadLatentAttention
-    from k2jax.training.step import lm_head_cross_entropy
 
     key = jax.random.key(0)
     if kind == "model":
@@ -92,8 +96,6 @@ def program(kind: str, mode: str, T: int):
 
 
 def run_point(kind: str, mode: str, T: int, timed: bool, repeats: int) -> dict:
-    import jax
-
     fn, args = program(kind, mode, T)
     rss_base = peak_rss_mib()
     t0 = time.perf_counter()
@@ -115,11 +117,7 @@ def run_point(kind: str, mode: str, T: int, timed: bool, repeats: int) -> dict:
 def run_serve_pieces(T: int, max_prefill_tokens: int) -> dict:
     """Prefill one T-token prompt through a ModelRunner in pieces, timing each (and noting the pieces that
     compiled a new program), then the first two pieces again, warm: the time per token at the start of a prompt."""
-    import numpy as np
-    from flax import nnx
 
-    from k2jax import KimiLinear, load_config
-    from k2jax.serving.runner import ModelRunner
 
     cfg = load_config("default")
     runner = ModelRunner(KimiLinear(cfg, rngs=nnx.Rngs(0)), num_slots=1, max_len=T + 64,
@@ -150,7 +148,6 @@ def run_serve_pieces(T: int, max_prefill_tokens: int) -> dict:
 def run_serve_cli(T: int, max_prefill_tokens: int) -> dict:
     """`serve.py --config default` on one T-byte prompt (T tokens with the byte tokenizer), 16 new tokens: wall
     time and peak RSS of the serve.py process (this process only waits for it)."""
-    import numpy as np
 
     text = "".join(chr(c) for c in np.random.default_rng(0).integers(ord("a"), ord("z") + 1, T))
     max_tokens = 16
@@ -219,10 +216,10 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
 def plot(path: str, rows: list[dict], serve: dict | None) -> None:
     """A panel of compiled temp memory against T (when rows have it) and one of time per token (the model's
     forward and the serving prefill pieces that compiled nothing, when measured)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (optional: the dev extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional)
 
     names = {"model": "default model", "kda48": "KDA layer, 48B widths", "mla48": "MLA layer, 48B widths"}
     memory = {(kind, mode): [(r["T"], r["temp_MiB"]) for r in rows
@@ -295,7 +292,6 @@ def main(argv=None) -> int:
         print(json.dumps(run_serve_cli(args.serve_cli_point, args.max_prefill_tokens)))
         return 0
 
-    import jax
 
     sections = set(args.sections.split(","))
     unknown = sections - {"model", "layers", "serve", "dry_run"}

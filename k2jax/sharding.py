@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 
 # `context` splits the sequence (context parallelism); it sits next to `tensor` so that its ring neighbours are
 # close on a TPU torus.
@@ -162,7 +163,6 @@ def make_mesh(shape=None, devices=None) -> jax.sharding.Mesh:
     dims = _mesh_dims(shape, len(devices))
     devices = devices[:_prod(dims)]
     try:
-        from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
     except Exception:  # non-TPU topologies or shapes the helper refuses: plain order is always valid
         grid = np.array(devices, dtype=object).reshape(dims)

@@ -4,8 +4,15 @@ that makes tool-call arguments valid under the tool's JSON schema by constructio
 device-side mask in k2jax.chat.bitmask)."""
 
 from k2jax.chat.parser import StreamParser, merge_deltas, parse_assistant, split_tool_call_id, tool_call_id
-from k2jax.chat.template import (ChatTemplate, encode_chat, load_chat_template, normalize_tool_call_ids,
-                                 prompt_opens_reasoning, render_chat, render_kimi_k2)
+from k2jax.chat.template import (
+                                 ChatTemplate,
+                                 encode_chat,
+                                 load_chat_template,
+                                 normalize_tool_call_ids,
+                                 prompt_opens_reasoning,
+                                 render_chat,
+                                 render_kimi_k2,
+)
 
 __all__ = ["ChatTemplate", "StreamParser", "encode_chat", "load_chat_template", "merge_deltas",
            "normalize_tool_call_ids", "parse_assistant", "prompt_opens_reasoning", "render_chat", "render_kimi_k2",

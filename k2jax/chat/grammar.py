@@ -46,8 +46,7 @@ import llguidance
 import llguidance.numpy
 import numpy as np
 
-from k2jax.chat.parser import (ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END, THINK_CLOSE,
-                               THINK_OPEN)
+from k2jax.chat.parser import ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END, THINK_CLOSE, THINK_OPEN
 
 THINKING_MODES = ("none", "optional", "open")
 # Arguments are laid out as json.dumps does by default.

@@ -57,8 +57,16 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from k2jax.chat.parser import (ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END, THINK_CLOSE,
-                               THINK_OPEN, tool_call_id)
+from k2jax.chat.parser import (
+    ARGUMENT_BEGIN,
+    CALL_BEGIN,
+    CALL_END,
+    SECTION_BEGIN,
+    SECTION_END,
+    THINK_CLOSE,
+    THINK_OPEN,
+    tool_call_id,
+)
 
 IM_SYSTEM, IM_USER, IM_ASSISTANT = "<|im_system|>", "<|im_user|>", "<|im_assistant|>"
 IM_MIDDLE, IM_END = "<|im_middle|>", "<|im_end|>"

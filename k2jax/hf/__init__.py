@@ -52,8 +52,16 @@ Modules: `config` (config.json <-> ModelConfig), `names` (tensor names and layou
 `load`, `save`, `compressed_tensors` (INT4 experts' format). The names below are the public entry points.
 """
 
-from k2jax.hf.config import (CONFIG_FILE, FORMATS, REMOTE_CODE, TRANSFORMERS, config_from_hf, hf_config_dict,
-                             hf_convention, transformers_attention_factor)
+from k2jax.hf.config import (
+                             CONFIG_FILE,
+                             FORMATS,
+                             REMOTE_CODE,
+                             TRANSFORMERS,
+                             config_from_hf,
+                             hf_config_dict,
+                             hf_convention,
+                             transformers_attention_factor,
+)
 from k2jax.hf.load import load_hf_checkpoint, read_hf_config
 from k2jax.hf.safetensors import CheckpointError
 from k2jax.hf.save import save_hf_checkpoint

@@ -20,8 +20,8 @@ from flax import nnx
 from k2jax.layers.context_parallel import check_context_length, conv_halo_state, spec
 from k2jax.layers.linear import Linear
 from k2jax.layers.norms import GatedRMSNorm, l2_normalize
-from k2jax.sharding import CONTEXT_AXIS, context_size, make_param
 from k2jax.layers.short_conv import ShortConv
+from k2jax.sharding import CONTEXT_AXIS, context_size, make_param
 from pallas_kernels.kda import kda, kda_step
 from pallas_kernels.kda.context_parallel import kda_context_parallel
 

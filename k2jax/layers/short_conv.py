@@ -114,7 +114,6 @@ class ShortConv(nnx.Module):
         # Move each row's real tokens to the front (stable), so that "the j-th previous real token" is a static
         # shift; runs of equal ids are then the segments, and the first run is the one that reads `state`.
         B, T, C = x.shape
-        W = self.kernel_size
         real = seg != 0
         perm = jnp.argsort(jnp.logical_not(real).astype(jnp.int32), axis=1, stable=True)
         seg_c = jnp.take_along_axis(seg, perm, axis=1)

@@ -34,12 +34,28 @@ import numpy as np
 from k2jax.layers.kda import KDAState
 from k2jax.layers.mla import MLALatents
 from k2jax.serving import cache as kvcache
-from k2jax.serving.page_pool import (NO_PAGE, PageAllocator, gather_pages, init_latent_pages, num_mla_layers,
-                                     page_bytes, pages_for, scatter_pages, split_latents, stack_latents)
+from k2jax.serving.page_pool import (
+    NO_PAGE,
+    PageAllocator,
+    gather_pages,
+    init_latent_pages,
+    num_mla_layers,
+    page_bytes,
+    pages_for,
+    scatter_pages,
+    split_latents,
+    stack_latents,
+)
 from k2jax.serving.prefix_cache import Match, PrefixCache, Snapshot
 from k2jax.serving.runner import bucket
-from k2jax.serving.state_store import (NO_SNAPSHOT, SnapshotStore, SnapshotStoreFull, num_kda_layers,
-                                       restore_states, snapshot_bytes)
+from k2jax.serving.state_store import (
+    NO_SNAPSHOT,
+    SnapshotStore,
+    SnapshotStoreFull,
+    num_kda_layers,
+    restore_states,
+    snapshot_bytes,
+)
 
 log = logging.getLogger(__name__)
 

@@ -673,7 +673,7 @@ def make_server(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0
                 limits: ServerLimits | None = None, chat_template: ChatTemplate | str | None = None):
     """A `uvicorn.Server` for the app (call `.run()` to block, or run it in a thread; `.should_exit = True` stops
     it). chat_template: as in create_app."""
-    import uvicorn
+    import uvicorn  # noqa: PLC0415 (the serve extra; only make_server needs it)
 
     app = create_app(engine, tokenizer, model_name, limits, chat_template)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))

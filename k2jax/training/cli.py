@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Sequence
 
+import jax
+
 from k2jax.config import ConfigError
 from k2jax.training import dry_run
 from k2jax.training.config import load_run_config
@@ -68,7 +70,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _default_compile_cache() -> None:
     """Reuse compiled programs across runs (JAX's persistent cache) unless the user chose a cache already."""
-    import jax
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/k2jax/jax_cache"))

@@ -26,9 +26,22 @@ from typing import Annotated, Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from k2jax.config import (Allowed, Config, ConfigError, ModelConfig, NonEmptyStr, NonNegativeInt, NonNegativeNumber,
-                          Number, PositiveInt, PositiveNumber, UnitInterval, apply_overrides, parse_overrides,
-                          read_yaml)
+from k2jax.config import (
+    Allowed,
+    Config,
+    ConfigError,
+    ModelConfig,
+    NonEmptyStr,
+    NonNegativeInt,
+    NonNegativeNumber,
+    Number,
+    PositiveInt,
+    PositiveNumber,
+    UnitInterval,
+    apply_overrides,
+    parse_overrides,
+    read_yaml,
+)
 from k2jax.config_files import load_config, resolve_config_path
 from k2jax.sharding import MESH_AXES
 

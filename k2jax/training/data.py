@@ -31,7 +31,9 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+import grain
 import numpy as np
+import pyarrow.parquet as pq
 
 MQAR_RESERVED = 4
 MQAR_FILL = 1
@@ -233,8 +235,6 @@ class _ParquetFile:
     """Random access to the `text_field` column of a parquet file, one row group in memory at a time."""
 
     def __init__(self, path: Path, text_field: str):
-        import pyarrow.parquet as pq
-
         self.path, self.text_field = path, text_field
         self.file = pq.ParquetFile(path)
         if text_field not in self.file.schema_arrow.names:
@@ -300,7 +300,6 @@ class TextSource:
 
     def __init__(self, spec: str, tokenizer, seq_len: int, global_batch: int, *, text_field: str = "text",
                  seed: int = 0, process_index: int = 0, process_count: int = 1, shuffle: bool = True):
-        import grain
 
         docs = TextDocuments(resolve_data_files(spec), text_field)
         rows = host_rows(global_batch, process_index, process_count)

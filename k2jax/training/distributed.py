@@ -7,7 +7,9 @@ import json
 import os
 from typing import Callable
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from k2jax.config import ConfigError
 
@@ -18,7 +20,6 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Start jax.distributed from the arguments, else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID. Returns True when running multi-process. Uses gloo for CPU collectives. Must run before any
     other JAX call."""
-    import jax
 
     env = os.environ
     addr = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
@@ -39,11 +40,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 def allgather_json(obj) -> list:
     """Every process's JSON-serialisable `obj`, in process order (a collective: every process must call it)."""
-    import jax
 
     if jax.process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils
 
     raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
@@ -56,7 +55,6 @@ def allgather_json(obj) -> list:
 def decided_once(decide: Callable[[], dict]) -> dict:
     """`decide()` run on process 0 only and its answer given to every process, so that all take the same
     decision. An exception on process 0 is raised there and reported to the others as a RuntimeError."""
-    import jax
 
     if jax.process_count() == 1:
         return decide()

@@ -25,10 +25,17 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+
 from k2jax.config import ConfigError, ModelConfig
 from k2jax.config_files import load_config
-from k2jax.sharding import MESH_AXES
-from k2jax.training.config import TrainConfig
+from k2jax.sharding import MESH_AXES, batch_sharding, make_mesh
+from k2jax.training.config import TrainConfig, load_run_config
+from k2jax.training.loop import check_batch
+from k2jax.training.optim import make_optimizer
+from k2jax.training.state import TrainState
+from k2jax.training.step import make_train_step, router_bias_rows
 
 _REEXEC_MARK = "K2JAX_DRY_RUN_DEVICES"
 # HBM per chip of the targets `--target` names, GiB.
@@ -39,7 +46,6 @@ TARGETS = {"v5p": 95, "v6e": 32, "h200": 141}
 def ensure_cpu_devices(n: int, argv_for_reexec: list[str] | None = None) -> None:
     """Make at least `n` CPU devices available: configure JAX if its backends have not started, else re-execute
     this process (same command line) with XLA_FLAGS set. Raises RuntimeError when that cannot work."""
-    import jax
 
     try:
         jax.config.update("jax_num_cpu_devices", n)  # wins over XLA_FLAGS while the backends have not started
@@ -96,7 +102,6 @@ def default_mesh(n_devices: int, config: ModelConfig) -> dict[str, int]:
 # ---- the step ----------------------------------------------------------------------------------------------------
 def _per_device_bytes(tree) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs carrying their shardings."""
-    import jax
 
     return sum(math.prod(s.sharding.shard_shape(tuple(s.shape))) * s.dtype.itemsize for s in jax.tree.leaves(tree))
 
@@ -104,10 +109,7 @@ def _per_device_bytes(tree) -> int:
 def batch_spec(tcfg: TrainConfig, mesh) -> dict:
     """The global batch a train step takes, as ShapeDtypeStructs [batch_size, seq_len] in the data sharding:
     tokens, targets, loss_mask, and segment_ids for text data (packed documents; MQAR rows are one sequence)."""
-    import jax
-    import jax.numpy as jnp
 
-    from k2jax.sharding import batch_sharding
 
     shape = (tcfg.batch_size, tcfg.seq_len)
     dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32}
@@ -132,13 +134,7 @@ def dry_run(config: ModelConfig | str, mesh_shape, batch: int | None = None, seq
     activations: the step's state donated, as a long run needs) and, for a `target` chip (TARGETS), 'hbm' and
     'fits'. Raises ConfigError when the batch does not divide over the mesh.
     """
-    import jax
 
-    from k2jax.sharding import make_mesh
-    from k2jax.training.loop import check_batch
-    from k2jax.training.optim import make_optimizer
-    from k2jax.training.state import TrainState
-    from k2jax.training.step import make_train_step, router_bias_rows
 
     if isinstance(config, str):
         config = load_config(config)
@@ -216,8 +212,6 @@ def plan(config: str, overrides: list[str], *, mesh: str | None = None, devices:
     mesh (`mesh` text, else the run config's train.mesh unless `devices` disagrees with it, else `default_mesh`
     for `devices` or 8), make that many simulated devices, and run `dry_run`. Raises ConfigError / ValueError for
     bad input before JAX starts."""
-    from k2jax.training.config import load_run_config
-    from k2jax.training.loop import check_batch
 
     if target is not None and target not in TARGETS:
         raise ConfigError(f"--target {target!r}: must be one of {sorted(TARGETS)} (HBM GiB per chip: {TARGETS})")

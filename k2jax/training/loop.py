@@ -26,11 +26,21 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from k2jax.checkpoint import TrainCheckpointer
 from k2jax.config import ConfigError, ModelConfig
+from k2jax.sharding import batch_sharding, make_mesh
+from k2jax.tokenizer import load_tokenizer
+from k2jax.training import data
 from k2jax.training.config import TrainConfig
 from k2jax.training.distributed import allgather_json, initialize_distributed
+from k2jax.training.metrics import MetricsWriter, expert_load_stats, peak_flops_per_device, train_flops_per_token
+from k2jax.training.optim import make_optimizer
 from k2jax.training.state import TrainState, restore_or_init, resume_data
 from k2jax.training.step import cache_key, cached, finite_leaves, make_eval_step, make_train_step, router_bias_rows
 
@@ -59,9 +69,7 @@ class TrainResult:
 # ---- setup ----------------------------------------------------------------------------------------------------------
 def build_mesh(tcfg: TrainConfig):
     """The training mesh: `tcfg.mesh`, or every device on the data axis."""
-    import jax
 
-    from k2jax.sharding import make_mesh
 
     shape = tcfg.mesh if tcfg.mesh is not None else {"data": jax.device_count()}
     size = math.prod(shape.values())
@@ -93,7 +101,6 @@ def check_batch(tcfg: TrainConfig, mesh_shape: Mapping[str, int], process_count:
 
 def make_source(mcfg: ModelConfig, tcfg: TrainConfig, process_index: int = 0, process_count: int = 1):
     """The data source of this host (MQARSource or TextSource); fails on bad data before anything compiles."""
-    from k2jax.training import data
 
     if tcfg.is_mqar:
         try:
@@ -102,7 +109,6 @@ def make_source(mcfg: ModelConfig, tcfg: TrainConfig, process_index: int = 0, pr
         except ValueError as e:
             raise ConfigError(f"{e} (set train.seq_len, train.mqar_num_kv_pairs or model.vocab_size)") from None
         return data.MQARSource(task, tcfg.batch_size, tcfg.seed, process_index, process_count)
-    from k2jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tcfg.tokenizer)
     try:
@@ -138,22 +144,16 @@ class _StopSignals:
 
     def any_process(self) -> bool:
         """True when any process got a stop signal (all processes must stop at the same step)."""
-        import jax
 
         flag = self.received is not None
         if jax.process_count() == 1:
             return flag
-        from jax.experimental import multihost_utils
 
         return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------------
 def _to_global(batch: dict, mesh) -> dict:
-    import jax
-
-    from k2jax.sharding import batch_sharding
-
     n = jax.process_count()
     out = {}
     for k, v in batch.items():
@@ -180,11 +180,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     loss.
     """
     initialize_distributed(train_config.coordinator_address, train_config.num_processes, train_config.process_id)
-    import jax
 
-    from k2jax.checkpoint import TrainCheckpointer
-    from k2jax.training.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
-    from k2jax.training.optim import make_optimizer
 
     mcfg, tcfg = model_config, train_config
     pid, nproc = jax.process_index(), jax.process_count()
@@ -229,7 +225,6 @@ class _Loop:
     def _check_finite(self, state, step: int) -> None:
         """TrainingDiverged when an array of `state` (parameters, router biases, optimizer state) holds NaN or inf:
         an update can poison the state although its loss and gradient norm were finite."""
-        import jax
 
         finite_fn = cached(cache_key("finite", self.mcfg, self.tcfg), lambda: jax.jit(finite_leaves))
         flags = jax.tree_util.tree_flatten_with_path(jax.device_get(finite_fn(state)))[0]
@@ -242,8 +237,6 @@ class _Loop:
                 f"{self.tcfg.learning_rate}) or keep train.grad_clip > 0; rerunning resumes from the last checkpoint.")
 
     def _save(self, state, step: int, wait: bool = False) -> None:
-        import jax
-
         self._check_finite(state, step)
         data_states = allgather_json(self.source.get_state())
         variables, opt = self.st.to_checkpoint(state)
@@ -253,12 +246,6 @@ class _Loop:
         self.last_saved = step
 
     def run(self, state) -> TrainResult:
-        import jax
-        import jax.numpy as jnp
-        from tqdm import tqdm
-
-        from k2jax.training.metrics import expert_load_stats
-
         tcfg, mcfg = self.tcfg, self.mcfg
         st = self.st
         bias_rows = router_bias_rows(mcfg, st.split_variables(st.abstract_vars)["biases"])

@@ -20,10 +20,14 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
+
+from k2jax.model import count_params
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (only used when train.peak_flops is not given).
 PEAK_FLOPS = {
@@ -34,7 +38,6 @@ PEAK_FLOPS = {
 
 def train_flops_per_token(config, seq_len: int) -> float:
     """Model FLOPs per trained token (forward + backward) of a `config` model at sequence length `seq_len`."""
-    from k2jax.model import count_params
 
     counts = count_params(config)
     n_matmul = counts["active"] - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
@@ -49,8 +52,6 @@ def train_flops_per_token(config, seq_len: int) -> float:
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of the default device on an n x n x n float32 matmul (best of `repeats`): the CPU "peak" for MFU."""
-    import jax
-    import jax.numpy as jnp
 
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
@@ -68,7 +69,6 @@ def peak_flops_per_device(configured: float | None) -> float | None:
     None when unknown (MFU is then not reported)."""
     if configured:
         return float(configured)
-    import jax
 
     dev = jax.devices()[0]
     if dev.platform == "cpu":
@@ -104,13 +104,7 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                warnings.warn("tensorboardX is not installed: TensorBoard event files are not written "
-                              "(pip install tensorboardX)")
-            else:
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         """Record `metrics` (name -> number or list) for `step`; non-scalar values go to the JSONL only."""

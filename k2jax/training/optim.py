@@ -23,7 +23,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+from optax import contrib
+from optax.contrib import MuonDimensionNumbers
 
+from k2jax.model import block_layout
 from k2jax.training.config import TrainConfig
 
 # Parameters that Muon leaves to AdamW although they are matrices: lookups and conv filters are not x @ W maps
@@ -60,7 +64,6 @@ def decay_mask(params):
 
 def muon_dimension_numbers(params):
     """MuonDimensionNumbers for each matrix Muon updates (experts: per expert over [in, out]), None for AdamW."""
-    from optax.contrib import MuonDimensionNumbers
 
     def spec(path, p):
         name = _path_str(path)
@@ -80,7 +83,6 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
         tx = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                          weight_decay=cfg.weight_decay, mask=decay_mask)
     elif cfg.optimizer in ("muon", "muonclip"):  # muonclip's QK-clip follows the update (train step, `qk_clip`)
-        from optax import contrib
 
         tx = contrib.muon(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
                           adam_b1=cfg.adam_b1, adam_b2=cfg.adam_b2, adam_weight_decay=0.0,
@@ -97,9 +99,7 @@ def mla_attention_rows(config, params) -> dict[tuple, tuple[int, ...]]:
     """For each MLA self_attn module of `params` (an nnx State of the model's parameters, either layout), by path
     prefix: the rows of the model's max logits [num_mla_layers, H] (layer order) it owns: one for a per-layer
     module, `repeats` (in order) for a scanned LayerStack's stacked module."""
-    from flax import nnx
 
-    from k2jax.model import block_layout
 
     mla_layers = [i for i, kind in enumerate(config.layer_types) if kind != "kda"]
     row_of = {layer: r for r, layer in enumerate(mla_layers)}
@@ -125,10 +125,8 @@ def qk_clip(config, params, max_logits, tau: float):
     layout) -> the clipped State. max_logits float32 [num_mla_layers, H]: each head's largest scaled attention logit
     over the step (KimiLinear.hidden_states(return_max_logit=True), maxed over the batch); heads at or below tau
     (and -inf: no visible key) are unchanged. Jittable."""
-    from flax import nnx
 
-    H, n, P, dv = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
-                   config.v_head_dim)
+    n, P, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     gamma = jnp.where(max_logits > tau, tau / jnp.maximum(max_logits, tau), 1.0).astype(jnp.float32)  # [L, H]
     q_name = "q_proj" if config.q_lora_rank is None else "q_b_proj"
     rows = mla_attention_rows(config, params)

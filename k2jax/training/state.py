@@ -14,7 +14,15 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
+import optax
+from flax import nnx
+
+from k2jax.checkpoint import CheckpointCorrupt, CheckpointMismatch, array_differences, flat_arrays, jsonable
 from k2jax.config import ConfigError, ModelConfig
+from k2jax.layers.moe import RouterBias
+from k2jax.model import KimiLinear
+from k2jax.sharding import param_shardings
 from k2jax.training.config import TrainConfig
 from k2jax.training.distributed import allgather_json, decided_once
 
@@ -24,14 +32,6 @@ class TrainState:
     """Builds, restores and saves the training state {'params', 'biases', 'rest', 'opt'} on a mesh."""
 
     def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, mesh, tx):
-        import jax
-        import optax
-        from flax import nnx
-
-        from k2jax.model import KimiLinear
-        from k2jax.layers.moe import RouterBias
-        from k2jax.sharding import param_shardings
-
         self.mcfg, self.tcfg, self.mesh, self.tx = mcfg, tcfg, mesh, tx
         # rngs=None: shapes only (every parameter from one fixed key), the same tree as `fresh` builds; tracing
         # nnx.Rngs' counter updates would cost time quadratic in the parameter count.
@@ -66,17 +66,13 @@ class TrainState:
 
     def split_variables(self, variables) -> dict:
         """A model's variables (nnx.State) -> {'params': nnx.Param, 'biases': RouterBias, 'rest': the others}."""
-        from flax import nnx
 
         params, biases, rest = nnx.split_state(variables, *self.filters)
         return {"params": params, "biases": biases, "rest": rest}
 
     def fresh(self) -> dict:
         """New parameters (seed `train.seed`), created by one jitted program directly in their shardings."""
-        import jax
-        from flax import nnx
 
-        from k2jax.model import KimiLinear
 
         mcfg, seed = self.mcfg, self.tcfg.seed
         variables = jax.jit(lambda: nnx.state(KimiLinear(mcfg, rngs=nnx.Rngs(seed))),
@@ -86,19 +82,12 @@ class TrainState:
         return state
 
     def variables(self, state: dict):
-        from flax import nnx
-
         return nnx.merge_state(state["params"], state["biases"], state["rest"])
 
     def to_checkpoint(self, state: dict):
-        from flax import nnx
-
         return nnx.to_pure_dict(self.variables(state)), state["opt"]
 
     def from_checkpoint(self, pure_vars, opt) -> dict:
-        import jax
-        from flax import nnx
-
         variables = jax.tree.map(lambda a: a, self.abstract_vars)
         nnx.replace_by_pure_dict(variables, pure_vars)
         state = self.split_variables(variables)
@@ -106,8 +95,6 @@ class TrainState:
         return state
 
     def checkpoint_targets(self):
-        from flax import nnx
-
         return nnx.to_pure_dict(self.abstract_vars), self.abstract_opt
 
 
@@ -124,7 +111,6 @@ def checkpoint_differences(saved, mcfg: ModelConfig, tcfg: TrainConfig, targets)
     model fields outside RESUMABLE_MODEL_FIELDS, the optimizer, gradient clipping switched on or off, and, when no
     field explains it, the arrays (paths, shapes, dtypes) against `targets` = (variables, optimizer state).
     Empty when it can."""
-    from k2jax.checkpoint import array_differences, flat_arrays, jsonable
 
     ours = jsonable(mcfg.to_dict())
     try:  # fields added to ModelConfig since the checkpoint was written take their defaults
@@ -153,7 +139,6 @@ def _plan_resume(st: TrainState, ckpt, mcfg: ModelConfig, tcfg: TrainConfig) -> 
     {'action': 'refuse', 'set_aside': [...], 'message': str} or {'action': 'mismatch', 'message': str}.
     Only reads: unreadable steps are listed in 'set_aside' for the caller, who sets them aside unless the answer
     is 'mismatch'."""
-    from k2jax.checkpoint import CheckpointCorrupt
 
     run_dir = Path(tcfg.run_dir)
     steps, aside = ckpt.steps(), ckpt.set_aside_dirs()
@@ -191,7 +176,6 @@ def _restore_everywhere(ckpt, step: int, targets):
     """Restore `step` on every process -> ((variables, opt_state, meta), None), or (None, reason) when any
     process found its files unreadable. Any other error on any process is raised on every process (the step is
     left as it is)."""
-    from k2jax.checkpoint import CheckpointCorrupt
 
     restored = error = None
     try:
@@ -217,7 +201,6 @@ def _restore_everywhere(ckpt, step: int, targets):
 def _archive_run(run_dir: Path, archive: Path, ckpt) -> None:
     """train.fresh over an existing run: move its checkpoints, metrics.jsonl and tensorboard/ to `archive`
     (process 0; every process calls this)."""
-    import jax
 
     if jax.process_index() == 0:
         archive.mkdir(parents=True)
@@ -234,7 +217,6 @@ def restore_or_init(st: TrainState, ckpt, mcfg: ModelConfig, tcfg: TrainConfig):
     fresh state when it has none (or train.fresh). Raises CheckpointMismatch (nothing changed) when that checkpoint
     belongs to another model or optimizer, and ConfigError when only unreadable checkpoints are left. A step is
     set aside only when its own files are unreadable; every process takes the same decisions."""
-    from k2jax.checkpoint import CheckpointMismatch
 
     while True:
         plan = decided_once(lambda: _plan_resume(st, ckpt, mcfg, tcfg))

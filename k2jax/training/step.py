@@ -14,15 +14,24 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec
+
 from k2jax.config import ModelConfig
+from k2jax.layers.moe import load_balance_loss, update_router_bias
+from k2jax.model import block_layout
+from k2jax.sharding import logical_to_mesh_spec
 from k2jax.training.config import TrainConfig
+from k2jax.training.optim import qk_clip
 from pallas_kernels.cross_entropy import linear_cross_entropy
 
 
 def router_bias_rows(mcfg: ModelConfig, biases) -> dict[tuple, tuple[int, ...]]:
     """For each RouterBias variable (by path), the rows of the model's `expert_load` [n_moe_layers, E] it
     balances: one row for a per-layer bias [E], `repeats` rows for a scanned LayerStack's stacked [repeats, E]."""
-    from flax import nnx
 
     moe_layers = [i for i in range(mcfg.num_hidden_layers) if mcfg.is_moe_layer(i)]
     row_of = {layer: r for r, layer in enumerate(moe_layers)}
@@ -32,7 +41,6 @@ def router_bias_rows(mcfg: ModelConfig, biases) -> dict[tuple, tuple[int, ...]]:
         if path[0] == "layers":
             layers = [int(path[1])]
         elif path[0] == "blocks":
-            from k2jax.model import block_layout
 
             entry = block_layout(mcfg)[int(path[1])]
             if entry[0] == "layer":
@@ -62,7 +70,6 @@ def cache_key(kind: str, mcfg: ModelConfig, tcfg: TrainConfig | None = None) -> 
 def output_weight(model, h_dtype):
     """The [hidden, vocab] matrix KimiLinear.logits multiplies the final hidden states by, in the dtype it does:
     the lm_head kernel in the compute dtype, or the tied embedding transposed in the hidden states' dtype."""
-    import jax.numpy as jnp
 
     if model.config.tie_word_embeddings:
         return model.embed_tokens[...].astype(h_dtype).T
@@ -75,10 +82,7 @@ def lm_head_cross_entropy(model, h, targets, loss_mask):
     blockwise lm_head + cross-entropy (custom VJP), on each device's tokens under a mesh (shard_map,
     the sums added over the batch axes and, under context parallelism, `context`). Equal to the full-logits loss; logits are float32 (for a bfloat16 untied
     lm_head the full path rounded them to bfloat16 first)."""
-    import jax
-    from jax.sharding import PartitionSpec
 
-    from k2jax.sharding import logical_to_mesh_spec
 
     w = output_weight(model, h.dtype)
     x = h.astype(w.dtype)
@@ -102,8 +106,6 @@ def lm_head_cross_entropy(model, h, targets, loss_mask):
 def _forward_loss(graphdef, params, biases, rest, batch, max_logit: bool = False):
     """Masked cross-entropy pieces of one micro-batch: (loss_sum, correct, aux dict); with max_logit the aux dict
     also holds 'max_logit' f32 [num_mla_layers, H] (MuonClip)."""
-    import jax.numpy as jnp
-    from flax import nnx
 
     model = nnx.merge(graphdef, params, biases, rest)
     h, auxes, *maxes = model.hidden_states(batch["tokens"], batch.get("segment_ids"), return_max_logit=max_logit)
@@ -115,23 +117,12 @@ def _forward_loss(graphdef, params, biases, rest, batch, max_logit: bool = False
 
 
 def _balance_loss(aux):
-    import jax
-    import jax.numpy as jnp
-
-    from k2jax.layers.moe import load_balance_loss
-
     if "expert_load" not in aux:
         return jnp.zeros((), jnp.float32)
     return jnp.mean(jax.vmap(load_balance_loss)(aux["router_probs_mean"], aux["expert_load"]))
 
 
 def _update_biases(biases, load, rate: float, rows: dict):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from k2jax.layers.moe import update_router_bias
-
     if rate == 0 or not rows:
         return biases
     out = []
@@ -150,11 +141,7 @@ def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule
     """The jitted step(state, batch, step_index) -> (new state, metrics): batch holds 'tokens', 'targets',
     'loss_mask' [B, T] (and optionally 'segment_ids'); state is TrainState's dict; `bias_rows` is
     `router_bias_rows` of the model (see the module docstring for what one step does)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
 
-    from k2jax.training.optim import qk_clip
 
     A = tcfg.grad_accum_steps
     aux_w = float(tcfg.aux_loss_weight)
@@ -219,8 +206,6 @@ def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule
 
 def finite_leaves(tree):
     """A bool per array of `tree`: every element finite (always True for integer arrays)."""
-    import jax
-    import jax.numpy as jnp
 
     return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
                         else jnp.bool_(True), tree)
@@ -228,7 +213,6 @@ def finite_leaves(tree):
 
 def make_eval_step(graphdef):
     """The jitted evaluate(state, batch) -> (loss sum, correct tokens, loss tokens) over one batch [B, T]."""
-    import jax
 
     def evaluate(state, batch):
         loss_sum, correct, _ = _forward_loss(graphdef, state["params"], state["biases"], state["rest"], batch)

@@ -42,7 +42,7 @@ def latent_attention(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=
     of the query's scaled scores, -inf where it sees no key). Differentiable by plain autodiff.
     """
     B, T, H, R = _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k)
-    S, P = ckv.shape[1], kpe.shape[-1]
+    S = ckv.shape[1]
     dt = ckv.dtype
     bq, bk = min(int(block_q), T), min(int(block_k), S)
     nq, nk = -(-T // bq), -(-S // bk)

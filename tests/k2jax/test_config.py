@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import k2jax.serving.scheduler
 from k2jax.config import ConfigError, ModelConfig, apply_overrides, parse_overrides
 from k2jax.config_files import available_configs, load_config
 from k2jax.serving.config import ServeConfig
@@ -189,10 +190,7 @@ def test_serve_cli_rejects_bad_settings_before_loading_anything(monkeypatch):
 def test_serve_cli_passes_max_prefill_tokens_and_checks_max_len(monkeypatch):
     """--max-prefill-tokens reaches the Engine (0 is refused by ServeConfig), and a --max-len beyond the model's
     max_position_embeddings is a clean exit naming both, not a traceback."""
-    import importlib.util
-    from pathlib import Path
 
-    import k2jax.serving.scheduler
 
     spec = importlib.util.spec_from_file_location("k2jax_serve_cli", Path(__file__).resolve().parents[2] / "serve.py")
     serve = importlib.util.module_from_spec(spec)

@@ -10,8 +10,15 @@ from jax.sharding import PartitionSpec as P
 
 from k2jax import KimiLinear, load_config
 from k2jax.layers.moe import RouterBias
-from k2jax.model import (block_layout, count_params, layer_pattern, stack_layers, unstack_layers,
-                         update_router_biases, updated_router_biases)
+from k2jax.model import (
+    block_layout,
+    count_params,
+    layer_pattern,
+    stack_layers,
+    unstack_layers,
+    update_router_biases,
+    updated_router_biases,
+)
 from k2jax.sharding import make_mesh, param_shardings
 from tests.conftest import error_ratio
 from tests.k2jax.test_model import run_in_pieces

@@ -6,12 +6,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from k2jax import KimiLinear, load_config
 from k2jax.model import LayerStack, stack_layers, unstack_layers
-from k2jax.sharding import (MESH_AXES, batch_sharding, constrain, logical_to_mesh_spec, make_mesh, param_shardings,
-                            shard_model)
+from k2jax.sharding import (
+    MESH_AXES,
+    batch_sharding,
+    constrain,
+    logical_to_mesh_spec,
+    make_mesh,
+    param_shardings,
+    shard_model,
+)
 from tests.conftest import error_ratio
 
 

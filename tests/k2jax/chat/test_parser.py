@@ -101,6 +101,7 @@ def test_stream_delta_shapes():
     text = "<think>r</think>" + SB + call_text("functions.get_weather:0", '{"city": "Paris"}') + SE
     pieces = ["<thi", "nk>r</thi", "nk>", SB[:9], SB[9:] + CB + "functions.get_", "weather:0" + AB + '{"ci',
               'ty": "Pa', 'ris"}' + CE[:5], CE[5:] + SE]
+    assert "".join(pieces) == text
     parser = StreamParser()
     deltas = [d for p in pieces for d in parser.feed(p)] + parser.finish()
     assert deltas[0] == {"reasoning_content": "r"}

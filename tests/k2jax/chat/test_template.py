@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from k2jax.chat import (ChatTemplate, encode_chat, load_chat_template, normalize_tool_call_ids, parse_assistant,
-                        prompt_opens_reasoning, render_chat)
+from k2jax.chat import (
+    ChatTemplate,
+    encode_chat,
+    load_chat_template,
+    normalize_tool_call_ids,
+    parse_assistant,
+    prompt_opens_reasoning,
+    render_chat,
+)
 from k2jax.tokenizer import ByteTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"

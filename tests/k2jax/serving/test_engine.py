@@ -11,6 +11,8 @@ import pytest
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
+from k2jax.checkpoint import save_params
+from k2jax.hf import save_hf_checkpoint
 from k2jax.serving.loading import load_model
 from k2jax.serving.scheduler import Engine, EngineStoppedError, SamplingParams
 from k2jax.sharding import make_mesh, shard_model
@@ -238,9 +240,6 @@ def test_int4_experts_engine_matches_its_model():
 
 
 def test_load_model_from_orbax_and_hf(engine, tmp_path):
-    from k2jax.checkpoint import save_params
-    from k2jax.hf import save_hf_checkpoint
-
     model = nnx.merge(engine.runner.graphdef, engine.runner.params)
     save_params(model, tmp_path / "orbax")
     save_hf_checkpoint(model, tmp_path / "hf")

@@ -4,10 +4,12 @@ pipeline (checked against a plain tokenise-concatenate-split of the documents)."
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from k2jax.training import data
 from k2jax.tokenizer import ByteTokenizer
+from k2jax.training import data
 
 
 # ---- MQAR ------------------------------------------------------------------------------------------------------------
@@ -96,8 +98,6 @@ def _write_corpus(tmp_path):
     with open(tmp_path / "b.jsonl", "w") as f:
         for d in DOCS[2:4]:
             f.write(json.dumps({"text": d, "id": 1}) + "\n")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": DOCS[4:]}), tmp_path / "c.parquet", row_group_size=1)
     return f"{tmp_path / 'a.txt'},{tmp_path / 'b.jsonl'},{tmp_path}/*.parquet"

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from k2jax import load_config
-from k2jax.training.dry_run import default_mesh, dry_run, ensure_cpu_devices, parse_mesh
 from k2jax.model import count_params
+from k2jax.training import cli, step
+from k2jax.training.dry_run import default_mesh, dry_run, ensure_cpu_devices, parse_mesh
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -104,7 +105,6 @@ def _tiny_run_config(tmp_path):
 def test_train_py_dry_run_lowers_the_training_step_of_the_run_config(tmp_path, monkeypatch, capsys):
     """`train.py --dry-run` takes the run config's batch, sequence length and optimizer, and its overrides and
     --data, and lowers k2jax.training.step's train step (which, with Muon, leaves masked optimizer leaves)."""
-    from k2jax.training import cli, step
 
     made = []
     real = step.make_train_step
@@ -124,8 +124,6 @@ def test_train_py_dry_run_lowers_the_training_step_of_the_run_config(tmp_path, m
 
 
 def test_dry_run_arguments_are_checked(tmp_path, capsys):
-    from k2jax.training import cli
-
     config, overrides = _tiny_run_config(tmp_path)
     with pytest.raises(SystemExit):  # argparse: unknown flag
         cli.main(["--dry-run", "--config", config, "--bogus", "3"])

@@ -18,12 +18,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
+from k2jax import KimiLinear, load_config
+from k2jax.checkpoint import array_differences, flat_arrays, restore_params
 from k2jax.config import ConfigError
+from k2jax.layers.moe import RouterBias
+from k2jax.model import count_params
+from k2jax.training import loop as training_loop
 from k2jax.training.cli import main
 from k2jax.training.config import TrainConfig, load_run_config
-from k2jax.training.loop import TrainingDiverged, train
+from k2jax.training.loop import TrainingDiverged, make_source, train
+from k2jax.training.metrics import train_flops_per_token
+from k2jax.training.optim import make_optimizer, make_schedule, muon_dimension_numbers
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 6
@@ -114,12 +123,10 @@ def test_bad_config_files_fail_clearly(tmp_path):
 
 
 def test_cli_errors_before_compiling(tmp_path, monkeypatch, capsys):
-    import k2jax.training.loop as T
-
     def no_build(*a, **k):
         raise AssertionError("the model was built despite bad input")
 
-    monkeypatch.setattr(T, "TrainState", no_build)
+    monkeypatch.setattr(training_loop, "TrainState", no_build)
     assert main(["--config", "tiny", "train.nonsense=1"]) == 2
     assert "unknown override key 'train.nonsense'" in capsys.readouterr().err
     assert main(["--config", "default", "--data", str(tmp_path / "nowhere.jsonl")]) == 2
@@ -133,8 +140,6 @@ def test_cli_errors_before_compiling(tmp_path, monkeypatch, capsys):
 
 # ---- schedules and optimizers --------------------------------------------------------------------------------------
 def test_schedules_match_their_formulas():
-    from k2jax.training.optim import make_schedule
-
     peak, floor = 1e-3, 1e-4
     cos = make_schedule(TrainConfig(steps=110, warmup_steps=10, learning_rate=peak, min_lr_ratio=0.1))
     for s in (0, 5, 10, 60, 110):
@@ -149,11 +154,6 @@ def test_schedules_match_their_formulas():
 
 
 def test_muon_updates_matrices_and_leaves_the_rest_to_adamw():
-    from flax import nnx
-
-    from k2jax import KimiLinear, load_config
-    from k2jax.training.optim import make_optimizer, muon_dimension_numbers
-
     model = KimiLinear(load_config("tiny"), rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     unwrap = lambda s: s.get_value() if isinstance(s, nnx.Variable) else s  # noqa: E731
@@ -172,10 +172,6 @@ def test_muon_updates_matrices_and_leaves_the_rest_to_adamw():
 
 
 def test_flops_per_token_formula():
-    from k2jax import load_config
-    from k2jax.model import count_params
-    from k2jax.training.metrics import train_flops_per_token
-
     cfg = load_config("tiny")
     n = count_params(cfg)["active"] - cfg.vocab_size * cfg.hidden_size
     mla = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) / 2
@@ -202,11 +198,6 @@ def test_reference_run_logs_metrics_and_checkpoints(reference):
 
 
 def test_router_biases_move_and_checkpoint_serves_the_model(reference):
-    from flax import nnx
-
-    from k2jax.checkpoint import restore_params
-    from k2jax.layers.moe import RouterBias
-
     result, run_dir = reference
     model = restore_params(None, run_dir / "checkpoints" / str(STEPS))
     biases = [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(model, RouterBias))]
@@ -345,8 +336,6 @@ def test_execution_settings_may_change_on_resume(reference, tmp_path):
 
 
 def test_array_differences_name_paths_shapes_and_dtypes():
-    from k2jax.checkpoint import array_differences, flat_arrays
-
     saved = flat_arrays({"a": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": [jax.ShapeDtypeStruct((4,), jnp.int32)]})
     assert saved == {"a": ((2, 3), "float32"), "b/0": ((4,), "int32")}
     wanted = flat_arrays({"a": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16), "c": jax.ShapeDtypeStruct((1,), jnp.int32)})
@@ -362,8 +351,6 @@ def test_array_differences_name_paths_shapes_and_dtypes():
     ValueError('RESOURCE_EXHAUSTED: Error reading "a.w/0.0" in OCDBT database at local file "{step}/params/"'),
 ])
 def test_transient_restore_errors_propagate_and_set_nothing_aside(reference, tmp_path, monkeypatch, error):
-    import orbax.checkpoint as ocp
-
     _, ref_dir = reference
     shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
     error.args = tuple(str(a).replace("{step}", str(tmp_path / "checkpoints" / "6")) for a in error.args)
@@ -413,7 +400,6 @@ def test_fresh_moves_the_previous_run_aside_and_starts_at_step_0(reference, tmp_
 
 def test_text_training_accepts_a_tokenizer_with_reserved_ids_beyond_the_model(tmp_path):
     """Like a real Kimi folder: the named specials fit the model, two reserved ids after them do not exist there."""
-    from k2jax.training.loop import make_source
 
     folder = tmp_path / "tokenizer"
     folder.mkdir()
