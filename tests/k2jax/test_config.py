@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import k2jax.serving.scheduler
 from k2jax.config import ConfigError, ModelConfig, apply_overrides, parse_overrides
 from k2jax.config_files import available_configs, load_config
 from k2jax.serving.config import ServeConfig
@@ -205,7 +204,7 @@ def test_serve_cli_passes_max_prefill_tokens_and_checks_max_len(monkeypatch):
         seen.update(kwargs)
         raise SystemExit("stop")
 
-    monkeypatch.setattr(k2jax.serving.scheduler, "Engine", engine)
+    monkeypatch.setattr(serve, "Engine", engine)
     with pytest.raises(SystemExit, match="stop"):
         serve.main(["--config", "tiny", "--prompt", "x", "--max-prefill-tokens", "64", "--max-len", "4096",
                     "--override", "vocab_size=264"])
