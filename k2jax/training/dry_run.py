@@ -30,12 +30,13 @@ import jax.numpy as jnp
 
 from k2jax.config import ConfigError, ModelConfig
 from k2jax.config_files import load_config
+from k2jax.model import router_bias_rows
 from k2jax.sharding import MESH_AXES, batch_sharding, make_mesh
 from k2jax.training.config import TrainConfig, load_run_config
 from k2jax.training.loop import check_batch
 from k2jax.training.optim import make_optimizer
 from k2jax.training.state import TrainState
-from k2jax.training.step import make_train_step, router_bias_rows
+from k2jax.training.step import make_train_step
 
 _REEXEC_MARK = "K2JAX_DRY_RUN_DEVICES"
 # HBM per chip of the targets `--target` names, GiB.

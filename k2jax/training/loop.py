@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from k2jax.checkpoint import TrainCheckpointer
 from k2jax.config import ConfigError, ModelConfig
+from k2jax.model import router_bias_rows
 from k2jax.sharding import batch_sharding, make_mesh
 from k2jax.tokenizer import load_tokenizer
 from k2jax.training import data
@@ -42,7 +43,7 @@ from k2jax.training.distributed import allgather_json, initialize_distributed
 from k2jax.training.metrics import MetricsWriter, expert_load_stats, peak_flops_per_device, train_flops_per_token
 from k2jax.training.optim import make_optimizer
 from k2jax.training.state import TrainState, restore_or_init, resume_data
-from k2jax.training.step import cache_key, cached, finite_leaves, make_eval_step, make_train_step, router_bias_rows
+from k2jax.training.step import cache_key, cached, finite_leaves, make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):

@@ -22,37 +22,10 @@ from jax.sharding import PartitionSpec
 
 from k2jax.config import ModelConfig
 from k2jax.layers.moe import load_balance_loss, update_router_bias
-from k2jax.model import block_layout
 from k2jax.sharding import logical_to_mesh_spec
 from k2jax.training.config import TrainConfig
 from k2jax.training.optim import qk_clip
 from pallas_kernels.cross_entropy import linear_cross_entropy
-
-
-def router_bias_rows(mcfg: ModelConfig, biases) -> dict[tuple, tuple[int, ...]]:
-    """For each RouterBias variable (by path), the rows of the model's `expert_load` [n_moe_layers, E] it
-    balances: one row for a per-layer bias [E], `repeats` rows for a scanned LayerStack's stacked [repeats, E]."""
-
-    moe_layers = [i for i in range(mcfg.num_hidden_layers) if mcfg.is_moe_layer(i)]
-    row_of = {layer: r for r, layer in enumerate(moe_layers)}
-    rows = {}
-    for path, _ in nnx.to_flat_state(biases):
-        path = tuple(path)
-        if path[0] == "layers":
-            layers = [int(path[1])]
-        elif path[0] == "blocks":
-
-            entry = block_layout(mcfg)[int(path[1])]
-            if entry[0] == "layer":
-                layers = [entry[1]]
-            else:
-                _, start, period, reps = entry
-                layers = [start + j * period + int(path[3]) for j in range(reps)]
-        else:
-            raise ValueError(f"router bias at unexpected path {path}")
-        rows[path] = tuple(row_of[i] for i in layers)
-    return rows
-
 
 # ---- the jitted steps -----------------------------------------------------------------------------------------------
 _STEP_FIELDS = ("steps", "grad_accum_steps", "optimizer", "learning_rate", "schedule", "warmup_steps",

@@ -10,12 +10,12 @@ from flax import nnx
 
 from k2jax import KimiLinear, load_config
 from k2jax.config import ConfigError
-from k2jax.model import segment_positions, stack_layers, unstack_layers
+from k2jax.model import router_bias_rows, segment_positions, stack_layers, unstack_layers
 from k2jax.sharding import make_mesh
 from k2jax.training.config import TrainConfig
 from k2jax.training.optim import make_optimizer, qk_clip
 from k2jax.training.state import TrainState
-from k2jax.training.step import make_train_step, router_bias_rows
+from k2jax.training.step import make_train_step
 
 B, T = 2, 16
 
