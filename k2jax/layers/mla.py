@@ -18,6 +18,9 @@ One `__call__` serves training, prefill, chunked prefill and decode, in two equa
 * absorbed: with cached tokens. A cache holds only (c, k_pe), R + P values per token, and
   q_lat,h = W_UK,h^T q_nope,h, score = q_lat . c + q_pe . k_pe, o_h = W_UV,h (sum_s p_s c_s),
   where W_UK,h / W_UV,h are head h's k_nope / v rows of kv_b_proj. This is exact (RoPE touches only the P part).
+  A piece with many queries (chunked prefill, a prefix-cache hit) instead up-projects the cached latents a block
+  at a time and attends expanded: fewer flops per pair at Kimi Linear's sizes; `expanded_pays_off` picks the form
+  from the piece length at trace time (decode steps stay absorbed).
 With a cache the layer also returns x's own latents (`MLALatents`): storing them is the caller's job
 (k2jax.serving.cache), so that a program reading the cache never also writes it.
 
@@ -44,7 +47,13 @@ from k2jax.layers.linear import Linear
 from k2jax.layers.norms import RMSNorm
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
 from k2jax.sharding import context_size
-from pallas_kernels.attention import attention, latent_attention, merge_attention
+from pallas_kernels.attention import (
+    attention,
+    decompressed_latent_attention,
+    expanded_pays_off,
+    latent_attention,
+    merge_attention,
+)
 
 _F32 = jnp.float32
 
@@ -199,7 +208,7 @@ class MultiHeadLatentAttention(nnx.Module):
             o = self._expanded(q_nope, q_pe, c, k_pe, segment_ids)
         else:
             o, lse = self._expanded(q_nope, q_pe, c, k_pe, segment_ids, return_lse=True)
-            o, _ = merge_attention(o, lse, *self._absorbed(q_nope, q_pe, cache, segment_ids))
+            o, _ = merge_attention(o, lse, *self._over_cache(q_nope, q_pe, cache, segment_ids))
         return self.o_proj(o.reshape(B, T, -1).astype(self.dtype)), latents
 
     def _expanded(self, q_nope, q_pe, c, k_pe, segment_ids, return_lse=False):
@@ -221,19 +230,30 @@ class MultiHeadLatentAttention(nnx.Module):
         w_uv = jnp.transpose(w[..., self.nope_dim:], (1, 0, 2))
         return w_uk, w_uv
 
-    def _absorbed(self, q_nope, q_pe, cache: MLACache, segment_ids):
-        """The absorbed form: x's queries over the cached latents. Cached entry s is visible to query t iff
-        s < cache.lengths and t is in the row's first real segment (the one x continues). Returns o [B, T, H, d_v]
-        and its log-sum-exp [B, T, H] (-inf where a query sees no cached entry)."""
+    def _over_cache(self, q_nope, q_pe, cache: MLACache, segment_ids, form: str = "auto"):
+        """x's queries over the cached latents. Cached entry s is visible to query t iff s < cache.lengths and t is
+        in the row's first real segment (the one x continues). Returns o [B, T, H, d_v] and its log-sum-exp
+        [B, T, H] (-inf where a query sees no cached entry). form: "absorbed" (latent space), "expanded" (cache
+        decompressed a block at a time) or "auto" (the cheaper for x's length, `expanded_pays_off`)."""
         dt = self.dtype
         w_uk, w_uv = self.absorbed_weights()
-        # Heads lead the per-head products (a batch dim of both operands) and act as extra query rows against the
-        # one shared latent key/value (multi-query): the cache is never broadcast over heads.
-        q_lat = _dot("hbtn,hnr->hbtr", jnp.transpose(q_nope, (2, 0, 1, 3)), w_uk).astype(dt)
         q_mask = None
         if segment_ids is not None:
             seg = segment_ids.astype(jnp.int32)
             q_mask = (seg == _first_real(seg)[:, None]) & (seg != 0)
+        if form == "auto":
+            form = "expanded" if expanded_pays_off(
+                q_nope.shape[1], heads=self.num_heads, nope_dim=self.nope_dim, rope_dim=self.rope_dim,
+                v_dim=self.v_dim, kv_lora_rank=self.kv_lora_rank) else "absorbed"
+        if form == "expanded":
+            return decompressed_latent_attention(q_nope.astype(dt), q_pe.astype(dt), cache.ckv.astype(dt),
+                                                 cache.kpe.astype(dt), cache.lengths, w_uk, w_uv, scale=self.scale,
+                                                 q_mask=q_mask)
+        if form != "absorbed":
+            raise ValueError(f"MultiHeadLatentAttention: form must be 'auto', 'absorbed' or 'expanded', got {form!r}")
+        # Heads lead the per-head products (a batch dim of both operands) and act as extra query rows against the
+        # one shared latent key/value (multi-query): the cache is never broadcast over heads.
+        q_lat = _dot("hbtn,hnr->hbtr", jnp.transpose(q_nope, (2, 0, 1, 3)), w_uk).astype(dt)
         o_lat, lse = latent_attention(jnp.transpose(q_lat, (1, 2, 0, 3)), q_pe.astype(dt), cache.ckv.astype(dt),
                                       cache.kpe.astype(dt), cache.lengths, scale=self.scale, q_mask=q_mask)
         o = _dot("hbtr,hrv->hbtv", jnp.transpose(o_lat, (2, 0, 1, 3)), w_uv)  # [H, B, T, d_v]

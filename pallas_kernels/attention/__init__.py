@@ -9,15 +9,22 @@ it is tested against. Layout [B, T, heads, D] (q [B, T, H, Dk], k [B, S, Hkv, Dk
 - `attention`: dispatch (`impl="auto"`: splash on TPU, Triton on GPU where it fits, the XLA form elsewhere).
 - `latent_attention`: MLA's absorbed form over a latent cache (queries of new tokens against cached c / k_pe, read
   in blocks in the cache's own layout), and `merge_attention`, which joins two partial attentions by their
-  log-sum-exp.
+  log-sum-exp; `decompressed_latent_attention`: the same over the cache in the expanded form (blocks of the cache
+  up-projected to per-head K/V: fewer flops for a long piece of queries), `expanded_pays_off` says when.
 """
 
 from pallas_kernels.attention.blocked import attention_blocked, attention_max_logit, visited_blocks
 from pallas_kernels.attention.dispatch import IMPLS, attention
-from pallas_kernels.attention.latent import latent_attention, merge_attention
+from pallas_kernels.attention.latent import (
+    decompressed_latent_attention,
+    expanded_pays_off,
+    latent_attention,
+    merge_attention,
+)
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.splash import attention_splash
 from pallas_kernels.attention.triton import attention_triton
 
 __all__ = ["IMPLS", "attention", "attention_blocked", "attention_max_logit", "attention_reference",
-           "attention_splash", "attention_triton", "latent_attention", "merge_attention", "visited_blocks"]
+           "attention_splash", "attention_triton", "decompressed_latent_attention", "expanded_pays_off",
+           "latent_attention", "merge_attention", "visited_blocks"]

@@ -17,6 +17,14 @@ All cached keys precede the queries (a chunk of new tokens continuing a sequence
 only mask is each row's cached length and which queries continue the cache at all. With the log-sum-exp of the
 scores returned, the caller merges this with the attention among the new tokens themselves
 (`merge_attention`): one softmax over both, computed as two.
+
+`decompressed_latent_attention` is the same attention in the expanded form: it up-projects the cache a block of
+keys at a time to per-head K/V and runs the blocked attention op over each block. A (query, key) pair then costs
+H * 2 * (n + P + d_v) flops instead of the absorbed H * 2 * (2 R + P), for R * H * (n + d_v) * 2 flops per key
+decompressed once per call: at Kimi Linear's sizes (R = 512, n = 128, P = 64, d_v = 128, H = 32) 3.4x fewer
+flops per pair, which pays for the decompression from about 171 queries on. So a long prefill piece continuing a
+long cache (chunked prefill, a prefix-cache hit) runs expanded and a decode step absorbed, as vLLM's MLA backend
+does; `expanded_pays_off` is the rule.
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.attention.dispatch import attention
+
 _F32 = jnp.float32
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
+DEFAULT_DECOMPRESS_BLOCK = 4096
 
 
 def latent_attention(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, block_q: int = DEFAULT_BLOCK_Q,
@@ -91,6 +102,70 @@ def latent_attention(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=
     _, (o, lse) = jax.lax.scan(q_block, None, (qc, pc, len_c))
     o = jnp.swapaxes(o, 0, 1).reshape(B, nq * bq, H, R)[:, :T]
     lse = jnp.swapaxes(lse, 0, 1).reshape(B, nq * bq, H)[:, :T]
+    return o, lse
+
+
+def expanded_pays_off(num_queries: int, *, heads: int, nope_dim: int, rope_dim: int, v_dim: int,
+                      kv_lora_rank: int) -> bool:
+    """Whether `num_queries` queries (a piece's tokens) over a latent cache cost fewer flops in the expanded form
+    (decompress every cached key once, then per-head attention) than in the absorbed one (latent-space attention).
+    Per cached key: expanded T * H * 2 * (n + P + d_v) + H * R * 2 * (n + d_v), absorbed T * H * 2 * (2 R + P).
+    Static (Python ints), so a compiled program takes one form."""
+    absorbed = num_queries * heads * 2 * (2 * kv_lora_rank + rope_dim)
+    expanded = num_queries * heads * 2 * (nope_dim + rope_dim + v_dim) + heads * kv_lora_rank * 2 * (nope_dim + v_dim)
+    return expanded < absorbed
+
+
+def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv, *, scale: float, q_mask=None,
+                                  decompress_block: int = DEFAULT_DECOMPRESS_BLOCK, block_q: int = DEFAULT_BLOCK_Q,
+                                  block_k: int = DEFAULT_BLOCK_K):
+    """The attention of `latent_attention` in the expanded form, for many queries over a long cache.
+
+    q_nope: [B, T, H, n]; q_pe: [B, T, H, P]; ckv: [B, S, R]; kpe: [B, S, P]; kv_lengths: int [B] (row b's keys are
+    entries [0, kv_lengths[b])); w_uk: [H, n, R] and w_uv: [H, R, d_v], the up-projections (k_nope_h(s) = W_UK,h
+    c_s, v_h(s) = W_UV,h^T c_s); q_mask: bool [B, T] or None (False: the query sees no key). The cache is read
+    `decompress_block` keys at a time (a scan that skips blocks past the longest length), each block up-projected
+    to K [B, block, H, n + P] and V [B, block, H, d_v] in the compute dtype and attended by the blocked attention
+    op (`block_q`, `block_k`), the blocks' partial results merged by their log-sum-exp: memory O(block), never
+    [T, S]. Returns (o [B, T, H, d_v] in ckv's dtype, 0 where a query sees no key; lse float32 [B, T, H], -inf
+    where it sees no key), equal to latent_attention followed by W_UV.
+    """
+    B, T, H, n = q_nope.shape
+    if q_pe.shape[:3] != (B, T, H) or w_uk.shape[:2] != (H, n) or w_uv.shape[0] != H:
+        raise ValueError(f"decompressed_latent_attention: q_nope [B, T, H, n] = {q_nope.shape}, q_pe {q_pe.shape}, "
+                         f"w_uk [H, n, R] {w_uk.shape} and w_uv [H, R, d_v] {w_uv.shape} disagree")
+    R = w_uk.shape[2]
+    _check(jnp.zeros((B, T, H, R), q_pe.dtype), q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k)
+    if w_uv.shape[1] != R:
+        raise ValueError(f"decompressed_latent_attention: w_uv must be [H, R={R}, d_v], got {w_uv.shape}")
+    if isinstance(decompress_block, bool) or not isinstance(decompress_block, int) or decompress_block < 1:
+        raise ValueError(f"decompressed_latent_attention: decompress_block must be a positive int, "
+                         f"got {decompress_block!r}")
+    S, P, dv, dt = ckv.shape[1], q_pe.shape[-1], w_uv.shape[2], ckv.dtype
+    bs = min(decompress_block, S)
+    lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, S)
+    q = jnp.concatenate([q_nope.astype(dt), q_pe.astype(dt)], axis=-1)
+    q_seg = jnp.ones((B, T), jnp.int32) if q_mask is None else q_mask.astype(jnp.int32)
+    n_blocks = -(-jnp.max(lengths) // bs)
+
+    def block(carry, j):
+        def compute(carry):
+            # The last block is read from S - bs when bs does not divide S; keys before j * bs were counted.
+            start = jnp.minimum(j * bs, S - bs)
+            c = jax.lax.dynamic_slice_in_dim(ckv, start, bs, axis=1)
+            kp = jax.lax.dynamic_slice_in_dim(kpe, start, bs, axis=1).astype(dt)
+            k_nope = jnp.einsum("bsr,hnr->bshn", c, w_uk.astype(dt), preferred_element_type=_F32).astype(dt)
+            v = jnp.einsum("bsr,hrv->bshv", c, w_uv.astype(dt), preferred_element_type=_F32).astype(dt)
+            k = jnp.concatenate([k_nope, jnp.broadcast_to(kp[:, :, None, :], (B, bs, H, P))], axis=-1)
+            pos = start + jnp.arange(bs, dtype=jnp.int32)
+            kv_seg = ((pos[None, :] >= j * bs) & (pos[None, :] < lengths[:, None])).astype(jnp.int32)
+            o_j, lse_j = attention(q, k, v, scale=scale, causal=False, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                   impl="xla", block_q=block_q, block_k=block_k, return_lse=True)
+            return merge_attention(carry[0], carry[1], o_j, lse_j)
+        return jax.lax.cond(j < n_blocks, compute, lambda c: c, carry), None
+
+    init = (jnp.zeros((B, T, H, dv), dt), jnp.full((B, T, H), -jnp.inf, _F32))
+    (o, lse), _ = jax.lax.scan(block, init, jnp.arange(-(-S // bs), dtype=jnp.int32))
     return o, lse
 
 

@@ -17,6 +17,8 @@ from pallas_kernels.attention import (
     attention_reference,
     attention_splash,
     attention_triton,
+    decompressed_latent_attention,
+    expanded_pays_off,
     latent_attention,
     merge_attention,
     visited_blocks,
@@ -284,6 +286,47 @@ def test_latent_attention_gradients_and_blocks_past_the_lengths():
     o, lse = latent_attention(*args[:2], *args[2:], lengths, scale=0.3, block_k=5)
     o2, lse2 = latent_attention(*args[:2], *padded, lengths, scale=0.3, block_k=5)
     assert error_ratio(o, o2) < 1e-6 and error_ratio(lse, lse2) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decompressed_latent_attention_equals_the_absorbed_form(dtype):
+    """The expanded form over a latent cache (blocks of 16 cached keys up-projected per head, the last block read
+    from S - 16, blocks past the longest length skipped) equals latent_attention followed by W_UV: rows with
+    cached lengths 37, 20 and 0, queries that do not continue the cache, a view padded far past the lengths."""
+    ks = jax.random.split(jax.random.key(8), 6)
+    B, T, H, n, P, R, dv, S = 3, 6, 4, 8, 4, 16, 12, 37
+    q_nope = jax.random.normal(ks[0], (B, T, H, n)).astype(dtype)
+    q_pe = jax.random.normal(ks[1], (B, T, H, P)).astype(dtype)
+    ckv = jax.random.normal(ks[2], (B, S, R)).astype(dtype)
+    kpe = jax.random.normal(ks[3], (B, S, P)).astype(dtype)
+    w_uk = (jax.random.normal(ks[4], (H, n, R)) / 4).astype(dtype)
+    w_uv = (jax.random.normal(ks[5], (H, R, dv)) / 4).astype(dtype)
+    lengths = jnp.array([37, 20, 0], jnp.int32)
+    q_mask = jnp.ones((B, T), bool).at[0, 4:].set(False)
+    q_lat = jnp.einsum("bthn,hnr->bthr", q_nope.astype(jnp.float32), w_uk.astype(jnp.float32))
+    ref_lat, ref_lse = latent_reference(q_lat, q_pe, ckv, kpe, lengths, 0.3, np.asarray(q_mask))
+    ref_o = np.einsum("bthr,hrv->bthv", ref_lat, np.asarray(w_uv, np.float32))
+    run = jit_fast_compile(lambda *a: decompressed_latent_attention(*a, w_uk, w_uv, scale=0.3, q_mask=q_mask,
+                                                                    decompress_block=16, block_q=4, block_k=8))
+    o, lse = run(q_nope, q_pe, ckv, kpe, lengths)
+    assert o.shape == (B, T, H, dv) and o.dtype == dtype and lse.dtype == jnp.float32
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert error_ratio(ref_o, o) < tol
+    finite = np.isfinite(ref_lse)
+    assert np.array_equal(finite, np.isfinite(np.asarray(lse))) and not finite[2].any() and not finite[0, 4:].any()
+    assert error_ratio(ref_lse[finite], np.asarray(lse)[finite]) < tol
+    np.testing.assert_array_equal(np.asarray(o, np.float32)[2], 0.0)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 300), (0, 0)))  # noqa: E731
+    o2, lse2 = run(q_nope, q_pe, pad(ckv), pad(kpe), lengths)
+    assert error_ratio(o, o2) < tol and np.array_equal(np.isfinite(lse2), finite)
+
+
+def test_expanded_pays_off_at_kimi_linear_sizes():
+    """At the 48B model's MLA sizes the expanded form is cheaper from 171 queries on (decode stays absorbed); when
+    2R <= n + d_v (the tiny test configs) it never is."""
+    kimi = dict(heads=32, nope_dim=128, rope_dim=64, v_dim=128, kv_lora_rank=512)
+    assert [expanded_pays_off(t, **kimi) for t in (1, 170, 171, 8192)] == [False, False, True, True]
+    assert not expanded_pays_off(8192, heads=2, nope_dim=16, rope_dim=8, v_dim=16, kv_lora_rank=16)
 
 
 @pytest.mark.parametrize("kernel", ["splash", "triton"])

@@ -16,6 +16,7 @@ from flax import nnx
 import k2jax
 from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
+from pallas_kernels.attention import expanded_pays_off
 from tests.conftest import error_ratio
 from tests.pallas_kernels.lowering import count_pallas_kernels
 
@@ -448,6 +449,35 @@ def test_latent_form_equals_expanded(name):
     # Decoding the last token of row 1 against the cache of the row's real tokens before it.
     lat1 = latents(m, cfg, x[1:, 2:8], positions=pos[1:, 2:8])
     y_step, _ = m(x[1:, 8:], cache=MLACache(lat1.ckv, lat1.kpe, jnp.asarray([6], jnp.int32)))
+    assert error_ratio(y[1, -1], y_step[0, 0]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["nope", "rope_yarn"])
+def test_long_piece_over_a_cache_runs_expanded_and_equals_one_shot(name):
+    """With a latent rank large against the head dims (as at 48B: 2R > n + d_v), a piece of 40 tokens continuing
+    a 27-token cache takes the decompressed (expanded) form, a decode step the absorbed one; both equal the
+    one-shot call over the whole row, with packed segments and padding in the piece."""
+    cfg = CONFIGS[name]().replace(kv_lora_rank=64)
+    dims = dict(heads=cfg.num_attention_heads, nope_dim=cfg.qk_nope_head_dim, rope_dim=cfg.qk_rope_head_dim,
+                v_dim=cfg.v_head_dim, kv_lora_rank=cfg.kv_lora_rank)
+    assert expanded_pays_off(40, **dims) and not expanded_pays_off(1, **dims)
+    m = make_mla(cfg)
+    x = rand_x(cfg, 2, 67)
+    seg = jnp.asarray([[1] * 60 + [2] * 5 + [0] * 2, [4] * 67], jnp.int32)
+    pos = segment_positions(seg)
+    y = m(x, segment_ids=seg, positions=pos)[0]
+    lat = latents(m, cfg, x[:, :27], segment_ids=seg[:, :27], positions=pos[:, :27])
+    cache = MLACache(lat.ckv, lat.kpe, jnp.asarray([27, 27], jnp.int32))
+    y_piece, _ = jax.jit(lambda x, s, p, c: m(x, segment_ids=s, positions=p, cache=c))(
+        x[:, 27:], seg[:, 27:], pos[:, 27:], cache)
+    assert error_ratio(y[:, 27:60], y_piece[:, :33]) <= 1e-5, name
+    assert error_ratio(y[1], jnp.concatenate([y[1, :27], y_piece[1]])) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(y_piece[0, 38:]), 0.0)  # padding
+    # Segment 2 of row 0 does not see the cache: it equals its own attention.
+    assert error_ratio(y[0, 60:65], y_piece[0, 33:38]) <= 1e-5
+    lat_all = latents(m, cfg, x[1:, :66], segment_ids=seg[1:, :66], positions=pos[1:, :66])
+    y_step, _ = m(x[1:, 66:], segment_ids=seg[1:, 66:], positions=pos[1:, 66:],
+                  cache=MLACache(lat_all.ckv, lat_all.kpe, jnp.asarray([66], jnp.int32)))
     assert error_ratio(y[1, -1], y_step[0, 0]) <= 1e-5
 
 
