@@ -22,7 +22,14 @@ Each point runs in a fresh subprocess, so its peak resident memory (`resource.ge
   (2) `serve.py --config default` (random weights, byte tokenizer, one slot, --no-warmup: it compiles the shapes
   the prompt uses, not every bucket) on a --serve-len byte prompt, generating 16 tokens: wall time (compiles
   included) and the process's peak RSS;
-- dry_run: `python -m k2jax.dry_run` for Kimi-Linear-48B-A3B at --dry-lengths (per-device memory), remat full.
+- pieces48: prefill time per token against the context at Kimi-Linear-48B widths (float32), from one decoder
+  layer of each kind timed on one --piece48-token piece continuing a cache: a KDA layer (from a random state), an
+  MoE block (the 48B's 8 routed of 1,024 wide + 1 shared expert per token, with 32 experts instead of 256: the same
+  flops per token; the dense first layer's MLP has the same flops, 3 x 2304 x 9216) and an MLA layer over a cache
+  of c random latents at each of --contexts48 (the expanded form, as serving picks for such pieces; at the first
+  context also the absorbed form, for the ratio). MLA time is linear in c (identical cache blocks), so it is fitted
+  a + b c and extrapolated to 131,072. The 27-layer model's time per token at context c is then
+  20 KDA + 7 MLA(c) + 27 MoE/MLP, for the last piece of a prompt and averaged over a whole prompt's pieces.
 Writes markdown tables (stdout, --out) and a plot (--plot, needs matplotlib: the `dev` extra).
 """
 
@@ -44,10 +51,12 @@ import numpy as np
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
-from k2jax.layers.kda import KimiDeltaAttention
-from k2jax.layers.mla import MultiHeadLatentAttention
+from k2jax.layers.kda import KDAState, KimiDeltaAttention
+from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
+from k2jax.layers.moe import MoE
 from k2jax.serving.runner import ModelRunner
 from k2jax.training.step import lm_head_cross_entropy
+from pallas_kernels.attention import expanded_pays_off
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -112,6 +121,81 @@ def run_point(kind: str, mode: str, T: int, timed: bool, repeats: int) -> dict:
             ts.append(time.perf_counter() - t0)
         row.update(time_s=statistics.median(ts), rss_base_MiB=rss_base, rss_peak_MiB=peak_rss_mib())
     return row
+
+
+def _timed(fn, args, repeats: int) -> float:
+    """Median seconds of `repeats` calls of the compiled fn after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run_pieces48(piece: int, contexts, repeats: int) -> dict:
+    """Seconds per `piece`-token piece of one KDA layer, one MoE block and one MLA layer (per context, expanded and
+    at the first context absorbed) at 48B widths, float32, each continuing a cache."""
+    cfg = load_config("kimi_linear_48b_a3b", dtype="float32", param_dtype="float32", num_experts=32)
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (1, piece, cfg.hidden_size), jnp.float32)
+    out = {"piece": piece, "contexts": list(contexts)}
+
+    def layer_fn(layer, **call):
+        graphdef, state = nnx.split(layer)
+        return jax.jit(lambda state, x, cache: nnx.merge(graphdef, state)(x, cache=cache, **call)[0]), state
+
+    kda_fn, kda_state = layer_fn(KimiDeltaAttention(cfg, rngs=nnx.Rngs(0)))
+    cache = KDAState.zeros(1, cfg)
+    cache = cache._replace(recurrent=jax.random.normal(key, cache.recurrent.shape, jnp.float32) * 0.1)
+    out["kda_s"] = _timed(kda_fn, (kda_state, x, cache), repeats)
+    graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
+    moe_fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
+    out["moe_s"] = _timed(moe_fn, (state, x), repeats)
+    mla = MultiHeadLatentAttention(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(mla)
+    for form in ("expanded", "absorbed"):
+        def attend(state, x, cache, form=form):
+            return nnx.merge(graphdef, state)(x, cache=cache, cache_form=form)[0]
+        fn = jax.jit(attend)
+        for c in (contexts if form == "expanded" else contexts[:1]):
+            ck = jax.random.split(jax.random.key(c), 2)
+            mcache = MLACache(jax.random.normal(ck[0], (1, c, cfg.kv_lora_rank), jnp.float32),
+                              jax.random.normal(ck[1], (1, c, cfg.qk_rope_head_dim), jnp.float32),
+                              jnp.array([c], jnp.int32))
+            out[f"mla_{form}_{c}_s"] = _timed(fn, (state, x, mcache), repeats)
+            print(f"  mla {form} context {c}: {out[f'mla_{form}_{c}_s']:.2f} s", file=sys.stderr, flush=True)
+    # The layer's automatic choice for this piece length must be the expanded form timed above.
+    out["auto_is_expanded"] = expanded_pays_off(piece, heads=cfg.num_attention_heads, nope_dim=cfg.qk_nope_head_dim,
+                                                rope_dim=cfg.qk_rope_head_dim, v_dim=cfg.v_head_dim,
+                                                kv_lora_rank=cfg.kv_lora_rank)
+    out["rss_peak_MiB"] = peak_rss_mib()
+    return out
+
+
+def pieces48_table(res: dict, target: int = 131072, short: int = 8192) -> str:
+    """Markdown: the measured layer times and the 27-layer model's prefill time per token at each context."""
+    P, cs = res["piece"], res["contexts"]
+    t = np.array([res[f"mla_expanded_{c}_s"] for c in cs])
+    b, a = np.polyfit(np.array(cs, float), t, 1)  # MLA piece time = a + b * context
+    mla = lambda c: a + b * c  # noqa: E731
+    fixed = 20 * res["kda_s"] + 27 * res["moe_s"]
+    per_token = lambda c: (fixed + 7 * mla(c)) / P * 1e3  # ms per token, a piece at context c  # noqa: E731
+    average = lambda T: np.mean([per_token(c) for c in range(0, T, P)])  # noqa: E731
+    resid = np.max(np.abs(t - np.array([mla(c) for c in cs])) / t)
+    lines = [f"piece {P} tokens, 48B widths, float32; one layer each: KDA {res['kda_s']:.2f} s, MoE block "
+             f"{res['moe_s']:.2f} s, MLA (expanded over the cache) " + ", ".join(
+                 f"{v:.2f} s at {c:,}" for c, v in zip(cs, t)) + f" (linear fit a + b c: a {a:.2f} s, b {b * 1e3:.3f} "
+             f"ms per 1k cached tokens x 1e3, worst residual {resid:.1%}); absorbed at {cs[0]:,}: "
+             f"{res[f'mla_absorbed_{cs[0]}_s']:.2f} s ({res[f'mla_absorbed_{cs[0]}_s'] / t[0]:.2f}x the expanded).",
+             "", "| context | 27-layer ms/token (a piece at this context) | whole-prompt average ms/token (prompt of this "
+             "length) |", "|---|---|---|"]
+    for c in sorted({short, *cs, target}):
+        lines.append(f"| {c:,} | {per_token(c):.1f} | {average(c):.1f} |")
+    lines += ["", f"128k / 8k per token: last piece {per_token(target) / per_token(short):.2f}x, whole-prompt "
+              f"average {average(target) / average(short):.2f}x."]
+    return "\n".join(lines)
 
 
 def run_serve_pieces(T: int, max_prefill_tokens: int) -> dict:
@@ -263,7 +347,7 @@ def plot(path: str, rows: list[dict], serve: dict | None) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="model,layers,serve", help="model, layers, serve, dry_run")
+    ap.add_argument("--sections", default="model,layers,serve", help="model, layers, serve, pieces48, dry_run")
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--time-max", type=int, default=16384, help="run (time, RSS) the model points up to this T")
     ap.add_argument("--layer-time-max", type=int, default=4096, help="the same for the 48B-width layers")
@@ -271,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--serve-len", type=int, default=131072)
     ap.add_argument("--max-prefill-tokens", type=int, default=8192)
     ap.add_argument("--no-serve-cli", action="store_true", help="serve section: the runner pieces only")
+    ap.add_argument("--piece48", type=int, default=2048, help="pieces48: the piece length")
+    ap.add_argument("--contexts48", default="8192,16384,32768", help="pieces48: MLA cache lengths timed")
+    ap.add_argument("--pieces48-point", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dry-devices", type=int, default=64)
     ap.add_argument("--dry-batch", type=int, default=64)
     ap.add_argument("--dry-lengths", default="32768,131072")
@@ -291,12 +378,13 @@ def main(argv=None) -> int:
     if args.serve_cli_point:
         print(json.dumps(run_serve_cli(args.serve_cli_point, args.max_prefill_tokens)))
         return 0
-
-
+    if args.pieces48_point:
+        print(json.dumps(run_pieces48(args.piece48, [int(c) for c in args.contexts48.split(",")], args.repeats)))
+        return 0
     sections = set(args.sections.split(","))
-    unknown = sections - {"model", "layers", "serve", "dry_run"}
+    unknown = sections - {"model", "layers", "serve", "pieces48", "dry_run"}
     if unknown:
-        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from model, layers, serve, dry_run")
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from model, layers, serve, pieces48, dry_run")
     lengths = [int(x) for x in args.lengths.split(",")]
     report = [f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, float32; machine load average at "
               f"start {os.getloadavg()[0]:.1f}"]
@@ -334,6 +422,11 @@ def main(argv=None) -> int:
             report += [f"\n### `{cli['argv']}`\n\nexit {cli['exit']}, wall {cli['wall_s']:.1f} s (compiles included), "
                        f"peak RSS {cli['rss_peak_MiB']:,.0f} MiB; last lines:\n\n```\n" + "\n".join(cli["tail"])
                        + "\n```"]
+    if "pieces48" in sections:
+        res = in_subprocess(["--pieces48-point", "--piece48", str(args.piece48), "--contexts48", args.contexts48,
+                             "--repeats", str(args.repeats)])
+        report += ["\n### Prefill time per token against the context at 48B widths (one layer of each kind)\n",
+                   pieces48_table(res)]
     if "dry_run" in sections:
         report += ["\n### Kimi-Linear-48B-A3B dry run at long sequence lengths\n",
                    dry_run(args.dry_devices, [int(x) for x in args.dry_lengths.split(",")], args.dry_batch)]

@@ -175,7 +175,7 @@ class MultiHeadLatentAttention(nnx.Module):
                              f"{cache.lengths.dtype}{list(cache.lengths.shape)}")
 
     def __call__(self, x, *, positions=None, segment_ids=None, cache: MLACache | None = None,
-                 return_max_logit: bool = False):
+                 return_max_logit: bool = False, cache_form: str = "auto"):
         """x [B, T, hidden] (input-layernormed) -> (y [B, T, hidden], new latents).
 
         segment_ids: int [B, T] (0 = padding: attends to nothing, outputs zeros) or None; positions: int [B, T]
@@ -185,6 +185,8 @@ class MultiHeadLatentAttention(nnx.Module):
         (`MLALatents` [B, T, ...]), for the caller to store at positions cache.lengths + t.
         return_max_logit (training, no cache; MuonClip): also return, last, the largest scaled attention logit per
         (row, head), float32 [B, H], from inside the attention op (then the absorbed latent path computes it).
+        cache_form: how x attends to the cached tokens: "absorbed", "expanded" or "auto" (the one with fewer flops
+        for x's length: absorbed for decode, expanded for long pieces at Kimi Linear's sizes); all are equal.
         """
         B, T = self._check_x(x)
         if segment_ids is not None and (segment_ids.shape != (B, T)
@@ -208,7 +210,7 @@ class MultiHeadLatentAttention(nnx.Module):
             o = self._expanded(q_nope, q_pe, c, k_pe, segment_ids)
         else:
             o, lse = self._expanded(q_nope, q_pe, c, k_pe, segment_ids, return_lse=True)
-            o, _ = merge_attention(o, lse, *self._over_cache(q_nope, q_pe, cache, segment_ids))
+            o, _ = merge_attention(o, lse, *self._over_cache(q_nope, q_pe, cache, segment_ids, cache_form))
         return self.o_proj(o.reshape(B, T, -1).astype(self.dtype)), latents
 
     def _expanded(self, q_nope, q_pe, c, k_pe, segment_ids, return_lse=False):
