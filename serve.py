@@ -22,7 +22,7 @@ from pathlib import Path
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
-from k2jax.chat import load_chat_template
+from k2jax.chat import encode_chat, load_chat_template
 from k2jax.config import ConfigError, ModelConfig, parse_overrides
 from k2jax.serving.config import ServeConfig
 from k2jax.serving.loading import load_model
@@ -183,21 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     if serve.warmup:
         print(f"warm-up: compiled {len(engine.runner.buckets)} length buckets in {engine.warmup():.1f} s",
               file=sys.stderr)
+    # The checkpoint's own chat template when it ships one, else the built-in Kimi K2 format.
+    template = load_chat_template(args.checkpoint) if args.checkpoint else None
     if args.http:
         from k2jax.serving.server import make_server  # noqa: PLC0415 (FastAPI, the serve extra: --http only)
 
         name = args.model_name or Path(args.checkpoint or args.config).name
         print(f"serving {name!r} on http://{serve.host}:{serve.port} (slots={engine.num_slots}, "
               f"context={engine.max_len})", file=sys.stderr)
-        # The checkpoint's own chat template when it ships one, else the built-in Kimi K2 format.
-        template = load_chat_template(args.checkpoint) if args.checkpoint else None
         t0 = time.perf_counter()  # bridge the vocabulary for constrained decoding now, not in the first request
         words = engine.grammar_tokenizer.words
         print(f"constrained decoding ready ({words} mask words) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         make_server(engine, tokenizer, name, serve.host, serve.port, serve.limits, chat_template=template).run()
         return 0
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p)
-           for p in prompts]
+    ids = [encode_chat(tokenizer, [{"role": "user", "content": p}], template=template) if args.chat
+           else tokenizer.encode(p) for p in prompts]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop,
                             stop_token_ids=[tokenizer.special_id("<|im_end|>")] if args.chat else [])

@@ -1,10 +1,10 @@
 """Tokenizers: Kimi's tiktoken BPE, HF `tokenizer.json` (through the optional `tokenizers` package) and a byte
-tokenizer for embedded demos, behind one interface, plus Kimi's chat format.
+tokenizer for embedded demos, behind one interface, plus the names of Kimi's chat-format special tokens (the chat
+format itself, Kimi K2's or a checkpoint's Jinja template, is k2jax.chat: `encode_chat(tokenizer, messages)`).
 
 Common interface: `encode(text, add_bos=False, allow_special=False) -> list[int]`, `decode(ids) -> str`,
 `bos_id` / `eos_id` / `pad_id` (int or None), `vocab_size`, `special_id(token)`, `plain_ids()`,
-`check_fits_model(vocab_size)`, `apply_chat_template(messages, add_generation_prompt=True) -> list[int]` and
-`render_chat(...) -> str`. `encode` treats special-token strings in `text` as plain text unless
+`check_fits_model(vocab_size)`. `encode` treats special-token strings in `text` as plain text unless
 `allow_special=True` (HF's Kimi tokenizer allows them by default; we do not, so user text cannot forge a turn
 marker), for every tokenizer class.
 
@@ -69,51 +69,6 @@ MAX_RUN_CHARS = 25_000
 IM_SYSTEM, IM_USER, IM_ASSISTANT = "<|im_system|>", "<|im_user|>", "<|im_assistant|>"
 IM_MIDDLE, IM_END = "<|im_middle|>", "<|im_end|>"
 CHAT_TOKENS = (IM_SYSTEM, IM_USER, IM_ASSISTANT, IM_MIDDLE, IM_END)
-_ROLE_OPENERS = {"system": IM_SYSTEM, "user": IM_USER, "assistant": IM_ASSISTANT, "tool": IM_SYSTEM}
-
-
-# ---- chat format -----------------------------------------------------------------------------------------------------
-def _content_text(message: dict, i: int) -> str:
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            ok = isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str)
-            if not ok:
-                raise ValueError(f"message {i}: only text content parts ({{'type': 'text', 'text': ...}}) are "
-                                 f"supported, got {part!r}")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ValueError(f"message {i}: content must be a string, a list of text parts or None, got "
-                     f"{type(content).__name__}")
-
-
-def chat_segments(messages: Sequence[dict], add_generation_prompt: bool = True,
-                  default_system: str | None = None) -> list[tuple[bool, str]]:
-    """Kimi's chat format as (is_special_token, text) segments (see the module docstring)."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-    messages = list(messages)
-    if default_system is not None and (not messages or messages[0].get("role") != "system"):
-        messages.insert(0, {"role": "system", "content": default_system})
-    out: list[tuple[bool, str]] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLE_OPENERS:
-            raise ValueError(f"message {i}: needs a 'role' in {sorted(_ROLE_OPENERS)}, got {m!r}")
-        if m.get("tool_calls"):
-            raise ValueError(f"message {i}: tool_calls are not supported by this chat template implementation")
-        name = m.get("name") or m["role"]
-        if not isinstance(name, str):
-            raise ValueError(f"message {i}: 'name' must be a string, got {name!r}")
-        out += [(True, _ROLE_OPENERS[m["role"]]), (False, name), (True, IM_MIDDLE), (False, _content_text(m, i)),
-                (True, IM_END)]
-    if add_generation_prompt:
-        out += [(True, IM_ASSISTANT), (False, "assistant"), (True, IM_MIDDLE)]
-    return out
 
 
 class BaseTokenizer:
@@ -196,19 +151,6 @@ class BaseTokenizer:
         if bad:
             raise ValueError(f"decode: token ids {bad[:10]} outside [0, vocab_size={self.vocab_size})")
         return ids
-
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
-                            default_system: str | None = None) -> list[int]:
-        """Token ids of `messages` ([{'role', 'content'[, 'name']}, ...]) in Kimi's chat format."""
-        ids: list[int] = []
-        for special, text in chat_segments(messages, add_generation_prompt, default_system):
-            ids += [self.special_id(text)] if special else self._encode_plain(text)
-        return ids
-
-    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
-                    default_system: str | None = None) -> str:
-        """The chat format as text, special tokens spelled out (what HF's apply_chat_template(tokenize=False) gives)."""
-        return "".join(text for _, text in chat_segments(messages, add_generation_prompt, default_system))
 
 
 def _id_ranges(ids: Sequence[int], limit: int = 5) -> str:

@@ -67,9 +67,8 @@ from k2jax.chat.parser import (
     THINK_OPEN,
     tool_call_id,
 )
+from k2jax.tokenizer import IM_ASSISTANT, IM_END, IM_MIDDLE, IM_SYSTEM, IM_USER
 
-IM_SYSTEM, IM_USER, IM_ASSISTANT = "<|im_system|>", "<|im_user|>", "<|im_assistant|>"
-IM_MIDDLE, IM_END = "<|im_middle|>", "<|im_end|>"
 KIMI_DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 GENERATION_PROMPT = IM_ASSISTANT + "assistant" + IM_MIDDLE
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
