@@ -123,15 +123,33 @@ def run_point(kind: str, mode: str, T: int, timed: bool, repeats: int) -> dict:
     return row
 
 
-def _timed(fn, args, repeats: int) -> float:
-    """Median seconds of `repeats` calls of the compiled fn after one warm-up call."""
+_MATMUL = None
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a 2048^3 float32 matmul timed now: the yardstick that makes times taken under a shared machine's
+    changing load comparable (a time x the rate measured right before it is the work in matmul-flop units)."""
+    global _MATMUL
+    if _MATMUL is None:
+        _MATMUL = jax.jit(lambda a: a @ a), jnp.ones((2048, 2048), jnp.float32)
+        jax.block_until_ready(_MATMUL[0](_MATMUL[1]))
+    t0 = time.perf_counter()
+    jax.block_until_ready(_MATMUL[0](_MATMUL[1]))
+    return 2 * 2048 ** 3 / (time.perf_counter() - t0)
+
+
+def _timed(fn, args, repeats: int) -> tuple[float, float]:
+    """(median seconds of `repeats` calls of the compiled fn after one warm-up call, median of seconds x the
+    matmul rate measured right before each call: the call's cost in matmul flops)."""
     jax.block_until_ready(fn(*args))
-    ts = []
+    ts, work = [], []
     for _ in range(repeats):
+        rate = matmul_rate()
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        work.append(ts[-1] * rate)
+    return statistics.median(ts), statistics.median(work)
 
 
 def run_pieces48(piece: int, contexts, repeats: int) -> dict:
@@ -149,10 +167,10 @@ def run_pieces48(piece: int, contexts, repeats: int) -> dict:
     kda_fn, kda_state = layer_fn(KimiDeltaAttention(cfg, rngs=nnx.Rngs(0)))
     cache = KDAState.zeros(1, cfg)
     cache = cache._replace(recurrent=jax.random.normal(key, cache.recurrent.shape, jnp.float32) * 0.1)
-    out["kda_s"] = _timed(kda_fn, (kda_state, x, cache), repeats)
+    out["kda_s"], out["kda_mmflop"] = _timed(kda_fn, (kda_state, x, cache), repeats)
     graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
     moe_fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
-    out["moe_s"] = _timed(moe_fn, (state, x), repeats)
+    out["moe_s"], out["moe_mmflop"] = _timed(moe_fn, (state, x), repeats)
     mla = MultiHeadLatentAttention(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(mla)
     for form in ("expanded", "absorbed"):
@@ -164,7 +182,7 @@ def run_pieces48(piece: int, contexts, repeats: int) -> dict:
             mcache = MLACache(jax.random.normal(ck[0], (1, c, cfg.kv_lora_rank), jnp.float32),
                               jax.random.normal(ck[1], (1, c, cfg.qk_rope_head_dim), jnp.float32),
                               jnp.array([c], jnp.int32))
-            out[f"mla_{form}_{c}_s"] = _timed(fn, (state, x, mcache), repeats)
+            out[f"mla_{form}_{c}_s"], out[f"mla_{form}_{c}_mmflop"] = _timed(fn, (state, x, mcache), repeats)
             print(f"  mla {form} context {c}: {out[f'mla_{form}_{c}_s']:.2f} s", file=sys.stderr, flush=True)
     # The layer's automatic choice for this piece length must be the expanded form timed above.
     out["auto_is_expanded"] = expanded_pays_off(piece, heads=cfg.num_attention_heads, nope_dim=cfg.qk_nope_head_dim,
@@ -175,20 +193,26 @@ def run_pieces48(piece: int, contexts, repeats: int) -> dict:
 
 
 def pieces48_table(res: dict, target: int = 131072, short: int = 8192) -> str:
-    """Markdown: the measured layer times and the 27-layer model's prefill time per token at each context."""
+    """Markdown: the measured layer costs and the 27-layer model's prefill cost per token at each context. Costs
+    are in matmul-flop units (seconds x the matmul rate measured right before each call), so that load changes
+    during the run do not skew the ratios; seconds at the run's median matmul rate are shown beside them."""
     P, cs = res["piece"], res["contexts"]
-    t = np.array([res[f"mla_expanded_{c}_s"] for c in cs])
-    b, a = np.polyfit(np.array(cs, float), t, 1)  # MLA piece time = a + b * context
+    rate = statistics.median([res[k] / res[k.replace("_mmflop", "_s")] for k in res if k.endswith("_mmflop")])
+    sec = lambda w: w / rate  # noqa: E731  matmul flops -> seconds at the median rate
+    work = np.array([res[f"mla_expanded_{c}_mmflop"] for c in cs])
+    b, a = np.polyfit(np.array(cs, float), work, 1)  # MLA piece cost = a + b * context
     mla = lambda c: a + b * c  # noqa: E731
-    fixed = 20 * res["kda_s"] + 27 * res["moe_s"]
-    per_token = lambda c: (fixed + 7 * mla(c)) / P * 1e3  # ms per token, a piece at context c  # noqa: E731
+    fixed = 20 * res["kda_mmflop"] + 27 * res["moe_mmflop"]
+    per_token = lambda c: sec(fixed + 7 * mla(c)) / P * 1e3  # ms per token, a piece at this context  # noqa: E731
     average = lambda T: np.mean([per_token(c) for c in range(0, T, P)])  # noqa: E731
-    resid = np.max(np.abs(t - np.array([mla(c) for c in cs])) / t)
-    lines = [f"piece {P} tokens, 48B widths, float32; one layer each: KDA {res['kda_s']:.2f} s, MoE block "
-             f"{res['moe_s']:.2f} s, MLA (expanded over the cache) " + ", ".join(
-                 f"{v:.2f} s at {c:,}" for c, v in zip(cs, t)) + f" (linear fit a + b c: a {a:.2f} s, b {b * 1e3:.3f} "
-             f"ms per 1k cached tokens x 1e3, worst residual {resid:.1%}); absorbed at {cs[0]:,}: "
-             f"{res[f'mla_absorbed_{cs[0]}_s']:.2f} s ({res[f'mla_absorbed_{cs[0]}_s'] / t[0]:.2f}x the expanded).",
+    resid = np.max(np.abs(work - np.array([mla(c) for c in cs])) / work)
+    absorbed = res[f"mla_absorbed_{cs[0]}_mmflop"]
+    lines = [f"piece {P:,} tokens, 48B widths, float32; seconds at the run's median 2048^3 matmul rate "
+             f"({rate / 1e9:.0f} GFLOP/s): one layer each: KDA {sec(res['kda_mmflop']):.2f} s, MoE block "
+             f"{sec(res['moe_mmflop']):.2f} s, MLA (expanded over the cache) " + ", ".join(
+                 f"{sec(v):.2f} s at {c:,}" for c, v in zip(cs, work)) + f" (fit a + b c: a {sec(a):.2f} s, b "
+             f"{sec(b) * 1e3:.3f} ms per cached token, worst residual {resid:.1%}); absorbed at {cs[0]:,}: "
+             f"{sec(absorbed):.2f} s ({absorbed / work[0]:.2f}x the expanded).",
              "", "| context | 27-layer ms/token (a piece at this context) | whole-prompt average ms/token (prompt of this "
              "length) |", "|---|---|---|"]
     for c in sorted({short, *cs, target}):
