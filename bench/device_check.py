@@ -14,6 +14,9 @@ Sections (each within a share of --budget seconds; a section stops its size swee
 - step:      the decode step (kda_step_pallas, state updated in place) against kda_step_reference.
 - attention: MLA attention (expanded heads: H=32, Dk=192, Dv=128, bf16, causal) at long T: the Pallas kernel of
              the platform (Triton on GPU, splash on TPU) against the XLA blocked form and the reference.
+- mla_cache: a prefill piece (and a decode batch) of MLA queries over a latent cache at 48B widths (H=32, R=512,
+             bf16): the absorbed form (latent_attention) against the expanded one (decompressed_latent_attention),
+             error between them and which is faster, against the rule `expanded_pays_off` uses (flop counts).
 - int4:      the INT4 dense (int4_matmul) and grouped (int4_ragged_dot) Pallas kernels against bf16 matmuls of the
              same shapes (48B expert widths), error against a float32 matmul of the dequantised weights.
 - train:     one training step (cross-entropy, AdamW) of a two-layer 48B-width model (KDA + dense MLP, MLA + MoE;
@@ -48,10 +51,13 @@ from flax import nnx  # noqa: E402
 import k2jax  # noqa: E402
 from bench.timing import median_seconds  # noqa: E402
 from k2jax.training.metrics import train_flops_per_token  # noqa: E402
-from pallas_kernels.attention import (
-    attention,  # noqa: E402
+from pallas_kernels.attention import (  # noqa: E402
+    attention,
     attention_splash,
     attention_triton,
+    decompressed_latent_attention,
+    expanded_pays_off,
+    latent_attention,
 )
 from pallas_kernels.int4 import dequantize_int4, int4_matmul, int4_ragged_dot, quantize_int4  # noqa: E402
 from pallas_kernels.kda import kda_chunk, kda_pallas, kda_reference, kda_step_pallas, kda_step_reference  # noqa: E402
@@ -63,8 +69,8 @@ PEAKS = {
     "TPU v5e": (197e12, 0.82e12), "TPU v5p": (459e12, 2.76e12), "TPU v5": (459e12, 2.76e12),
     "TPU v6 lite": (918e12, 1.64e12), "TPU v6e": (918e12, 1.64e12),
 }
-SECTIONS = ("kda", "step", "attention", "int4", "train")
-SHARES = {"kda": 0.35, "step": 0.05, "attention": 0.2, "int4": 0.1, "train": 0.3}  # of --budget
+SECTIONS = ("kda", "step", "attention", "mla_cache", "int4", "train")
+SHARES = {"kda": 0.33, "step": 0.05, "attention": 0.17, "mla_cache": 0.07, "int4": 0.1, "train": 0.28}  # of --budget
 
 
 class KernelFailure(RuntimeError):
@@ -318,6 +324,62 @@ def section_attention(chk: Check, deadline):
     _sweep(chk, sizes, deadline, one)
 
 
+# ----------------------------------------------------------------------------------------------- MLA over a cache
+
+def section_mla_cache(chk: Check, deadline):
+    if chk.smoke:
+        B, H, n, P, R, dv, cases = 1, 2, 8, 4, 32, 8, [(16, 64), (1, 64)]
+    else:  # (queries, cached tokens): prefill pieces and a decode step of 64 rows
+        B, H, n, P, R, dv, cases = 1, 32, 128, 64, 512, 128, [(2048, 32768), (8192, 131072), (1, 131072)]
+    ks = jax.random.split(jax.random.key(9), 4)
+    w_uk = (jax.random.normal(ks[0], (H, n, R)) / math.sqrt(R)).astype(jnp.bfloat16)
+    w_uv = (jax.random.normal(ks[1], (H, R, dv)) / math.sqrt(R)).astype(jnp.bfloat16)
+    scale = (n + P) ** -0.5
+
+    def absorbed(q_nope, q_pe, ckv, kpe, lengths):
+        q_lat = jnp.einsum("bthn,hnr->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(q_nope.dtype)
+        o, lse = latent_attention(q_lat, q_pe, ckv, kpe, lengths, scale=scale)
+        return jnp.einsum("bthr,hrv->bthv", o, w_uv, preferred_element_type=jnp.float32).astype(o.dtype), lse
+
+    def expanded(*args):
+        return decompressed_latent_attention(*args, w_uk, w_uv, scale=scale)
+
+    fns = {"absorbed": jax.jit(absorbed), "expanded": jax.jit(expanded)}
+
+    def one(case):
+        T, S = case
+        rows = 64 if (T == 1 and not chk.smoke) else B
+        kk = jax.random.split(jax.random.key(T + S), 4)
+        q_nope = jax.random.normal(kk[0], (rows, T, H, n), jnp.bfloat16)
+        q_pe = jax.random.normal(kk[1], (rows, T, H, P), jnp.bfloat16)
+        ckv = jax.random.normal(kk[2], (rows, S, R), jnp.bfloat16)
+        kpe = jax.random.normal(kk[3], (rows, S, P), jnp.bfloat16)
+        lengths = jnp.full((rows,), S, jnp.int32)
+        outs, times = {}, {}
+        for name, fn in fns.items():
+            outs[name] = fn(q_nope, q_pe, ckv, kpe, lengths)
+            times[name] = chk.time(fn, q_nope, q_pe, ckv, kpe, lengths)
+        rule = "expanded" if expanded_pays_off(T, heads=H, nope_dim=n, rope_dim=P, v_dim=dv, kv_lora_rank=R) \
+            else "absorbed"
+        pairs = rows * T * S * H
+        for name in fns:
+            flops = pairs * 2 * ((n + P + dv) if name == "expanded" else (2 * R + P)) + \
+                (rows * S * H * R * 2 * (n + dv) if name == "expanded" else 0)
+            bytes_ = 2 * rows * S * (R + P) + 2 * rows * T * H * (n + P + dv)
+            row = {"queries": T, "cached": S, "rows": rows, "form": name, "rule_picks": rule,
+                   **chk.rate(flops, bytes_, times[name])}
+            if name == "expanded":
+                row["err_vs_absorbed"] = error_ratio(outs["absorbed"][0], outs["expanded"][0])
+                row["speedup_vs_absorbed"] = times["absorbed"] / times["expanded"]
+            chk.add("mla_cache", row)
+
+    for case in cases:
+        if time.perf_counter() > deadline:
+            print(f"  (stopping before {case}: out of this section's time)", flush=True)
+            return
+        one(case)
+
+
 # ----------------------------------------------------------------------------------------------- INT4
 
 def section_int4(chk: Check, deadline):
@@ -429,8 +491,8 @@ def section_train(chk: Check, deadline):
                       "grad_err": error_ratio(gc, gp)})
 
 
-RUNNERS = {"kda": section_kda, "step": section_step, "attention": section_attention, "int4": section_int4,
-           "train": section_train}
+RUNNERS = {"kda": section_kda, "step": section_step, "attention": section_attention, "mla_cache": section_mla_cache,
+           "int4": section_int4, "train": section_train}
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -20,6 +20,10 @@ def test_smoke_runs_every_section_and_writes_json(tmp_path, capsys):
     assert all(r["err_o"] < 1e-5 for r in res["sections"]["step"] if "err_o" in r)
     assert all(r["err_o"] < 2e-2 for r in res["sections"]["attention"] if "err_o" in r)
     assert all(r["err"] < 1e-2 for r in res["sections"]["int4"] if "err" in r)
+    mla = res["sections"]["mla_cache"]
+    assert {(r["queries"], r["form"]) for r in mla} == {(16, "absorbed"), (16, "expanded"), (1, "absorbed"),
+                                                         (1, "expanded")}
+    assert all(r["err_vs_absorbed"] < 2e-2 for r in mla if r["form"] == "expanded")
     train = res["sections"]["train"]
     assert {r.get("kda_impl") for r in train} >= {"pallas", "chunk"}
     assert train[-1]["loss_ratio"] < 1e-3 and train[-1]["grad_err"] < 1e-2
