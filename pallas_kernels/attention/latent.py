@@ -117,12 +117,13 @@ def expanded_pays_off(num_queries: int, *, heads: int, nope_dim: int, rope_dim: 
 
 
 def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv, *, scale: float, q_mask=None,
-                                  decompress_block: int = DEFAULT_DECOMPRESS_BLOCK, block_q: int = DEFAULT_BLOCK_Q,
-                                  block_k: int = DEFAULT_BLOCK_K):
+                                  cache_rows=None, decompress_block: int = DEFAULT_DECOMPRESS_BLOCK,
+                                  block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
     """The attention of `latent_attention` in the expanded form, for many queries over a long cache.
 
-    q_nope: [B, T, H, n]; q_pe: [B, T, H, P]; ckv: [B, S, R]; kpe: [B, S, P]; kv_lengths: int [B] (row b's keys are
-    entries [0, kv_lengths[b])); w_uk: [H, n, R] and w_uv: [H, R, d_v], the up-projections (k_nope_h(s) = W_UK,h
+    q_nope: [B, T, H, n]; q_pe: [B, T, H, P]; ckv: [N, S, R]; kpe: [N, S, P]; kv_lengths: int [B] (row b's keys are
+    entries [0, kv_lengths[b]) of cache row cache_rows[b]; cache_rows: int [B] or None, then N = B and row b reads
+    cache row b: a serving step reads its slots of a many-sequence cache in place, a block at a time); w_uk: [H, n, R] and w_uv: [H, R, d_v], the up-projections (k_nope_h(s) = W_UK,h
     c_s, v_h(s) = W_UV,h^T c_s); q_mask: bool [B, T] or None (False: the query sees no key). The cache is read
     `decompress_block` keys at a time (a scan that skips blocks past the longest length), each block up-projected
     to K [B, block, H, n + P] and V [B, block, H, d_v] in the compute dtype and attended by the blocked attention
@@ -135,7 +136,18 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
         raise ValueError(f"decompressed_latent_attention: q_nope [B, T, H, n] = {q_nope.shape}, q_pe {q_pe.shape}, "
                          f"w_uk [H, n, R] {w_uk.shape} and w_uv [H, R, d_v] {w_uv.shape} disagree")
     R = w_uk.shape[2]
-    _check(jnp.zeros((B, T, H, R), q_pe.dtype), q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k)
+    if cache_rows is not None:
+        if cache_rows.shape != (B,) or not jnp.issubdtype(cache_rows.dtype, jnp.integer):
+            raise ValueError(f"decompressed_latent_attention: cache_rows must be int [B={B}] or None, got "
+                             f"{cache_rows.dtype}{list(cache_rows.shape)}")
+        if ckv.ndim != 3 or kpe.ndim != 3 or ckv.shape[0] != kpe.shape[0]:
+            raise ValueError(f"decompressed_latent_attention: ckv [N, S, R] and kpe [N, S, P] must have the same N, "
+                             f"got {ckv.shape} and {kpe.shape}")
+        view = lambda x: jax.ShapeDtypeStruct((B,) + x.shape[1:], x.dtype)  # noqa: E731  (the shapes _check sees)
+    else:
+        view = lambda x: x  # noqa: E731
+    _check(jax.ShapeDtypeStruct((B, T, H, R), q_pe.dtype), q_pe, view(ckv), view(kpe), kv_lengths, q_mask, block_q,
+           block_k)
     if w_uv.shape[1] != R:
         raise ValueError(f"decompressed_latent_attention: w_uv must be [H, R={R}, d_v], got {w_uv.shape}")
     if isinstance(decompress_block, bool) or not isinstance(decompress_block, int) or decompress_block < 1:
@@ -152,8 +164,13 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
         def compute(carry):
             # The last block is read from S - bs when bs does not divide S; keys before j * bs were counted.
             start = jnp.minimum(j * bs, S - bs)
-            c = jax.lax.dynamic_slice_in_dim(ckv, start, bs, axis=1)
-            kp = jax.lax.dynamic_slice_in_dim(kpe, start, bs, axis=1).astype(dt)
+            if cache_rows is None:
+                c = jax.lax.dynamic_slice_in_dim(ckv, start, bs, axis=1)
+                kp = jax.lax.dynamic_slice_in_dim(kpe, start, bs, axis=1).astype(dt)
+            else:  # only this block of each row's cache row is read
+                c = jax.vmap(lambda r: jax.lax.dynamic_slice(ckv, (r, start, 0), (1, bs, R))[0])(cache_rows)
+                kp = jax.vmap(lambda r: jax.lax.dynamic_slice(kpe, (r, start, 0), (1, bs, P))[0])(cache_rows)
+                kp = kp.astype(dt)
             k_nope = jnp.einsum("bsr,hnr->bshn", c, w_uk.astype(dt), preferred_element_type=_F32).astype(dt)
             v = jnp.einsum("bsr,hrv->bshv", c, w_uv.astype(dt), preferred_element_type=_F32).astype(dt)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(kp[:, :, None, :], (B, bs, H, P))], axis=-1)

@@ -319,6 +319,13 @@ def test_decompressed_latent_attention_equals_the_absorbed_form(dtype):
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 300), (0, 0)))  # noqa: E731
     o2, lse2 = run(q_nope, q_pe, pad(ckv), pad(kpe), lengths)
     assert error_ratio(o, o2) < tol and np.array_equal(np.isfinite(lse2), finite)
+    # Rows of a 5-sequence cache read in place (cache_rows) equal the gathered view.
+    rows = jnp.array([4, 1, 2], jnp.int32)
+    big = lambda x: jnp.zeros((5,) + x.shape[1:], x.dtype).at[rows].set(x)  # noqa: E731
+    o3, lse3 = jit_fast_compile(lambda *a: decompressed_latent_attention(
+        *a, w_uk, w_uv, scale=0.3, q_mask=q_mask, cache_rows=rows, decompress_block=16, block_q=4, block_k=8))(
+        q_nope, q_pe, big(ckv), big(kpe), lengths)
+    assert error_ratio(o, o3) < 1e-6 and error_ratio(lse[finite], lse3[finite]) < 1e-6
 
 
 def test_expanded_pays_off_at_kimi_linear_sizes():
