@@ -8,16 +8,18 @@ it is tested against. Layout [B, T, heads, D] (q [B, T, H, Dk], k [B, S, Hkv, Dk
   attention kernel (both interpreted on CPU).
 - `attention`: dispatch (`impl="auto"`: splash on TPU, Triton on GPU where it fits, the XLA form elsewhere).
 - `latent_attention`: MLA's absorbed form over a latent cache (queries of new tokens against cached c / k_pe, read
-  in blocks in the cache's own layout), and `merge_attention`, which joins two partial attentions by their
-  log-sum-exp.
+  in blocks in the cache's own layout), `latent_attention_rows`: the same for serving, each row reading its own
+  sequence of a slot cache up to its own length (work follows the live tokens), and `merge_attention`, which joins
+  two partial attentions by their log-sum-exp.
 """
 
 from pallas_kernels.attention.blocked import attention_blocked, attention_max_logit, visited_blocks
 from pallas_kernels.attention.dispatch import IMPLS, attention
-from pallas_kernels.attention.latent import latent_attention, merge_attention
+from pallas_kernels.attention.latent import latent_attention, latent_attention_rows, merge_attention
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.splash import attention_splash
 from pallas_kernels.attention.triton import attention_triton
 
 __all__ = ["IMPLS", "attention", "attention_blocked", "attention_max_logit", "attention_reference",
-           "attention_splash", "attention_triton", "latent_attention", "merge_attention", "visited_blocks"]
+           "attention_splash", "attention_triton", "latent_attention", "latent_attention_rows", "merge_attention",
+           "visited_blocks"]

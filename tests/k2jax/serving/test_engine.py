@@ -139,7 +139,7 @@ def test_long_prompts_are_prefilled_in_pieces_between_decode_steps(engine):
     by a second piece in the next step, while a request already decoding gets a token in each of those steps.
     Greedy generations equal one-shot prefill's, and nothing compiles after warm-up."""
     chunked = tiny_engine(max_prefill_tokens=16)
-    assert chunked.runner.piece_len == 16 and chunked.runner.continue_buckets() == [16]
+    assert chunked.runner.piece_len == 16 and chunked.runner.continue_lengths() == [16]
     chunked.warmup()
     c0 = chunked.runner.compile_count
     greedy = SamplingParams(max_tokens=6, ignore_eos=True)
