@@ -3,6 +3,7 @@ and cached tokens, and concurrent sessions sharing a system prompt.
 
     python bench/agent_session.py                                   # 60 turns, 16 x 4 turns (minutes on 2 cores)
     python bench/agent_session.py --turns 200 --out docs/agent_session.md --plot docs/agent_session.png
+    python bench/agent_session.py --turns 200 --http --skip-off --skip-concurrent   # the same through serve.py's server
 
 1. One session: the first prompt has --first-tokens random tokens; every turn generates --gen-tokens (greedy,
    EOS ignored), then a tool result of --tool-tokens random tokens is appended and the whole history is the next
@@ -14,16 +15,30 @@ and cached tokens, and concurrent sessions sharing a system prompt.
    their own), --session-turns turns each; session 0's first turn runs alone first (the system prompt is then
    cached once, as on a server that has seen it before). Throughput = generated tokens / wall time; memory = the
    prefix cache's bytes in use at the end (pages + snapshots) and the pages holding the system prompt.
+3. Paired turns (--paired K, cache on): a machine shared with other work makes single turns noisy (a load spike
+   on the first or the last turn alone swings their ratio), so after the session K first-like turns (a fresh
+   --first-tokens prompt, no cache hit) alternate with K late turns (the final history plus a fresh tool result,
+   which resumes where the last turn ended): the ratio of their medians is the last / first latency under the same
+   load.
+--http runs 1 and 3 through serve.py's OpenAI server (k2jax.serving.server, uvicorn in this process) over a real
+socket: POST /v1/completions with token-id prompts and `return_token_ids` (so the next turn sends back exactly the
+generated ids); latency then includes HTTP, JSON and the engine thread hand-over, and cached tokens are read from
+usage.prompt_tokens_details.cached_tokens. --csv writes every turn's row.
 Models have random weights (the timing does not depend on them).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
+import socket
 import sys
 import threading
 import time
+import urllib.request
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,10 +48,12 @@ from flax import nnx  # noqa: E402
 from k2jax import KimiLinear, load_config  # noqa: E402
 from k2jax.serving.page_pool import pages_for  # noqa: E402
 from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
+from k2jax.serving.server import make_server  # noqa: E402
+from k2jax.tokenizer import load_tokenizer  # noqa: E402
 
 
-def make_engine(model, args, prefix_gb: float) -> Engine:
-    return Engine(model, None, num_slots=args.slots, max_len=args.max_len, min_bucket=args.min_bucket,
+def make_engine(model, args, prefix_gb: float, tokenizer=None) -> Engine:
+    return Engine(model, tokenizer, num_slots=args.slots, max_len=args.max_len, min_bucket=args.min_bucket,
                   max_prefill_tokens=args.max_prefill_tokens, prefix_cache_bytes=int(prefix_gb * 2 ** 30),
                   snapshot_every=args.snapshot_every)
 
@@ -52,31 +69,106 @@ def random_tokens(rng, n: int, vocab: int) -> list[int]:
     return [int(t) for t in rng.integers(3, vocab, n)]
 
 
-def run_session(engine: Engine, args, seed: int) -> list[dict]:
-    """One scripted session; returns one row per turn: latency_s, history (prompt tokens), prefilled, cached."""
+class EngineClient:
+    """Turns straight through `Engine.generate`."""
+
+    def __init__(self, engine: Engine, args):
+        self.engine = engine
+        self.params = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
+
+    def turn(self, prompt: list[int]) -> tuple[list[int], int]:
+        """Generate for one prompt: (generated token ids, cached prompt tokens)."""
+        (out,) = self.engine.generate([prompt], self.params)
+        return out.token_ids, out.cached_tokens
+
+
+class HTTPClient:
+    """Turns through serve.py's OpenAI server over a socket (see the module docstring)."""
+
+    def __init__(self, url: str, args):
+        self.url, self.gen_tokens = url + "/v1/completions", args.gen_tokens
+
+    def turn(self, prompt: list[int]) -> tuple[list[int], int]:
+        body = {"prompt": prompt, "max_tokens": self.gen_tokens, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        req = urllib.request.Request(self.url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            out = json.load(r)
+        return out["choices"][0]["token_ids"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+@contextmanager
+def serving(engine: Engine, tokenizer, http: bool, args):
+    """A client for `engine`: direct, or through the HTTP server on a free local port (the engine thread and the
+    server run while the context is open)."""
+    if not http:
+        yield EngineClient(engine, args)
+        return
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = make_server(engine, tokenizer, args.config, port=port)
+    engine.start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        yield HTTPClient(f"http://127.0.0.1:{port}", args)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.shutdown()
+
+
+def run_session(client, engine: Engine, args, seed: int) -> tuple[list[dict], list[int]]:
+    """One scripted session; returns (one row per turn: latency_s, history (prompt tokens), prefilled, cached;
+    the history after the last turn's generation)."""
     rng = np.random.default_rng(seed)
-    vocab = engine.config.vocab_size
-    params = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
+    vocab = engine.vocab_limit
     history = random_tokens(rng, args.first_tokens, vocab)
     rows = []
     for turn in range(args.turns):
         before = engine.stats["prefill_tokens"]
         t0 = time.perf_counter()
-        (out,) = engine.generate([history], params)
+        generated, cached = client.turn(history)
         latency = time.perf_counter() - t0
         rows.append(dict(turn=turn, latency_s=latency, history=len(history),
-                         prefilled=engine.stats["prefill_tokens"] - before, cached=out.cached_tokens))
-        history = history + out.token_ids + random_tokens(rng, args.tool_tokens, vocab)
-    return rows
+                         prefilled=engine.stats["prefill_tokens"] - before, cached=cached))
+        history = history + generated
+        if turn + 1 < args.turns:
+            history = history + random_tokens(rng, args.tool_tokens, vocab)
+    return rows, history
 
 
-def single_session(model, args, prefix_gb: float) -> tuple[list[dict], int]:
-    """The timed pass's rows and the programs compiled during it (0 expected)."""
-    engine = make_engine(model, args, prefix_gb)
-    run_session(engine, args, seed=1)  # compiles every shape the timed pass uses
-    before = compiles(engine)
-    rows = run_session(engine, args, seed=2)
-    return rows, compiles(engine) - before
+def paired_turns(client, engine: Engine, args, history: list[int], seed: int) -> dict:
+    """--paired first-like and late turns, alternated (module docstring, 3): their median latencies. A new seed
+    per call: a first-like prompt must never be cached already."""
+    rng = np.random.default_rng(seed)
+    vocab = engine.vocab_limit
+    first, late = [], []
+    for _ in range(args.paired):
+        for times, prompt in ((first, random_tokens(rng, args.first_tokens, vocab)),
+                              (late, history + random_tokens(rng, args.tool_tokens, vocab))):
+            t0 = time.perf_counter()
+            client.turn(prompt)
+            times.append(time.perf_counter() - t0)
+    return dict(first_ms=1e3 * float(np.median(first)), late_ms=1e3 * float(np.median(late)),
+                ratio=float(np.median(late) / np.median(first)))
+
+
+def single_session(model, args, prefix_gb: float) -> tuple[list[dict], int, dict | None]:
+    """The timed pass's rows, the programs compiled during it (0 expected) and the paired turns (cache on)."""
+    tokenizer = load_tokenizer("byte") if args.http else None
+    engine = make_engine(model, args, prefix_gb, tokenizer)
+    with serving(engine, tokenizer, args.http, args) as client:
+        _, history = run_session(client, engine, args, seed=1)  # compiles every shape the timed pass uses
+        if prefix_gb and args.paired:
+            paired_turns(client, engine, args, history, seed=11)  # a late turn branches: compile its shapes too
+        before = compiles(engine)
+        rows, history = run_session(client, engine, args, seed=2)
+        paired = paired_turns(client, engine, args, history, seed=12) if prefix_gb and args.paired else None
+        return rows, compiles(engine) - before, paired
 
 
 def concurrent_sessions(model, args, prefix_gb: float) -> dict:
@@ -156,6 +248,9 @@ def main():
     p.add_argument("--max-prefill-tokens", type=int, default=2048)
     p.add_argument("--snapshot-every", type=int, default=1024)
     p.add_argument("--prefix-cache-gb", type=float, default=1.0)
+    p.add_argument("--paired", type=int, default=7, help="first-like / late turn pairs after the session (0: none)")
+    p.add_argument("--http", action="store_true", help="the single session through serve.py's HTTP server")
+    p.add_argument("--csv", help="write every turn's row here")
     p.add_argument("--skip-off", action="store_true", help="only the cache-on runs")
     p.add_argument("--skip-concurrent", action="store_true")
     p.add_argument("--out", help="write the markdown tables here too")
@@ -169,17 +264,30 @@ def main():
 
     lines = [f"config `{args.config}`, {args.turns} turns (first prompt {args.first_tokens} tokens, +{args.tool_tokens} "
              f"tool tokens and {args.gen_tokens} generated per turn), max_len {args.max_len}, min_bucket "
-             f"{args.min_bucket}, max_prefill_tokens {args.max_prefill_tokens}, compiles excluded", "",
+             f"{args.min_bucket}, max_prefill_tokens {args.max_prefill_tokens}, compiles excluded, through "
+             f"{'HTTP (serve.py server, token-id prompts)' if args.http else 'the engine'}", "",
              "| prefix cache | first turn ms | last turn ms | last / first | prefilled tokens | cached tokens | "
              "final history | prefilled / history | compiles in the timed pass |", "|---|---|---|---|---|---|---|---|---|"]
-    curves = {}
+    curves, pairs = {}, {}
     for name, gb in configs:
-        rows, compiled = single_session(model, args, gb)
+        rows, compiled, pairs[name] = single_session(model, args, gb)
         curves[name] = rows
         s = summarize(rows)
         lines.append(f"| {name} | {s['first_ms']:.0f} | {s['last_ms']:.0f} | {s['ratio']:.2f} | {s['prefilled']:,} | "
                      f"{s['cached']:,} | {s['history']:,} | {s['prefilled_over_history']:.2f} | {compiled} |")
         print(lines[-1], flush=True)
+    if pairs.get("on"):
+        pr = pairs["on"]
+        lines += ["", f"Paired turns, cache on ({args.paired} of each, alternated after the session; medians): "
+                  f"first-like {pr['first_ms']:.0f} ms, late (history {curves['on'][-1]['history'] + args.gen_tokens:,}"
+                  f" + {args.tool_tokens}) {pr['late_ms']:.0f} ms, late / first **{pr['ratio']:.2f}**"]
+        print(lines[-1], flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, ["cache", "turn", "latency_s", "history", "prefilled", "cached"])
+            w.writeheader()
+            for name, rows in curves.items():
+                w.writerows({"cache": name, **r} for r in rows)
     if not args.skip_concurrent:
         lines += ["", f"{args.sessions} concurrent sessions, a shared {args.system_tokens}-token system prompt + "
                   f"{args.user_tokens} own tokens, {args.session_turns} turns each ({args.slots} slots)", "",
@@ -205,7 +313,7 @@ def main():
             ax.plot([r["turn"] for r in rows], [r["latency_s"] * 1e3 for r in rows], label=f"prefix cache {name}")
         ax.set_xlabel("turn")
         ax.set_ylabel("latency (ms)")
-        ax.set_title(f"agent session, config {args.config}")
+        ax.set_title(f"agent session, config {args.config}{' (HTTP)' if args.http else ''}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

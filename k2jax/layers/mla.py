@@ -30,7 +30,7 @@ Every einsum keeps its batch dims leading (XLA:CPU cannot run some bf16 dots oth
 
 Memory is O(T) at any length: attention runs blocked, never building the [T, T] scores or mask
 (`pallas_kernels.attention`). Among x's own tokens it is `attention` (flash attention, custom VJP; the Pallas
-kernels on TPU/GPU where they fit); over cached tokens `latent_attention` reads the latents in blocks; with both,
+kernels on TPU/GPU where they fit); over cached tokens `latent_attention_rows` reads the latents in blocks; with both,
 the two partial softmaxes are merged by their log-sum-exp (`merge_attention`), which equals one softmax over all.
 """
 
@@ -51,7 +51,7 @@ from pallas_kernels.attention import (
     attention,
     decompressed_latent_attention,
     expanded_pays_off,
-    latent_attention,
+    latent_attention_rows,
     merge_attention,
 )
 
@@ -67,11 +67,15 @@ class MLACache(NamedTuple):
     """What an MLA layer reads of a sequence's earlier tokens: a view of their latents. ckv [B, S, R] (normed c)
     and kpe [B, S, P] (rotated when RoPE is on), compute dtype; lengths int32 [B]: row b's cached tokens are
     entries [0, lengths[b]) (the rest of the S slots are ignored), and x's tokens follow at positions
-    lengths[b] + t. An S of 0 (`MLACache.empty`) starts a sequence."""
+    lengths[b] + t. An S of 0 (`MLACache.empty`) starts a sequence.
+
+    rows: None, or int32 [B] when ckv / kpe are a whole slot cache [N, S, ...] of N sequences: row b of x then
+    continues sequence rows[b] (a serving step reads its slots in place, no gathered copy)."""
 
     ckv: jax.Array
     kpe: jax.Array
     lengths: jax.Array
+    rows: jax.Array | None = None
 
     @classmethod
     def empty(cls, batch: int, config) -> "MLACache":
@@ -166,10 +170,15 @@ class MultiHeadLatentAttention(nnx.Module):
         if not isinstance(cache, MLACache):
             raise ValueError(f"MultiHeadLatentAttention: cache must be an MLACache, got {type(cache).__name__}")
         S = cache.ckv.shape[1] if cache.ckv.ndim == 3 else -1
-        if cache.ckv.shape != (B, S, self.kv_lora_rank) or cache.kpe.shape != (B, S, self.rope_dim):
-            raise ValueError(f"MultiHeadLatentAttention: cache.ckv must be [B={B}, S, {self.kv_lora_rank}] and "
-                             f"cache.kpe [B, S, {self.rope_dim}] with the same S, got {cache.ckv.shape} and "
-                             f"{cache.kpe.shape}")
+        N = B if cache.rows is None else (cache.ckv.shape[0] if cache.ckv.ndim == 3 else -1)
+        if cache.ckv.shape != (N, S, self.kv_lora_rank) or cache.kpe.shape != (N, S, self.rope_dim):
+            lead = f"B={B}" if cache.rows is None else "N"
+            raise ValueError(f"MultiHeadLatentAttention: cache.ckv must be [{lead}, S, {self.kv_lora_rank}] and "
+                             f"cache.kpe [{lead}, S, {self.rope_dim}] with the same leading dims, got "
+                             f"{cache.ckv.shape} and {cache.kpe.shape}")
+        if cache.rows is not None and (cache.rows.shape != (B,) or not jnp.issubdtype(cache.rows.dtype, jnp.integer)):
+            raise ValueError(f"MultiHeadLatentAttention: cache.rows must be int [B={B}] or None, got "
+                             f"{cache.rows.dtype}{list(cache.rows.shape)}")
         if cache.lengths.shape != (B,) or not jnp.issubdtype(cache.lengths.dtype, jnp.integer):
             raise ValueError(f"MultiHeadLatentAttention: cache.lengths must be int [B={B}], got "
                              f"{cache.lengths.dtype}{list(cache.lengths.shape)}")
@@ -250,14 +259,17 @@ class MultiHeadLatentAttention(nnx.Module):
         if form == "expanded":
             return decompressed_latent_attention(q_nope.astype(dt), q_pe.astype(dt), cache.ckv.astype(dt),
                                                  cache.kpe.astype(dt), cache.lengths, w_uk, w_uv, scale=self.scale,
-                                                 q_mask=q_mask)
+                                                 q_mask=q_mask, cache_rows=cache.rows)
         if form != "absorbed":
             raise ValueError(f"MultiHeadLatentAttention: form must be 'auto', 'absorbed' or 'expanded', got {form!r}")
         # Heads lead the per-head products (a batch dim of both operands) and act as extra query rows against the
         # one shared latent key/value (multi-query): the cache is never broadcast over heads.
         q_lat = _dot("hbtn,hnr->hbtr", jnp.transpose(q_nope, (2, 0, 1, 3)), w_uk).astype(dt)
-        o_lat, lse = latent_attention(jnp.transpose(q_lat, (1, 2, 0, 3)), q_pe.astype(dt), cache.ckv.astype(dt),
-                                      cache.kpe.astype(dt), cache.lengths, scale=self.scale, q_mask=q_mask)
+        # Serving reads the cache this way only (never differentiated): each row's work follows its own cached
+        # length and its real queries, so a decode step over a slot cache costs what its live slots hold.
+        o_lat, lse = latent_attention_rows(jnp.transpose(q_lat, (1, 2, 0, 3)), q_pe.astype(dt), cache.ckv.astype(dt),
+                                           cache.kpe.astype(dt), cache.lengths, scale=self.scale, q_mask=q_mask,
+                                           cache_rows=cache.rows)
         o = _dot("hbtr,hrv->hbtv", jnp.transpose(o_lat, (2, 0, 1, 3)), w_uv)  # [H, B, T, d_v]
         return jnp.transpose(o, (1, 2, 0, 3)).astype(dt), lse
 

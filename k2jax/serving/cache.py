@@ -23,7 +23,9 @@ Each step is two programs: one that reads the cache and computes the new entries
 and reads it makes XLA:CPU copy the whole cache several times per step (measured: ~20x the attention cost at 8k
 context); split, the write is an in-place scatter of the new rows.
 
-Everything here is shape-static given (slots, max_len, prompt bucket, kv_len), so it jits once per bucket.
+Everything here is shape-static given (slots, max_len, prompt bucket, kv_len), so it jits once per bucket. The
+serving runner reads MLA latents with kv_len = max_len: the attention over them (`latent_attention_rows`) reads
+each row's own slot up to its own length, so the cost follows the live tokens without kv buckets.
 """
 
 from __future__ import annotations
@@ -96,24 +98,33 @@ def max_len_of(cache: DecodeCache) -> int | None:
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
-def decode_views(cache: DecodeCache, kv_len: int) -> tuple:
+def decode_views(cache: DecodeCache, kv_len: int, active=None) -> tuple:
     """The per-layer caches a decode call reads, every slot one row: KDA states as stored, MLA `MLACache` views of
-    each slot's first kv_len latent entries (kv_len: static, at least the longest length attended)."""
-    return tuple(MLACache(lc.ckv[:, :kv_len], lc.kpe[:, :kv_len], cache.lengths)
+    each slot's first kv_len latent entries (kv_len: static, at least the longest length attended; the whole
+    cache when it is max_len). active: bool [slots] or None (all): an inactive slot's view has length 0, so its
+    row reads no latents (its output is discarded anyway) and a step costs what the active slots hold."""
+    lengths = cache.lengths if active is None else jnp.where(active, cache.lengths, 0)
+    return tuple(MLACache(_first(lc.ckv, kv_len), _first(lc.kpe, kv_len), lengths)
                  if isinstance(lc, MLALatents) else lc for lc in cache.layers)
+
+
+def _first(buf, kv_len: int):
+    """buf [slots, max_len, ...]'s first kv_len entries per slot (buf itself at max_len: no slice, no copy)."""
+    return buf if kv_len >= buf.shape[1] else buf[:, :kv_len]
 
 
 def slot_views(cache: DecodeCache, slots, starts, kv_len: int) -> tuple:
     """The per-layer caches a prefill piece reads, one row per slot: row b continues slots[b] after its first
     starts[b] tokens (0: a fresh sequence, reading zero KDA states and no latents). KDA states as stored (zeros
-    where starts is 0), MLA `MLACache` views of the slot's first kv_len latent entries with lengths = starts
-    (kv_len: static, at least max(starts))."""
+    where starts is 0); MLA `MLACache` views of every slot's first kv_len latent entries with rows = slots and
+    lengths = starts (kv_len: static, at least max(starts); at max_len the slot cache is read in place, never
+    gathered)."""
     slots, starts = slots.astype(jnp.int32), starts.astype(jnp.int32)
     fresh = starts == 0
     views = []
     for lc in cache.layers:
         if isinstance(lc, MLALatents):
-            views.append(MLACache(lc.ckv[slots, :kv_len], lc.kpe[slots, :kv_len], starts))
+            views.append(MLACache(_first(lc.ckv, kv_len), _first(lc.kpe, kv_len), starts, rows=slots))
         else:
             views.append(KDAState(*(jnp.where(fresh.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a[slots]).astype(a.dtype)
                                     for a in lc)))

@@ -13,9 +13,13 @@ and a bool [rows] saying which rows it constrains; it is applied to the logits o
 constrained and free requests share a batch and program.
 
 A prefill call takes pieces of at most `piece_len` tokens (the largest length bucket within max_prefill_tokens):
-either fresh prompts (or their first pieces), batched, or one piece continuing a slot's sequence. A continuing
-piece is padded to piece_len and reads the slot's latents up to the length bucket of what it holds, so its
-programs are one per such bucket: a prompt of any length up to the context compiles nothing new.
+either fresh prompts (or their first pieces), batched, or one piece continuing a slot's sequence.
+
+Per-step work follows the live tokens, not slots x max_len: continuing pieces and decode steps read the whole slot
+cache in place (kv_len = max_len, no gathered or sliced copy), and MLA's attention over it
+(`pallas_kernels.attention.latent_attention_rows`) reads each row's own slot up to its own length, skips inactive
+slots (length 0) and query blocks of padding. So there are no kv length buckets: one decode program, and one
+continuing program per piece length (`continue_lengths`), whatever the context.
 
 The pure functions `prefill_entries` / `prefill` and `decode_entries` / `decode` are those steps without jit and
 sampling (tests and benchmarks call them directly).
@@ -121,11 +125,12 @@ def _check_decode(cache, tokens, active, kv_len):
         raise ValueError(f"decode: kv_len={kv_len} must lie in [1, max_len={max_len}]")
 
 
-def decode_entries(model, cache: kvcache.DecodeCache, tokens, *, kv_len: int):
+def decode_entries(model, cache: kvcache.DecodeCache, tokens, *, kv_len: int, active=None):
     """The read half of a decode step: token tokens[s] at position lengths[s] of each slot attends over the
-    slot's first min(lengths[s], kv_len) cached entries and itself. Returns (the model's cache updates, rows =
-    slots; logits float32 [slots, vocab])."""
-    logits, updates = model(tokens[:, None], cache=kvcache.decode_views(cache, kv_len))
+    slot's first min(lengths[s], kv_len) cached entries and itself. active: bool [slots] or None (all); inactive
+    slots read no cached entries (their rows are meaningless). Returns (the model's cache updates, rows = slots;
+    logits float32 [slots, vocab])."""
+    logits, updates = model(tokens[:, None], cache=kvcache.decode_views(cache, kv_len, active))
     return updates, logits[:, 0]
 
 
@@ -133,12 +138,13 @@ def decode(model, cache: kvcache.DecodeCache, tokens, active, *, kv_len: int):
     """One decode step for every slot: `write_decode(cache, decode_entries(...), active)` in one call.
 
     tokens: int [slots]; active: bool [slots] (inactive slots keep their cache and length; their logits are
-    meaningless); kv_len: static number of cache positions MLA attends over, at least max(lengths[active]) (a
-    bucket, so that decode cost follows the context and shapes stay static).
+    meaningless); kv_len: static number of cache positions MLA attends over, at least max(lengths[active]) (the
+    runner passes max_len: MLA's attention reads each slot only up to its length, so the cost follows the live
+    context with one program).
     Returns (new cache, logits float32 [slots, vocab]).
     """
     _check_decode(cache, tokens, active, kv_len)
-    updates, logits = decode_entries(model, cache, tokens, kv_len=kv_len)
+    updates, logits = decode_entries(model, cache, tokens, kv_len=kv_len, active=active)
     return kvcache.write_decode(cache, updates, active), logits
 
 
@@ -181,7 +187,7 @@ class ModelRunner:
         self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
         self.piece_len = max(b for b in self.buckets if b <= self.max_prefill_tokens)
         # A prefix cache resumes slots at any length and continues them by short suffixes: continuing pieces are
-        # then padded to their own length bucket (not piece_len) and may start anywhere (every kv bucket).
+        # then padded to their own length bucket (not piece_len) and may start at any length.
         self.resume_anywhere = resume_anywhere
         V = self.config.vocab_size
         self.vocab_limit = V if vocab_limit is None else min(V, int(vocab_limit))
@@ -242,9 +248,9 @@ class ModelRunner:
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
                                    vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
-        def decode_fn(params, cache, tokens, temp, top_k, top_p, seeds, counters, all_greedy, bitmask, constrained,
-                      *, kv_len):
-            updates, logits = decode_entries(model_of(params), cache, tokens, kv_len=kv_len)
+        def decode_fn(params, cache, tokens, active, temp, top_k, top_p, seeds, counters, all_greedy, bitmask,
+                      constrained, *, kv_len):
+            updates, logits = decode_entries(model_of(params), cache, tokens, kv_len=kv_len, active=active)
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy,
                                    vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
@@ -268,13 +274,6 @@ class ModelRunner:
         rows = pow2_upto(self.max_prefill_batch)
         return [(r, T) for T in self.buckets if T <= self.piece_len for r in rows
                 if r == 1 or r * T <= self.max_prefill_tokens]
-
-    def continue_buckets(self) -> list[int]:
-        """The kv length buckets a continuing piece (one row) can read: those of the starts piece_len,
-        2 piece_len, ... below max_len (every bucket when `resume_anywhere`)."""
-        if self.resume_anywhere:
-            return list(self.buckets)
-        return sorted({bucket(start, self.buckets) for start in range(self.piece_len, self.max_len, self.piece_len)})
 
     def continue_lengths(self) -> list[int]:
         """The token buckets a continuing piece is padded to: piece_len, or with `resume_anywhere` every length
@@ -300,14 +299,12 @@ class ModelRunner:
             self._prefill_rows(np.zeros((r, T), np.int32), z, np.arange(r, dtype=np.int32), np.zeros(r, np.float32),
                                z, np.ones(r, np.float32), np.zeros(r, np.uint32), *self._masks(r, None, None))
         z = np.zeros(1, np.int32)
-        for kv in self.continue_buckets():  # a length-0 row changes nothing
-            for T in self.continue_lengths():
-                self._continue_row(np.zeros((1, T), np.int32), z, z, z, kv, np.zeros(1, np.float32), z,
-                                   np.ones(1, np.float32), np.zeros(1, np.uint32), *self._masks(1, None, None))
+        for T in self.continue_lengths():  # a length-0 row changes nothing
+            self._continue_row(np.zeros((1, T), np.int32), z, z, z, np.zeros(1, np.float32), z,
+                               np.ones(1, np.float32), np.zeros(1, np.uint32), *self._masks(1, None, None))
         zeros = np.zeros(S, np.int32)
-        for kv in self.buckets:
-            self._decode_kv(kv, zeros, np.zeros(S, bool), zeros, np.zeros(S, np.float32), zeros,
-                            np.ones(S, np.float32), np.zeros(S, np.uint32), *self._masks(S, None, None))
+        self._decode_all(zeros, np.zeros(S, bool), zeros, np.zeros(S, np.float32), zeros, np.ones(S, np.float32),
+                         np.zeros(S, np.uint32), *self._masks(S, None, None))
         jax.block_until_ready(self.cache)
         return time.perf_counter() - t0
 
@@ -333,7 +330,7 @@ class ModelRunner:
             tokens = np.zeros((1, bucket(len(prompts[0]), self.continue_lengths())), np.int32)
             tokens[0, :len(prompts[0])] = prompts[0]
             return self._continue_row(tokens, np.array([len(prompts[0])], np.int32), np.array(slots, np.int32),
-                                      np.array([start], np.int32), bucket(start, self.buckets),
+                                      np.array([start], np.int32),
                                       *(np.asarray(a, d) for a, d in ((temperature, np.float32), (top_k, np.int32),
                                                                        (top_p, np.float32), (seeds, np.uint32))),
                                       *self._masks(1, bitmask, constrained))
@@ -373,9 +370,9 @@ class ModelRunner:
         self.lengths[slots[used]] = lengths[used]
         return jax.device_get(out)
 
-    def _continue_row(self, tokens, lengths, slots, starts, kv_len, temp, top_k, top_p, seeds, bitmask, constrained):
+    def _continue_row(self, tokens, lengths, slots, starts, temp, top_k, top_p, seeds, bitmask, constrained):
         updates, out = self._run(self._continue_jit, self._param_leaves, self.cache, tokens, lengths, slots, starts,
-                                 temp, top_k, top_p, seeds, bitmask, constrained, kv_len=kv_len)
+                                 temp, top_k, top_p, seeds, bitmask, constrained, kv_len=self.max_len)
         self.cache = self._run(self._write_prefill_jit, self.cache, updates, lengths, slots, starts)
         used = lengths > 0
         self.lengths[slots[used]] = (starts + lengths)[used]
@@ -385,16 +382,16 @@ class ModelRunner:
         """One decode step over all slots: slot s takes tokens[s] (its last token) where active[s]; inactive slots
         are unchanged. counters: int32 [slots] tokens each slot has generated (the sampling key's counter);
         temperature, top_k, top_p, seeds: per slot; bitmask / constrained: optional grammar masks per slot (int32
-        [slots, mask_words], bool [slots]). Attends over the kv bucket of the longest active slot.
+        [slots, mask_words], bool [slots]). Each active slot attends over its own cached tokens only.
         Returns the SampleOutput on the host (row s for slot s)."""
-        kv_len = bucket(max(1, int(self.lengths[active].max(initial=0))), self.buckets)
-        return self._decode_kv(kv_len, tokens, active, counters, temperature, top_k, top_p, seeds,
-                               *self._masks(self.num_slots, bitmask, constrained))
+        return self._decode_all(tokens, active, counters, temperature, top_k, top_p, seeds,
+                                *self._masks(self.num_slots, bitmask, constrained))
 
-    def _decode_kv(self, kv_len, tokens, active, counters, temp, top_k, top_p, seeds, bitmask, constrained):
+    def _decode_all(self, tokens, active, counters, temp, top_k, top_p, seeds, bitmask, constrained):
         all_greedy = np.bool_((np.asarray(temp)[active] == 0).all())
         updates, out = self._run(self._decode_jit, self._param_leaves, self.cache, np.asarray(tokens, np.int32),
-                                 temp, top_k, top_p, seeds, counters, all_greedy, bitmask, constrained, kv_len=kv_len)
+                                 np.asarray(active, bool), temp, top_k, top_p, seeds, counters, all_greedy, bitmask,
+                                 constrained, kv_len=self.max_len)
         self.cache = self._run(self._write_decode_jit, self.cache, updates, active)
         self.lengths += np.asarray(active, np.int32)
         return jax.device_get(out)

@@ -20,6 +20,7 @@ from pallas_kernels.attention import (
     decompressed_latent_attention,
     expanded_pays_off,
     latent_attention,
+    latent_attention_rows,
     merge_attention,
     visited_blocks,
 )
@@ -334,6 +335,47 @@ def test_expanded_pays_off_at_kimi_linear_sizes():
     kimi = dict(heads=32, nope_dim=128, rope_dim=64, v_dim=128, kv_lora_rank=512)
     assert [expanded_pays_off(t, **kimi) for t in (1, 170, 171, 8192)] == [False, False, True, True]
     assert not expanded_pays_off(8192, heads=2, nope_dim=16, rope_dim=8, v_dim=16, kv_lora_rank=16)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_latent_attention_rows_reads_each_row_in_place_up_to_its_length(dtype):
+    """The serving form over a slot cache of N = 5 sequences: rows mapped to slots 4, 0, 2 with lengths 37, 0, 20,
+    one row's last queries masked, blocks of 2 queries and 8 keys (the last key block read from S - 8), garbage past
+    every length. Equals the reference on the gathered rows and `latent_attention` on them; a row of length 0
+    outputs zeros and lse -inf."""
+    ks = jax.random.split(jax.random.key(8), 4)
+    B, T, H, R, P, N, S = 3, 5, 4, 16, 8, 5, 37
+    q_lat = jax.random.normal(ks[0], (B, T, H, R)).astype(dtype)
+    q_pe = jax.random.normal(ks[1], (B, T, H, P)).astype(dtype)
+    ckv = jax.random.normal(ks[2], (N, S, R)).astype(dtype)
+    kpe = jax.random.normal(ks[3], (N, S, P)).astype(dtype)
+    rows, lengths = jnp.array([4, 0, 2], jnp.int32), jnp.array([37, 0, 20], jnp.int32)
+    # Whatever lies past a row's length never counts: a second cache with other garbage there.
+    live = jnp.arange(S)[None, :, None] < jnp.zeros(N, jnp.int32).at[rows].set(lengths)[:, None, None]
+    ckv2, kpe2 = jnp.where(live, ckv, 7 * ckv + 5), jnp.where(live, kpe, -3 * kpe)
+    q_mask = jnp.ones((B, T), bool).at[0, 3:].set(False)
+    run = jit_fast_compile(lambda *a: latent_attention_rows(*a, scale=0.2, q_mask=q_mask, cache_rows=rows,
+                                                            block_q=2, block_k=8))
+    o, lse = run(q_lat, q_pe, ckv, kpe, lengths)
+    ref_o, ref_lse = latent_reference(q_lat, q_pe, ckv[rows], kpe[rows], lengths, 0.2, np.asarray(q_mask))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert o.dtype == dtype and lse.dtype == jnp.float32 and o.shape == (B, T, H, R)
+    assert error_ratio(ref_o, o) < tol
+    finite = np.isfinite(ref_lse)
+    assert np.array_equal(finite, np.isfinite(np.asarray(lse))) and not finite[1].any() and not finite[0, 3:].any()
+    assert error_ratio(ref_lse[finite], np.asarray(lse)[finite]) < tol
+    np.testing.assert_array_equal(np.asarray(o, np.float32)[1], 0.0)
+    o2, lse2 = run(q_lat, q_pe, ckv2, kpe2, lengths)
+    np.testing.assert_array_equal(np.asarray(o2, np.float32), np.asarray(o, np.float32))
+    np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
+    # The same blocks as the gathered-view form, so the same numbers up to summation order.
+    o3, lse3 = latent_attention(q_lat, q_pe, ckv[rows], kpe[rows], lengths, scale=0.2, q_mask=q_mask, block_q=2,
+                                block_k=8)
+    assert error_ratio(o3, o) < tol and error_ratio(np.asarray(lse3)[finite], np.asarray(lse)[finite]) < tol
+    with pytest.raises(ValueError, match="cache_rows must be int"):
+        latent_attention_rows(q_lat, q_pe, ckv, kpe, lengths, scale=0.2, cache_rows=rows[:2])
+    with pytest.raises(ValueError, match=r"ckv must be \[B=3"):
+        latent_attention_rows(q_lat, q_pe, ckv, kpe, lengths, scale=0.2)  # N = 5 slots need cache_rows
 
 
 @pytest.mark.parametrize("kernel", ["splash", "triton"])

@@ -116,6 +116,20 @@ def test_prefill_then_greedy_decode_equals_full_forward(runner):
     _generate_and_check(r, cache, [new + [int(np.argmax(logits[0]))], seqs[1]], {0: 2, 1: 0}, steps=3)
 
 
+def test_decode_beside_an_inactive_slot_holding_a_sequence_equals_full_forward(runner):
+    """An inactive slot that still holds a longer sequence is read as empty (its row costs nothing) and left
+    unchanged; the active slot, over a partly filled cache, decodes as the full forward."""
+    r = runner
+    cache = kvcache.init_cache(r.model.config, SLOTS, MAX_LEN)
+    prompts = [_prompt(8, 4), _prompt(9, 20)]
+    cache, logits = r.prefill(cache, prompts, slots=[1, 0])
+    stale = jax.tree.map(lambda a: np.asarray(a)[0], cache.layers)
+    cache = _generate_and_check(r, cache, [prompts[0] + [int(np.argmax(logits[0]))]], {0: 1}, steps=3)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [20, 7, 0])
+    for a, b in zip(jax.tree.leaves(stale), jax.tree.leaves(cache.layers)):
+        np.testing.assert_array_equal(np.asarray(b)[0], a)
+
+
 def _prefill_pieces(r, cache, prompt, slot, cuts):
     """Prefill `prompt` into `slot` as pieces split at `cuts`, each right-padded to BUCKET and continuing the slot
     (the first fresh). Returns (cache, logits [vocab] after the last piece)."""

@@ -59,6 +59,19 @@ def test_buckets_and_prefill_shapes(engine):
     assert engine.runner.prefill_shapes() == [(1, 16), (2, 16), (1, 32)]
 
 
+def test_warmup_programs_do_not_grow_with_the_context():
+    """Decode steps and continuing pieces read the slot cache in place, each slot up to its own length, so the
+    runner compiles one decode program and one continuing program per piece length whatever max_len is (not one
+    per kv length bucket: 2 buckets at max_len 32, 5 at 256)."""
+    counts = []
+    for max_len in (32, 256):
+        eng = tiny_engine(with_tokenizer=False, max_len=max_len, max_prefill_tokens=16, prefix_cache_bytes=2 ** 20)
+        assert eng.runner.continue_lengths() == [16] and eng.runner.prefill_shapes() == [(1, 16)]
+        eng.runner.warmup()
+        counts.append(eng.runner.compile_count)
+    assert counts[0] == counts[1], counts
+
+
 def test_greedy_equals_full_forward_argmax_each_step(engine):
     model = nnx.merge(engine.runner.graphdef, engine.runner.params)
     full = _full_logits_fn(model)
@@ -139,7 +152,7 @@ def test_long_prompts_are_prefilled_in_pieces_between_decode_steps(engine):
     by a second piece in the next step, while a request already decoding gets a token in each of those steps.
     Greedy generations equal one-shot prefill's, and nothing compiles after warm-up."""
     chunked = tiny_engine(max_prefill_tokens=16)
-    assert chunked.runner.piece_len == 16 and chunked.runner.continue_buckets() == [16]
+    assert chunked.runner.piece_len == 16 and chunked.runner.continue_lengths() == [16]
     chunked.warmup()
     c0 = chunked.runner.compile_count
     greedy = SamplingParams(max_tokens=6, ignore_eos=True)
