@@ -176,7 +176,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     """Train `model_config` per `train_config`, resuming from `train_config.run_dir` when it holds checkpoints.
 
     callbacks: called after each step as `cb(step, metrics, state)`; one may return a replacement state dict
-    (for tests and custom hooks), or "stop" to end the run after this step (checkpointed).
+    (for tests and custom hooks), or "stop" to end the run after this step (checkpointed). The state's arrays
+    live until the next step, which donates them: copy (`jax.device_get`) what a callback keeps.
     Raises ConfigError / ValueError for bad settings or data before compiling, TrainingDiverged on a non-finite
     loss.
     """

@@ -113,7 +113,10 @@ def _update_biases(biases, load, rate: float, rows: dict):
 def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule, bias_rows):
     """The jitted step(state, batch, step_index) -> (new state, metrics): batch holds 'tokens', 'targets',
     'loss_mask' [B, T] (and optionally 'segment_ids'); state is TrainState's dict; `bias_rows` is
-    `router_bias_rows` of the model (see the module docstring for what one step does)."""
+    `router_bias_rows` of the model (see the module docstring for what one step does).
+
+    The state is donated: its buffers become the new state's (a long run cannot hold two copies of parameters and
+    optimizer state), so the arrays passed in are deleted by the call; read or save them before it."""
 
 
     A = tcfg.grad_accum_steps
@@ -174,7 +177,7 @@ def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule
             metrics["max_logit"] = jnp.max(max_logit, axis=-1)
         return new, metrics
 
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=0)
 
 
 def finite_leaves(tree):

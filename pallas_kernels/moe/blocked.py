@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.vma import vary_like
+
 
 def _block_layout(group_sizes, M: int, G: int):
     """Where each of M group-sorted rows goes when every group is padded to whole blocks of b rows.
@@ -82,7 +84,8 @@ def _weight_grad(xp, dyp, block_group, G: int):
         return add(dw, *xdg), None
 
     split = lambda a: a[:full].reshape(full // c, c, *a.shape[1:])
-    dw = jax.lax.scan(chunk, jnp.zeros((G, K, N), jnp.float32), (split(xp), split(dyp), split(block_group)))[0]
+    zero = vary_like(jnp.zeros((G, K, N), jnp.float32), xp, dyp)  # inside shard_map the carry varies like them
+    dw = jax.lax.scan(chunk, zero, (split(xp), split(dyp), split(block_group)))[0]
     if full < nb:
         dw = add(dw, xp[full:], dyp[full:], block_group[full:])
     return dw

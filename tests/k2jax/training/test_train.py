@@ -239,6 +239,27 @@ def test_sigterm_saves_and_resume_onto_another_mesh_matches(reference, tmp_path)
                                [ref.losses[s] for s in range(1, STEPS + 1)], rtol=1e-5)
 
 
+def test_async_checkpoints_hold_their_steps_state_although_the_next_step_donates_it(tmp_path):
+    """The train step donates its state; a checkpoint saved asynchronously at step 2 (and 4) must still hold
+    that step's arrays, not the next step's or freed buffers."""
+    seen = {}
+
+    def keep(step, metrics, state):
+        if step in (2, 4):
+            seen[step] = jax.device_get(nnx.to_pure_dict(state["params"]))
+
+    train(*_configs(tmp_path, "train.steps=5"), callbacks=[keep])
+    for step, params in seen.items():
+        saved = nnx.to_pure_dict(nnx.state(restore_params(None, tmp_path / "checkpoints" / str(step)), nnx.Param))
+        for (path, want), (_, got) in zip(sorted(_flat(params).items()), sorted(_flat(saved).items())):
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"step {step} {path}")
+    assert not np.array_equal(_flat(seen[2])["embed_tokens"], _flat(seen[4])["embed_tokens"])
+
+
+def _flat(pure: dict) -> dict:
+    return {"/".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(pure).items()}
+
+
 def test_muon_run_trains_checkpoints_and_resumes_onto_another_mesh(tmp_path):
     """Muon's state holds masked (AdamW-only / Muon-only) sub-trees: they must shard, save and restore too."""
     muon = ("train.optimizer=muon", "train.checkpoint_every=0")
