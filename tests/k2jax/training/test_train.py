@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from optax import contrib
 
 from k2jax import KimiLinear, load_config
 from k2jax.checkpoint import array_differences, flat_arrays, restore_params
@@ -32,7 +34,8 @@ from k2jax.training.cli import main
 from k2jax.training.config import TrainConfig, load_run_config
 from k2jax.training.loop import TrainingDiverged, make_source, train
 from k2jax.training.metrics import train_flops_per_token
-from k2jax.training.optim import make_optimizer, make_schedule, muon_dimension_numbers
+from k2jax.training.optim import (decay_mask, experts_axis_first, make_optimizer, make_schedule,
+                                  muon_dimension_numbers)
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 6
@@ -169,6 +172,36 @@ def test_muon_updates_matrices_and_leaves_the_rest_to_adamw():
     w = np.asarray(flat[next(k for k in flat if k.endswith("q_proj/kernel"))])
     # An all-ones gradient is rank one: Muon's orthogonalised update is rank one too, with every entry equal.
     assert np.all(np.isfinite(w)) and np.ptp(w) < 1e-3 * np.abs(w).max()
+
+
+def test_muon_keeps_stacked_experts_sharded_and_its_updates_unchanged():
+    """Stacked expert weights [layers, experts, in, out] sharded over `expert`: optax's Muon flattens the leading
+    axes into one batch of matrices, which gathered every expert on every device; with the expert axis moved first
+    (experts_axis_first) the step's temp memory is a fraction of that, and updates and state are the same."""
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    rs = np.random.RandomState(0)
+    params = {"experts": jnp.asarray(rs.randn(3, 16, 256, 128), jnp.float32), "norm": jnp.ones((256,)),
+              "proj": jnp.asarray(rs.randn(64, 32), jnp.float32)}
+    shardings = {"experts": NamedSharding(mesh, PartitionSpec(None, "expert")),
+                 "norm": NamedSharding(mesh, PartitionSpec()), "proj": NamedSharding(mesh, PartitionSpec())}
+    params = jax.device_put(params, shardings)
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+    base = contrib.muon(1e-2, muon_weight_dimension_numbers=muon_dimension_numbers, consistent_rms=0.2,
+                        weight_decay=0.1, weight_decay_mask=decay_mask)
+    results = []
+    for tx in (base, experts_axis_first(base)):
+        update = jax.jit(tx.update)
+        temp = update.lower(grads, tx.init(params), params).compile().memory_analysis().temp_size_in_bytes
+        _, state = update(grads, tx.init(params), params)
+        results.append((temp, *update(grads, state, params)))  # the second step: momentum in the state
+    (gathered, u0, s0), (sharded, u1, s1) = results
+    assert sharded < gathered / 4, (sharded, gathered)
+    for a, b in zip(jax.tree.leaves((u0, s0)), jax.tree.leaves((u1, s1))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    moments = [x for x in jax.tree.leaves(s1) if x.shape == params["experts"].shape]
+    assert moments and all(x.sharding.is_equivalent_to(shardings["experts"], 4) for x in moments)  # param layout
+    made, _ = make_optimizer(TrainConfig(optimizer="muon", grad_clip=0.0))
+    assert made.update.__qualname__.startswith("experts_axis_first")
 
 
 def test_flops_per_token_formula():
