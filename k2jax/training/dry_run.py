@@ -11,8 +11,7 @@ The mesh is made of simulated CPU devices (`--xla_force_host_platform_device_cou
 its backends, or by re-executing the command when it already has). Parameters and optimizer state per device are
 exact (their shardings' shard shapes); activations are XLA's temporary buffers of the step compiled for CPU
 (`compiled.memory_analysis()`). That program takes the CPU paths (all-gather expert dispatch, the blocked grouped
-matmul whose backward holds per-block float32 weight gradients, chunked KDA without Pallas), so on TPU/GPU expect
-less: read it as an upper estimate, and compare meshes, remat policies and `moe_capacity_factor` with it (the
+matmul instead of ragged_dot, chunked KDA without Pallas), so on TPU/GPU expect less: read it as an upper estimate, and compare meshes, remat policies and `moe_capacity_factor` with it (the
 dropless default reserves the worst case, ep x the balanced expert rows, on every device). Layers are scanned in
 groups of their repeating pattern (scan_layers is switched on: same memory, and lowering the 27-layer model costs
 about 7 layers).

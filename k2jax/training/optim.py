@@ -16,9 +16,11 @@
   (q_proj / q_b_proj's q_nope, kv_b_proj's k_nope) by sqrt(gamma_h), the per-head RoPE query columns by gamma_h, and
   the RoPE key, shared by all heads (kv_a_proj_with_mqa's k_pe columns), left untouched (`qk_clip`).
   Muon sees the stacked expert weights of scanned layers, [layers, experts, in, out], as [experts, layers, in, out]
-  (`experts_axis_first`): optax flattens the leading axes into one batch of matrices, and only with the sharded
-  expert axis major does that batch stay sharded (else GSPMD gathers every expert of the stack on every device:
-  6 GiB Newton-Schulz products per device at 48B).
+  (`experts_axis_first`), the experts split over every data-parallel device with whole matrices on each: optax
+  flattens the leading axes into one batch of matrices, and only with the sharded expert axis major does that batch
+  stay sharded (else GSPMD gathered every expert of the stack on every device: 6 GiB Newton-Schulz products per
+  device at 48B), and with whole matrices no device of a context / fsdp group repeats its neighbours' products
+  (1.5 GiB each, a dozen alive, at 48B with context 16).
 Both are preceded by global-norm gradient clipping when `grad_clip > 0`.
 """
 
@@ -32,6 +34,7 @@ from optax import contrib
 from optax.contrib import MuonDimensionNumbers
 
 from k2jax.model import block_layout
+from k2jax.sharding import constrain
 from k2jax.training.config import TrainConfig
 
 # Parameters that Muon leaves to AdamW although they are matrices: lookups and conv filters are not x @ W maps
@@ -81,8 +84,11 @@ def muon_dimension_numbers(params):
 
 
 def _stack_axis_last_batch_first(x):
-    """[..., L, E, in, out] -> [E, ..., L, in, out] for arrays of rank >= 4 (others unchanged)."""
-    return jnp.moveaxis(x, x.ndim - 3, 0) if getattr(x, "ndim", 0) >= 4 else x
+    """[..., L, E, in, out] -> [E, ..., L, in, out] for arrays of rank >= 4 (others unchanged), the experts split
+    over the data-parallel devices with whole matrices on each (logical axis 'optimizer_experts')."""
+    if getattr(x, "ndim", 0) < 4:
+        return x
+    return constrain(jnp.moveaxis(x, x.ndim - 3, 0), ("optimizer_experts",) + (None,) * (x.ndim - 1))
 
 
 def _stack_axis_back(x):
