@@ -152,7 +152,7 @@ def dry_run(config: ModelConfig | str, mesh_shape, batch: int | None = None, seq
     st = TrainState(mcfg, tcfg, mesh, tx)
     state = st.abstract_state()
     bias_rows = router_bias_rows(mcfg, state["biases"])
-    step = make_train_step(st.graphdef, mcfg, tcfg, tx, schedule, bias_rows)
+    step = make_train_step(st.graphdef, mcfg, tcfg, tx, schedule, bias_rows, st.state_shardings())
     batch_in = batch_spec(tcfg, mesh)
     out = {"mesh": dict(mesh.shape), "batch": tcfg.batch_size, "seq_len": tcfg.seq_len,
            "params": _per_device_bytes([state["params"], state["biases"], state["rest"]]),

@@ -251,8 +251,11 @@ class _Loop:
         tcfg, mcfg = self.tcfg, self.mcfg
         st = self.st
         bias_rows = router_bias_rows(mcfg, st.split_variables(st.abstract_vars)["biases"])
-        step_fn = cached(cache_key("train", mcfg, tcfg),
-                          lambda: make_train_step(st.graphdef, mcfg, tcfg, st.tx, self.schedule, bias_rows))
+        # the step pins the state's shardings, so its cached program is per mesh (shape and devices) too
+        mesh_key = f"{dict(self.mesh.shape)}{[d.id for d in self.mesh.devices.flat]}"
+        step_fn = cached(cache_key("train", mcfg, tcfg) + mesh_key,
+                         lambda: make_train_step(st.graphdef, mcfg, tcfg, st.tx, self.schedule, bias_rows,
+                                                 st.state_shardings()))
         eval_fn = cached(cache_key("eval", mcfg), lambda: make_eval_step(st.graphdef))
         eval_batches = self.source.eval_batches(tcfg.eval_batches) if hasattr(self.source, "eval_batches") else []
         end = min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)
