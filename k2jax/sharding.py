@@ -43,6 +43,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert_embed", ("fsdp", "context")),
     ("expert_mlp", "tensor"),
     ("layers", None),  # the stacked-layer dim of scanned layers (model.LayerStack)
+    # The experts of a stacked expert weight while the optimizer orthogonalises them (Muon): split over every
+    # data-parallel device, each holding whole [in, out] matrices (no device repeats another's Newton-Schulz).
+    ("optimizer_experts", ("expert", "fsdp", "context", "data")),
 )
 
 

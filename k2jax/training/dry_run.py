@@ -11,8 +11,7 @@ The mesh is made of simulated CPU devices (`--xla_force_host_platform_device_cou
 its backends, or by re-executing the command when it already has). Parameters and optimizer state per device are
 exact (their shardings' shard shapes); activations are XLA's temporary buffers of the step compiled for CPU
 (`compiled.memory_analysis()`). That program takes the CPU paths (all-gather expert dispatch, the blocked grouped
-matmul whose backward holds per-block float32 weight gradients, chunked KDA without Pallas), so on TPU/GPU expect
-less: read it as an upper estimate, and compare meshes, remat policies and `moe_capacity_factor` with it (the
+matmul instead of ragged_dot, chunked KDA without Pallas), so on TPU/GPU expect less: read it as an upper estimate, and compare meshes, remat policies and `moe_capacity_factor` with it (the
 dropless default reserves the worst case, ep x the balanced expert rows, on every device). Layers are scanned in
 groups of their repeating pattern (scan_layers is switched on: same memory, and lowering the 27-layer model costs
 about 7 layers).
@@ -153,7 +152,7 @@ def dry_run(config: ModelConfig | str, mesh_shape, batch: int | None = None, seq
     st = TrainState(mcfg, tcfg, mesh, tx)
     state = st.abstract_state()
     bias_rows = router_bias_rows(mcfg, state["biases"])
-    step = make_train_step(st.graphdef, mcfg, tcfg, tx, schedule, bias_rows)
+    step = make_train_step(st.graphdef, mcfg, tcfg, tx, schedule, bias_rows, st.state_shardings())
     batch_in = batch_spec(tcfg, mesh)
     out = {"mesh": dict(mesh.shape), "batch": tcfg.batch_size, "seq_len": tcfg.seq_len,
            "params": _per_device_bytes([state["params"], state["biases"], state["rest"]]),

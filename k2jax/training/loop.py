@@ -176,7 +176,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     """Train `model_config` per `train_config`, resuming from `train_config.run_dir` when it holds checkpoints.
 
     callbacks: called after each step as `cb(step, metrics, state)`; one may return a replacement state dict
-    (for tests and custom hooks), or "stop" to end the run after this step (checkpointed).
+    (for tests and custom hooks), or "stop" to end the run after this step (checkpointed). The state's arrays
+    live until the next step, which donates them: copy (`jax.device_get`) what a callback keeps.
     Raises ConfigError / ValueError for bad settings or data before compiling, TrainingDiverged on a non-finite
     loss.
     """
@@ -250,8 +251,11 @@ class _Loop:
         tcfg, mcfg = self.tcfg, self.mcfg
         st = self.st
         bias_rows = router_bias_rows(mcfg, st.split_variables(st.abstract_vars)["biases"])
-        step_fn = cached(cache_key("train", mcfg, tcfg),
-                          lambda: make_train_step(st.graphdef, mcfg, tcfg, st.tx, self.schedule, bias_rows))
+        # the step pins the state's shardings, so its cached program is per mesh (shape and devices) too
+        mesh_key = f"{dict(self.mesh.shape)}{[d.id for d in self.mesh.devices.flat]}"
+        step_fn = cached(cache_key("train", mcfg, tcfg) + mesh_key,
+                         lambda: make_train_step(st.graphdef, mcfg, tcfg, st.tx, self.schedule, bias_rows,
+                                                 st.state_shardings()))
         eval_fn = cached(cache_key("eval", mcfg), lambda: make_eval_step(st.graphdef))
         eval_batches = self.source.eval_batches(tcfg.eval_batches) if hasattr(self.source, "eval_batches") else []
         end = min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)

@@ -15,6 +15,12 @@
   query/key weights, split so that its logits scale by gamma_h: the per-head no-RoPE query and key columns
   (q_proj / q_b_proj's q_nope, kv_b_proj's k_nope) by sqrt(gamma_h), the per-head RoPE query columns by gamma_h, and
   the RoPE key, shared by all heads (kv_a_proj_with_mqa's k_pe columns), left untouched (`qk_clip`).
+  Muon sees the stacked expert weights of scanned layers, [layers, experts, in, out], as [experts, layers, in, out]
+  (`experts_axis_first`), the experts split over every data-parallel device with whole matrices on each: optax
+  flattens the leading axes into one batch of matrices, and only with the sharded expert axis major does that batch
+  stay sharded (else GSPMD gathered every expert of the stack on every device: 6 GiB Newton-Schulz products per
+  device at 48B), and with whole matrices no device of a context / fsdp group repeats its neighbours' products
+  (1.5 GiB each, a dozen alive, at 48B with context 16).
 Both are preceded by global-norm gradient clipping when `grad_clip > 0`.
 """
 
@@ -28,6 +34,7 @@ from optax import contrib
 from optax.contrib import MuonDimensionNumbers
 
 from k2jax.model import block_layout
+from k2jax.sharding import constrain
 from k2jax.training.config import TrainConfig
 
 # Parameters that Muon leaves to AdamW although they are matrices: lookups and conv filters are not x @ W maps
@@ -76,6 +83,39 @@ def muon_dimension_numbers(params):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def _stack_axis_last_batch_first(x):
+    """[..., L, E, in, out] -> [E, ..., L, in, out] for arrays of rank >= 4 (others unchanged), the experts split
+    over the data-parallel devices with whole matrices on each (logical axis 'optimizer_experts')."""
+    if getattr(x, "ndim", 0) < 4:
+        return x
+    return constrain(jnp.moveaxis(x, x.ndim - 3, 0), ("optimizer_experts",) + (None,) * (x.ndim - 1))
+
+
+def _stack_axis_back(x):
+    """The inverse of `_stack_axis_last_batch_first`."""
+    return jnp.moveaxis(x, 0, x.ndim - 3) if getattr(x, "ndim", 0) >= 4 else x
+
+
+def experts_axis_first(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` applied to parameters, updates and its parameter-shaped state with every rank >= 4 array's last batch
+    axis moved first ([layers, experts, in, out] -> [experts, layers, in, out]) and moved back after. The state is
+    stored in the parameters' own layout (its shardings are theirs); the math of a per-matrix optimizer (Muon) is
+    unchanged, only the order in which its batch of matrices is flattened."""
+
+    def to_inner(state):
+        return optax.tree_map_params(tx, lambda x: jax.tree.map(_stack_axis_last_batch_first, x), state)
+
+    def to_outer(state):
+        return optax.tree_map_params(tx, lambda x: jax.tree.map(_stack_axis_back, x), state)
+
+    def update(updates, state, params=None):
+        inner = lambda tree: None if tree is None else jax.tree.map(_stack_axis_last_batch_first, tree)
+        new_updates, new_state = tx.update(inner(updates), to_inner(state), inner(params))
+        return jax.tree.map(_stack_axis_back, new_updates), to_outer(new_state)
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(gradient transformation, learning-rate schedule) for `cfg.optimizer`."""
     schedule = make_schedule(cfg)
@@ -87,6 +127,7 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
         tx = contrib.muon(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
                           adam_b1=cfg.adam_b1, adam_b2=cfg.adam_b2, adam_weight_decay=0.0,
                           muon_weight_dimension_numbers=muon_dimension_numbers, consistent_rms=0.2)
+        tx = experts_axis_first(tx)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
     if cfg.grad_clip > 0:

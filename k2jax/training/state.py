@@ -64,6 +64,10 @@ class TrainState:
         state["opt"] = self.abstract_opt
         return state
 
+    def state_shardings(self) -> dict:
+        """The NamedSharding of every array of the training state (a tree like `abstract_state()`)."""
+        return jax.tree.map(lambda a: a.sharding, self.abstract_state())
+
     def split_variables(self, variables) -> dict:
         """A model's variables (nnx.State) -> {'params': nnx.Param, 'biases': RouterBias, 'rest': the others}."""
 

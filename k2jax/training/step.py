@@ -110,10 +110,16 @@ def _update_biases(biases, load, rate: float, rows: dict):
     return nnx.from_flat_state(out)
 
 
-def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule, bias_rows):
+def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule, bias_rows, state_shardings=None):
     """The jitted step(state, batch, step_index) -> (new state, metrics): batch holds 'tokens', 'targets',
     'loss_mask' [B, T] (and optionally 'segment_ids'); state is TrainState's dict; `bias_rows` is
-    `router_bias_rows` of the model (see the module docstring for what one step does)."""
+    `router_bias_rows` of the model (see the module docstring for what one step does).
+
+    The state is donated: its buffers become the new state's (a long run cannot hold two copies of parameters and
+    optimizer state), so the arrays passed in are deleted by the call; read or save them before it.
+    `state_shardings` (a tree like the state, e.g. TrainState.state_shardings()): the new state's shardings, so that
+    it comes back in the layout it went in (the optimizer may reshard on the way: see optim.experts_axis_first)
+    and its buffers can be reused."""
 
 
     A = tcfg.grad_accum_steps
@@ -174,7 +180,8 @@ def make_train_step(graphdef, mcfg: ModelConfig, tcfg: TrainConfig, tx, schedule
             metrics["max_logit"] = jnp.max(max_logit, axis=-1)
         return new, metrics
 
-    return jax.jit(step)
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
 
 
 def finite_leaves(tree):

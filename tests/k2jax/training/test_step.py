@@ -8,10 +8,13 @@ import optax
 from flax import nnx
 
 from k2jax import KimiLinear, load_config
+from k2jax.model import router_bias_rows
 from k2jax.sharding import batch_sharding, make_mesh
 from k2jax.training.config import TrainConfig
 from k2jax.training.dry_run import dry_run
-from k2jax.training.step import lm_head_cross_entropy
+from k2jax.training.optim import make_optimizer
+from k2jax.training.state import TrainState
+from k2jax.training.step import lm_head_cross_entropy, make_train_step
 from tests.conftest import error_ratio
 
 B, T = 8, 24
@@ -101,3 +104,25 @@ def test_train_step_memory_holds_no_logits_and_grows_linearly():
     short, long = _step_temp_bytes(1024), _step_temp_bytes(4096)
     assert long < 4096 * 32768 * 4 / 2, long
     assert long < 4.5 * short, (short, long)
+
+
+def test_train_step_donates_the_state():
+    """The step's state buffers become the new state's: every array passed in is deleted by the call (the loop
+    never holds two copies of parameters and optimizer state), and the new state trains on."""
+    cfg = _model().config
+    tcfg = TrainConfig(batch_size=B, seq_len=T, steps=2, warmup_steps=0)
+    mesh = make_mesh(None)
+    tx, schedule = make_optimizer(tcfg)
+    st = TrainState(cfg, tcfg, mesh, tx)
+    state = st.fresh()
+    step = make_train_step(st.graphdef, cfg, tcfg, tx, schedule, router_bias_rows(cfg, state["biases"]))
+    tokens, targets, mask, segments = _batch(KimiLinear(cfg, rngs=nnx.Rngs(0)))
+    batch = {"tokens": tokens, "targets": targets, "loss_mask": mask, "segment_ids": segments}
+    old = jax.tree.leaves(state)
+    with jax.set_mesh(mesh):
+        new, metrics = step(state, batch, jnp.int32(0))
+        assert all(a.is_deleted() for a in old)
+        assert not any(a.is_deleted() for a in jax.tree.leaves(new))
+        newer, later = step(new, batch, jnp.int32(1))
+    assert bool(metrics["finite"]) and bool(later["finite"])
+    assert float(later["loss"]) < float(metrics["loss"])

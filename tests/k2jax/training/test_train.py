@@ -21,18 +21,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from optax import contrib
 
 from k2jax import KimiLinear, load_config
 from k2jax.checkpoint import array_differences, flat_arrays, restore_params
 from k2jax.config import ConfigError
 from k2jax.layers.moe import RouterBias
 from k2jax.model import count_params
+from k2jax.sharding import make_mesh
 from k2jax.training import loop as training_loop
 from k2jax.training.cli import main
 from k2jax.training.config import TrainConfig, load_run_config
 from k2jax.training.loop import TrainingDiverged, make_source, train
 from k2jax.training.metrics import train_flops_per_token
-from k2jax.training.optim import make_optimizer, make_schedule, muon_dimension_numbers
+from k2jax.training.optim import (decay_mask, experts_axis_first, make_optimizer, make_schedule,
+                                  muon_dimension_numbers)
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 6
@@ -171,6 +175,37 @@ def test_muon_updates_matrices_and_leaves_the_rest_to_adamw():
     assert np.all(np.isfinite(w)) and np.ptp(w) < 1e-3 * np.abs(w).max()
 
 
+def test_muon_keeps_stacked_experts_sharded_and_its_updates_unchanged():
+    """Stacked expert weights [layers, experts, in, out] sharded over `expert` and `in` over `context`: optax's Muon
+    flattens the leading axes into one batch of matrices, which gathered every expert on every device; with the
+    expert axis moved first and split over expert x context with whole matrices (experts_axis_first) the update's
+    temp memory is a fraction of that, and updates and state are the same. (The train step pins the state's
+    layout with out_shardings: make_train_step's state_shardings.)"""
+    mesh = make_mesh({"expert": 2, "context": 4})
+    rs = np.random.RandomState(0)
+    params = {"experts": jnp.asarray(rs.randn(3, 16, 256, 128), jnp.float32), "norm": jnp.ones((256,)),
+              "proj": jnp.asarray(rs.randn(64, 32), jnp.float32)}
+    shardings = {"experts": NamedSharding(mesh, PartitionSpec(None, "expert", "context")),
+                 "norm": NamedSharding(mesh, PartitionSpec()), "proj": NamedSharding(mesh, PartitionSpec())}
+    params = jax.device_put(params, shardings)
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+    base = contrib.muon(1e-2, muon_weight_dimension_numbers=muon_dimension_numbers, consistent_rms=0.2,
+                        weight_decay=0.1, weight_decay_mask=decay_mask)
+    results = []
+    with jax.set_mesh(mesh):
+        for tx in (base, experts_axis_first(base)):
+            update = jax.jit(tx.update, out_shardings=(shardings, None))
+            temp = update.lower(grads, tx.init(params), params).compile().memory_analysis().temp_size_in_bytes
+            _, state = update(grads, tx.init(params), params)
+            results.append((temp, *update(grads, state, params)))  # the second step: momentum in the state
+    (gathered, u0, s0), (split, u1, s1) = results
+    assert split < gathered / 3, (split, gathered)
+    for a, b in zip(jax.tree.leaves((u0, s0)), jax.tree.leaves((u1, s1))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    made, _ = make_optimizer(TrainConfig(optimizer="muon", grad_clip=0.0))
+    assert made.update.__qualname__.startswith("experts_axis_first")
+
+
 def test_flops_per_token_formula():
     cfg = load_config("tiny")
     n = count_params(cfg)["active"] - cfg.vocab_size * cfg.hidden_size
@@ -237,6 +272,27 @@ def test_sigterm_saves_and_resume_onto_another_mesh_matches(reference, tmp_path)
     losses = {**first.losses, **resumed.losses}
     np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
                                [ref.losses[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
+def test_async_checkpoints_hold_their_steps_state_although_the_next_step_donates_it(tmp_path):
+    """The train step donates its state; a checkpoint saved asynchronously at step 2 (and 4) must still hold
+    that step's arrays, not the next step's or freed buffers."""
+    seen = {}
+
+    def keep(step, metrics, state):
+        if step in (2, 4):
+            seen[step] = jax.device_get(nnx.to_pure_dict(state["params"]))
+
+    train(*_configs(tmp_path, "train.steps=5"), callbacks=[keep])
+    for step, params in seen.items():
+        saved = nnx.to_pure_dict(nnx.state(restore_params(None, tmp_path / "checkpoints" / str(step)), nnx.Param))
+        for (path, want), (_, got) in zip(sorted(_flat(params).items()), sorted(_flat(saved).items())):
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"step {step} {path}")
+    assert not np.array_equal(_flat(seen[2])["embed_tokens"], _flat(seen[4])["embed_tokens"])
+
+
+def _flat(pure: dict) -> dict:
+    return {"/".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(pure).items()}
 
 
 def test_muon_run_trains_checkpoints_and_resumes_onto_another_mesh(tmp_path):
