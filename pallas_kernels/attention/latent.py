@@ -190,9 +190,10 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
     q_lat: [B, T, H, R]; q_pe: [B, T, H, P]; ckv: [N, S, R]; kpe: [N, S, P] (N sequences, S entries each);
     kv_lengths: int [B]; q_mask: bool [B, T] or None (as in `latent_attention`); cache_rows: int [B] in [0, N) or
     None (then N must be B). Rows run one after another, each a loop over its query blocks and, inside, its key
-    blocks, with trip counts read at run time (`lax.while_loop`): not reverse-differentiable (the training path
-    uses `latent_attention`). Returns (o [B, T, H, R] in ckv's dtype, lse float32 [B, T, H]) equal to
-    `latent_attention` on the gathered rows.
+    blocks, with trip counts read at run time (`lax.while_loop`): not reverse-differentiable (`latent_attention`,
+    a scan over fixed block counts, is). Rows in sequence suit serving's few live rows; a batch of many equally long
+    rows is what `latent_attention` batches better. Returns (o [B, T, H, R] in ckv's dtype, lse float32 [B, T, H])
+    equal to `latent_attention` on the gathered rows.
     """
     B, T, H, R = _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k, cache_rows,
                         op="latent_attention_rows")
