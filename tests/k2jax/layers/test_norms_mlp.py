@@ -1,5 +1,4 @@
-"""RMSNorm, GatedRMSNorm, l2_normalize and SwiGLU against plain float64 numpy formulas; Linear's dot_f32 against
-autodiff of the plain dot."""
+"""RMSNorm, GatedRMSNorm, l2_normalize and SwiGLU against plain float64 numpy formulas."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax.layers.linear import dot_f32
 from k2jax.layers.mlp import SwiGLU
 from k2jax.layers.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from tests.conftest import error_ratio
@@ -145,24 +143,3 @@ def test_swiglu_bf16_under_jit():
 def test_swiglu_rejects_wrong_hidden_size():
     with pytest.raises(ValueError, match="hidden_size=32"):
         SwiGLU(32, 48, rngs=nnx.Rngs(0))(jnp.zeros((2, 31)))
-
-
-# ---- Linear's product ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dot_f32_gradients_equal_autodiff_of_the_plain_dot(dtype):
-    # dot_f32 only materialises the cotangent before autodiff's own transposes: equal bit for bit, in f32 and bf16,
-    # behind an elementwise op (the fusion the barrier prevents) and for 3-D inputs.
-    kx, kw, kc = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (3, 40, 24)).astype(dtype)
-    w = (0.2 * jax.random.normal(kw, (24, 56))).astype(dtype)
-    ct = jax.random.normal(kc, (3, 40, 56))
-
-    def loss(dot):
-        return lambda x, w: jnp.sum(jax.nn.silu(dot(x, w)).astype(dtype).astype(jnp.float32) * ct)
-
-    plain = jax.jit(jax.value_and_grad(loss(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)),
-                                       argnums=(0, 1)))(x, w)
-    ours = jax.jit(jax.value_and_grad(loss(dot_f32), argnums=(0, 1)))(x, w)
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(ours)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
