@@ -1,7 +1,7 @@
 """Where one training step's time goes: the step, then its pieces, each jitted and timed alone (forward + backward).
 
     python bench/train_speed.py --profile                  # default config: table on stdout and in --profile-out
-    python bench/train_speed.py --profile --trace-dir /tmp/trace   # also a jax.profiler trace of 3 steps
+    python bench/train_speed.py --profile --trace-dir /tmp/trace   # also a jax.profiler trace and its op table
 
 Rows (`profile_step`):
 - 'train step (jitted)': the real `make_train_step` program (forward, backward, optimizer, router-bias update) on
@@ -17,10 +17,21 @@ Rows (`profile_step`):
 
 Each piece runs in interleaved rounds and reports its median, so a change in the machine's load hits all rows
 alike; figures are noisy on a shared machine: compare rows within one table.
+
+With a trace directory, `op_profile` also traces the real step (jax.profiler) and charges every executed XLA op
+(fusion, dot, copy) to the model component its HLO stack frames name (`COMPONENTS`: first matching source file
+from the innermost frame out), forward or backward (autodiff's `transpose(` in the op name), and to a kind: matmul
+(a dot, or a fusion around one) or not. Times there are op self-times summed over XLA's worker threads (so shares,
+not wall time): the matmul share is the part of the step that runs at matmul speed, the rest is the small-op work
+(elementwise fusions, copies, scatters, loop bookkeeping) that bounds the step on XLA:CPU.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
+import os
+import re
 import statistics
 import time
 
@@ -88,11 +99,11 @@ def _time_rounds(pieces: dict, rounds: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def profile_step(mcfg, tcfg, rounds: int = 5, trace_dir: str | None = None) -> list[tuple[str, float, int]]:
+def profile_step(mcfg, tcfg, rounds: int = 5) -> list[tuple[str, float, int]]:
     """Time one training step of (mcfg, tcfg) on one device and its pieces (see the module docstring).
 
     Returns rows (name, seconds, depth): depth 0 rows are the step and the batch, depth 1 its pieces (with 'other'),
-    depth 2 parts of the piece above. With trace_dir, also writes a jax.profiler trace of 3 steps there.
+    depth 2 parts of the piece above.
     """
     if mcfg.scan_layers:
         raise ValueError("profile_step: profiles the per-layer model (model.scan_layers=false); the scanned one "
@@ -164,11 +175,125 @@ def profile_step(mcfg, tcfg, rounds: int = 5, trace_dir: str | None = None) -> l
     top = sum(seconds[n] for n, d in rows if d == 1)
     out = [(n, seconds[n], d) for n, d in rows]
     out.append(("other (step - pieces)", step - top, 1))
-    if trace_dir:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(3):
-                jax.block_until_ready(pieces["train step (jitted)"]())
     return out
+
+
+def train_step_call(mcfg, tcfg):
+    """(jitted step, its (state, batch, step index) arguments): the real train step of (mcfg, tcfg) on one MQAR
+    batch, for tracing."""
+    model = KimiLinear(mcfg, rngs=nnx.Rngs(tcfg.seed))
+    tx, schedule = make_optimizer(tcfg)
+    graphdef, params, biases, rest = nnx.split(model, nnx.Param, RouterBias, ...)
+    batch = {k: jnp.asarray(v) for k, v in next(make_source(mcfg, tcfg)).items()}
+    state = {"params": params, "biases": biases, "rest": rest, "opt": tx.init(params)}
+    step_fn = make_train_step(graphdef, mcfg, tcfg, tx, schedule, router_bias_rows(mcfg, biases))
+    return step_fn, (state, batch, jnp.int32(0))
+
+
+# Model components by source file (path suffixes, checked from the innermost stack frame outwards): the first
+# match names the component an XLA op belongs to.
+COMPONENTS = (
+    ("pallas_kernels/kda/", "KDA op (chunked recurrence)"),
+    ("k2jax/layers/short_conv.py", "KDA short convolutions"),
+    ("k2jax/layers/kda.py", "KDA layer: gates, beta, q/k norm, heads"),
+    ("pallas_kernels/attention/", "MLA attention op"),
+    ("k2jax/layers/mla.py", "MLA layer: latents, RoPE, heads"),
+    ("pallas_kernels/moe/", "MoE grouped matmuls"),
+    ("k2jax/layers/moe.py", "MoE routing, sort, combine"),
+    ("k2jax/layers/mlp.py", "SwiGLU (dense MLP, shared experts)"),
+    ("pallas_kernels/cross_entropy/", "lm_head + cross-entropy"),
+    ("k2jax/layers/norms.py", "RMSNorm / gated norm / L2 norm"),
+    ("k2jax/layers/linear.py", "projections (Linear)"),
+    ("optax/", "optimizer (optax)"),
+    ("k2jax/training/step.py", "step: accumulation, clipping, bias update"),
+    ("k2jax/model.py", "model: embedding, residuals"),
+)
+
+
+def _hlo_sources(hlo_text: str):
+    """For the compiled HLO text of a program: {instruction name: (source files innermost first, is backward,
+    is matmul)} from its StackFrames / FileLocations / FileNames tables and op metadata."""
+    lines = hlo_text.split("\n")
+    starts = {line: i for i, line in enumerate(lines) if line in ("FileNames", "FileLocations", "StackFrames")}
+
+    def table(name):
+        rows, i = {}, starts.get(name, len(lines)) + 1
+        while i < len(lines) and re.match(r"^\d+ ", lines[i]):
+            key, value = lines[i].split(" ", 1)
+            rows[int(key)] = value
+            i += 1
+        return rows
+
+    files = {k: v.strip('"') for k, v in table("FileNames").items()}
+    locations = {k: files[int(re.search(r"file_name_id=(\d+)", v)[1])] for k, v in table("FileLocations").items()}
+    frames = {k: tuple(int(n) for n in re.search(r"file_location_id=(\d+) parent_frame_id=(\d+)", v).groups())
+              for k, v in table("StackFrames").items()}
+    out = {}
+    for line in lines:
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+        if not m:
+            continue
+        chain, frame = [], re.search(r"stack_frame_id=(\d+)", line)
+        frame = int(frame[1]) if frame else None
+        while frame in frames and len(chain) < 64:
+            location, parent = frames[frame]
+            chain.append(locations[location])
+            frame = None if parent == frame else parent
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        backward = bool(op_name and "transpose(" in op_name[1])
+        matmul = " dot(" in line or "__ynn_fusion" in line or "__xnn_fusion" in line or "onednn" in line
+        out[m[1]] = (tuple(chain), backward, matmul)
+    return out
+
+
+def _component(chain) -> str:
+    for path in chain:
+        for suffix, name in COMPONENTS:
+            if suffix in path:
+                return name
+    return "other (no model source)"
+
+
+def op_profile(step_fn, args, trace_dir: str, steps: int = 3) -> dict:
+    """Trace `steps` calls of the jitted `step_fn(*args)` into trace_dir and charge every executed XLA op to a
+    component (see the module docstring). Returns {'rows': [(component, fwd s, bwd s, matmul s)] by total time
+    descending, 'total': op seconds per step (summed over worker threads), 'matmul': matmul op seconds per step}."""
+    sources = _hlo_sources(step_fn.lower(*args).compile().as_text())
+    jax.block_until_ready(step_fn(*args))
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            jax.block_until_ready(step_fn(*args))
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not paths:
+        raise RuntimeError(f"op_profile: jax.profiler wrote no *.xplane.pb under {trace_dir}")
+    per_op = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(paths[-1]).planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in sources:  # HLO instructions only (not the runtime's own spans)
+                    per_op[event.name] += event.duration_ns
+    table = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
+    for name, ns in per_op.items():
+        chain, backward, matmul = sources[name]
+        if name.startswith(("while", "conditional", "call")):
+            continue  # containers: their body ops are counted themselves
+        row = table[_component(chain)]
+        row[1 if backward else 0] += ns / steps / 1e9
+        row[2] += ns / steps / 1e9 if matmul else 0.0
+    rows = sorted(((k, *v) for k, v in table.items()), key=lambda r: -(r[1] + r[2]))
+    return {"rows": rows, "total": sum(r[1] + r[2] for r in rows), "matmul": sum(r[3] for r in rows)}
+
+
+def format_op_table(prof: dict) -> str:
+    """Markdown table of `op_profile`'s result: component, forward / backward op ms, share, matmul share."""
+    total = prof["total"]
+    lines = ["| component (XLA ops of the traced step) | forward ms | backward ms | % of op time | of which matmul |",
+             "|---|---:|---:|---:|---:|"]
+    for name, fwd, bwd, mm in prof["rows"]:
+        lines.append(f"| {name} | {fwd * 1e3:.1f} | {bwd * 1e3:.1f} | {100 * (fwd + bwd) / total:.1f}% | "
+                     f"{100 * mm / max(fwd + bwd, 1e-12):.0f}% |")
+    lines.append(f"| **all** | | | {total * 1e3:.0f} ms | {100 * prof['matmul'] / total:.0f}% |")
+    return "\n".join(lines)
 
 
 def _mixer_parts(layer, mcfg, x, seg, positions, pieces, i):

@@ -27,7 +27,8 @@ from k2jax.training.loop import train
 from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.train_profile import format_table, profile_step  # noqa: E402  (the repository root, put on the path above)
+# the repository root, put on the path above
+from bench.train_profile import format_op_table, format_table, op_profile, profile_step, train_step_call  # noqa: E402
 
 
 def main(argv=None):
@@ -41,7 +42,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="time the step's pieces (bench/train_profile.py) instead of a training run; prints a table")
     p.add_argument("--profile-out", default=None, help="with --profile: also write the table (markdown) here")
-    p.add_argument("--trace-dir", default=None, help="with --profile: also write a jax.profiler trace of 3 steps")
+    p.add_argument("--trace-dir", default=None,
+                   help="with --profile: also trace 3 steps there (jax.profiler) and print their XLA ops by component")
     p.add_argument("--rounds", type=int, default=5, help="with --profile: interleaved timing rounds (medians)")
     args = p.parse_args(argv)
     extra = [f"train.steps={args.steps + 1}", "train.checkpoint_every=0", "train.eval_every=0",
@@ -74,7 +76,7 @@ def main(argv=None):
 
 
 def _profile(mcfg, tcfg, args):
-    rows = profile_step(mcfg, tcfg, rounds=args.rounds, trace_dir=args.trace_dir)
+    rows = profile_step(mcfg, tcfg, rounds=args.rounds)
     peak = measure_matmul_flops(args.matmul_n)
     step_s = dict((n, s) for n, s, _ in rows)["train step (jitted)"]
     fpt = train_flops_per_token(mcfg, tcfg.seq_len)
@@ -83,6 +85,9 @@ def _profile(mcfg, tcfg, args):
     head = (f"config {mcfg.name}, batch {tcfg.batch_size} x {tcfg.seq_len}, dtype {mcfg.dtype}, optimizer "
             f"{tcfg.optimizer}: jitted step {step_s * 1e3:.0f} ms, MFU of the jitted step {mfu:.1%} "
             f"(matmul {peak / 1e9:.0f} GFLOP/s)")
+    if args.trace_dir:
+        ops = op_profile(*train_step_call(mcfg, tcfg), args.trace_dir)
+        table += "\n\nXLA ops of the traced step (jax.profiler trace in " + args.trace_dir + "):\n\n" + format_op_table(ops)
     print(head)
     print(table)
     if args.profile_out:
