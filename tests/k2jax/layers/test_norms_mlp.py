@@ -1,4 +1,5 @@
-"""RMSNorm, GatedRMSNorm, l2_normalize and SwiGLU against plain float64 numpy formulas."""
+"""RMSNorm, GatedRMSNorm, l2_normalize and SwiGLU against plain float64 numpy formulas; Linear's dot_f32 against
+autodiff of the plain dot."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from k2jax.layers.linear import dot_f32
 from k2jax.layers.mlp import SwiGLU
 from k2jax.layers.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from tests.conftest import error_ratio
@@ -143,3 +145,26 @@ def test_swiglu_bf16_under_jit():
 def test_swiglu_rejects_wrong_hidden_size():
     with pytest.raises(ValueError, match="hidden_size=32"):
         SwiGLU(32, 48, rngs=nnx.Rngs(0))(jnp.zeros((2, 31)))
+
+
+# ---- Linear's product ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_dot_f32_gradients_match_autodiff_of_the_plain_dot(dtype, rtol):
+    # dot_f32's backward (weight gradient from the saved x^T) against autodiff of the plain dot: equal up to f32
+    # summation order (f32), and within bf16 rounding of the gradients (bf16: ours keeps dy in f32 for dx),
+    # behind an elementwise op, for 3-D inputs.
+    kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 40, 24)).astype(dtype)
+    w = (0.2 * jax.random.normal(kw, (24, 56))).astype(dtype)
+    ct = jax.random.normal(kc, (3, 40, 56))
+
+    def loss(dot):
+        return lambda x, w: jnp.sum(jax.nn.silu(dot(x, w)).astype(dtype).astype(jnp.float32) * ct)
+
+    plain = jax.jit(jax.value_and_grad(loss(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)),
+                                       argnums=(0, 1)))(x, w)
+    ours = jax.jit(jax.value_and_grad(loss(dot_f32), argnums=(0, 1)))(x, w)
+    assert float(ours[0]) == float(plain[0])  # the forward is the plain dot
+    for a, b in zip(plain[1], ours[1]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert error_ratio(a, b) < rtol
