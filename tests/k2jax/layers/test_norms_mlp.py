@@ -148,7 +148,7 @@ def test_swiglu_rejects_wrong_hidden_size():
 
 
 # ---- Linear's product ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 4e-3)])
 def test_dot_f32_gradients_match_autodiff_of_the_plain_dot(dtype, rtol):
     # dot_f32's backward (weight gradient from the saved x^T) against autodiff of the plain dot: equal up to f32
     # summation order (f32), and within bf16 rounding of the gradients (bf16: ours keeps dy in f32 for dx),
