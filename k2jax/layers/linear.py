@@ -21,7 +21,8 @@ def dot_f32(x, w):
     after the projection) into that transpose, a loop that reads every input with a stride of `out` elements
     (one such fusion took 4-6% of the default training step). Transposing x, the materialised layer input,
     is a plain copy, once per layer input (XLA merges the copies of the projections that share it); the default
-    step ran 0.85x the time (in-process A/B, docs/results.md).
+    training step ran 0.85-0.93x the time (in-process A/B, docs/results.md). Remat's dot-saving policies
+    ('dots', 'dots_no_batch') do not see inside a custom VJP, so under them projections are recomputed.
     """
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
