@@ -7,8 +7,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.sharding import make_param
+
+# checkpoint_name of every Linear output: remat's dot policies (k2jax.model) save these, since the dot inside
+# `dot_f32`'s custom VJP is not a dot_general they can see.
+PROJECTION_NAME = "linear_projection"
 
 
 @jax.custom_vjp
@@ -21,8 +26,8 @@ def dot_f32(x, w):
     after the projection) into that transpose, a loop that reads every input with a stride of `out` elements
     (one such fusion took 4-6% of the default training step). Transposing x, the materialised layer input,
     is a plain copy, once per layer input (XLA merges the copies of the projections that share it); the default
-    training step ran 0.85-0.93x the time (in-process A/B, docs/results.md). Remat's dot-saving policies
-    ('dots', 'dots_no_batch') do not see inside a custom VJP, so under them projections are recomputed.
+    training step ran 0.85-0.93x the time (in-process A/B, docs/results.md). Remat's dot-saving policies do not
+    see inside a custom VJP: Linear names its output PROJECTION_NAME, which k2jax.model's policies also save.
     """
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
@@ -57,4 +62,4 @@ class Linear(nnx.Module):
     def __call__(self, x):
         """x: [..., in] -> [..., out] in the compute dtype."""
         w = self.kernel[...].astype(self.dtype)
-        return dot_f32(x.astype(self.dtype), w).astype(self.dtype)
+        return checkpoint_name(dot_f32(x.astype(self.dtype), w), PROJECTION_NAME).astype(self.dtype)

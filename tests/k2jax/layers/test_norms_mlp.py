@@ -7,8 +7,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
-from k2jax.layers.linear import dot_f32
+from k2jax import KimiLinear, load_config
+from k2jax.layers.linear import PROJECTION_NAME, dot_f32
 from k2jax.layers.mlp import SwiGLU
 from k2jax.layers.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from tests.conftest import error_ratio
@@ -168,3 +170,16 @@ def test_dot_f32_gradients_match_autodiff_of_the_plain_dot(dtype, rtol):
     for a, b in zip(plain[1], ours[1]):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert error_ratio(a, b) < rtol
+
+
+@pytest.mark.parametrize("remat", ["dots", "dots_no_batch"])
+def test_remat_dot_policies_still_save_the_projections(remat, capsys):
+    # dot_f32's dot is inside a custom VJP, invisible to the dot policies: the model's policies save the Linear
+    # outputs by name instead, so remat='dots' keeps saving every projection.
+    cfg = load_config("tiny").replace(num_hidden_layers=1, kda_layers=[1], full_attn_layers=[], remat=remat)
+    graphdef, state = nnx.split(KimiLinear(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.ones((1, 16), jnp.int32)
+    print_saved_residuals(lambda s, t: jnp.sum(nnx.merge(graphdef, s)(t)), state, tokens)
+    saved = capsys.readouterr().out
+    # 12 projections in the layer (KDA 9, dense MLP 3); an output the backward never reads (o_proj's) is not saved
+    assert saved.count(f"named '{PROJECTION_NAME}'") == 11
