@@ -27,6 +27,8 @@ from k2jax.training.loop import train
 from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the repository root, put on the path above
+from bench.train_profile import format_op_table, format_table, op_profile, profile_step, train_step_call  # noqa: E402
 
 
 def main(argv=None):
@@ -37,10 +39,13 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, help="default: the config's train.seq_len")
     p.add_argument("--steps", type=int, default=8, help="measured steps (after one compile step)")
     p.add_argument("--matmul-n", type=int, default=1024)
+    p.add_argument("--profile", action="store_true",
+                   help="time the step's pieces (bench/train_profile.py) instead of a training run; prints a table")
+    p.add_argument("--profile-out", default=None, help="with --profile: also write the table (markdown) here")
+    p.add_argument("--trace-dir", default=None,
+                   help="with --profile: also trace 3 steps there (jax.profiler) and print their XLA ops by component")
+    p.add_argument("--rounds", type=int, default=5, help="with --profile: interleaved timing rounds (medians)")
     args = p.parse_args(argv)
-
-
-
     extra = [f"train.steps={args.steps + 1}", "train.checkpoint_every=0", "train.eval_every=0",
              "train.progress=false", "train.tensorboard=false", "train.mqar_min_kv_pairs=null"]
     if args.batch:
@@ -49,6 +54,8 @@ def main(argv=None):
         extra.append(f"train.seq_len={args.seq_len}")
     with tempfile.TemporaryDirectory() as tmp:
         mcfg, tcfg = load_run_config(args.config, [*args.overrides, *extra, f"train.run_dir={tmp}"])
+        if args.profile:
+            return _profile(mcfg, tcfg, args)
         peak = measure_matmul_flops(args.matmul_n)
         result = train(mcfg, tcfg.replace(peak_flops=peak))
     steps = [m for m in result.metrics if not m.get("includes_compile")]
@@ -66,6 +73,27 @@ def main(argv=None):
           f"{fpt * tok_s / 1e9:>14.2f} {peak * n / 1e9:>15.2f} {fpt * tok_s / (peak * n):>7.2%}")
     return {"step_s": step_s, "tokens_per_s": tok_s, "flops_per_token": fpt, "matmul_flops": peak * n,
             "mfu": fpt * tok_s / (peak * n)}
+
+
+def _profile(mcfg, tcfg, args):
+    rows = profile_step(mcfg, tcfg, rounds=args.rounds)
+    peak = measure_matmul_flops(args.matmul_n)
+    step_s = dict((n, s) for n, s, _ in rows)["train step (jitted)"]
+    fpt = train_flops_per_token(mcfg, tcfg.seq_len)
+    mfu = fpt * tcfg.batch_size * tcfg.seq_len / step_s / (peak * jax.device_count())
+    table = format_table(rows)
+    head = (f"config {mcfg.name}, batch {tcfg.batch_size} x {tcfg.seq_len}, dtype {mcfg.dtype}, optimizer "
+            f"{tcfg.optimizer}: jitted step {step_s * 1e3:.0f} ms, MFU of the jitted step {mfu:.1%} "
+            f"(matmul {peak / 1e9:.0f} GFLOP/s)")
+    if args.trace_dir:
+        ops = op_profile(*train_step_call(mcfg, tcfg), args.trace_dir)
+        table += "\n\nXLA ops of the traced step (jax.profiler trace in " + args.trace_dir + "):\n\n" + format_op_table(ops)
+    print(head)
+    print(table)
+    if args.profile_out:
+        with open(args.profile_out, "w") as f:
+            f.write(head + "\n\n" + table + "\n")
+    return {"rows": rows, "mfu_jitted": mfu}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from flax import nnx
 from k2jax.config import ModelConfig
 from k2jax.layers.context_parallel import check_context_length, from_layout, to_layout
 from k2jax.layers.kda import KDAState, KimiDeltaAttention
-from k2jax.layers.linear import Linear
+from k2jax.layers.linear import PROJECTION_NAME, Linear
 from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
 from k2jax.layers.mlp import SwiGLU
 from k2jax.layers.moe import MoE, RouterBias, update_router_bias
@@ -102,10 +102,14 @@ class DecoderLayer(nnx.Module):
         return (out, aux, update, max_logit) if return_max_logit else (out, aux, update)
 
 
+# The dot policies also save the Linear outputs (named PROJECTION_NAME): their dot sits inside a custom VJP.
+_SAVE_PROJECTIONS = jax.checkpoint_policies.save_only_these_names(PROJECTION_NAME)
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside the layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots,
+                                                            _SAVE_PROJECTIONS),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_PROJECTIONS),
 }
 
 

@@ -4,17 +4,53 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.sharding import make_param
+
+# checkpoint_name of every Linear output: remat's dot policies (k2jax.model) save these, since the dot inside
+# `dot_f32`'s custom VJP is not a dot_general they can see.
+PROJECTION_NAME = "linear_projection"
+
+
+@jax.custom_vjp
+def dot_f32(x, w):
+    """x [..., in] @ w [in, out] (one dtype) with float32 accumulation -> float32 [..., out].
+
+    The backward is autodiff's up to float32 summation order, but the forward saves x transposed, [in, tokens],
+    and the weight gradient is x^T dy from it. Why: for x^T dy XLA:CPU wants one operand transposed with the tokens
+    minor; left to itself it transposes dy and fuses dy's producer (the backward of the SiLU, norm or short conv
+    after the projection) into that transpose, a loop that reads every input with a stride of `out` elements
+    (one such fusion took 4-6% of the default training step). Transposing x, the materialised layer input,
+    is a plain copy, once per layer input (XLA merges the copies of the projections that share it); the default
+    training step ran 0.85-0.93x the time (in-process A/B, docs/results.md). Remat's dot-saving policies do not
+    see inside a custom VJP: Linear names its output PROJECTION_NAME, which k2jax.model's policies also save.
+    """
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _dot_f32_fwd(x, w):
+    return dot_f32(x, w), (jnp.transpose(x.reshape(-1, x.shape[-1])), w, x.shape)
+
+
+def _dot_f32_bwd(residuals, dy):
+    x_t, w, x_shape = residuals
+    dw = jnp.dot(x_t, dy.reshape(-1, dy.shape[-1]), preferred_element_type=jnp.float32)
+    dx = jnp.dot(dy, w.T.astype(jnp.float32), preferred_element_type=jnp.float32)
+    return dx.reshape(x_shape).astype(x_t.dtype), dw.astype(w.dtype)
+
+
+dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
 
 
 class Linear(nnx.Module):
     """y = x @ kernel, with kernel [in, out] (HF stores [out, in]: the loader transposes).
 
     `dtype` is the compute dtype (inputs and kernel are cast to it; accumulation is float32 on every backend
-    and the result is returned in `dtype`).
+    and the result is returned in `dtype`). The product is `dot_f32` (see there for its backward).
     """
 
     def __init__(self, in_features: int, out_features: int, *, names: Sequence[str | None], rngs: nnx.Rngs,
@@ -26,5 +62,4 @@ class Linear(nnx.Module):
     def __call__(self, x):
         """x: [..., in] -> [..., out] in the compute dtype."""
         w = self.kernel[...].astype(self.dtype)
-        y = jnp.dot(x.astype(self.dtype), w, preferred_element_type=jnp.float32)
-        return y.astype(self.dtype)
+        return checkpoint_name(dot_f32(x.astype(self.dtype), w), PROJECTION_NAME).astype(self.dtype)
