@@ -28,6 +28,8 @@ def dot_f32(x, w):
     is a plain copy, once per layer input (XLA merges the copies of the projections that share it); the default
     training step ran 0.85-0.93x the time (in-process A/B, docs/results.md). Remat's dot-saving policies do not
     see inside a custom VJP: Linear names its output PROJECTION_NAME, which k2jax.model's policies also save.
+    Linear uses it only when tracing on CPU: on TPU/GPU the compilers pick the dots' operand layouts themselves,
+    and an explicit transposed copy of every layer input would only cost memory traffic.
     """
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
@@ -50,7 +52,7 @@ class Linear(nnx.Module):
     """y = x @ kernel, with kernel [in, out] (HF stores [out, in]: the loader transposes).
 
     `dtype` is the compute dtype (inputs and kernel are cast to it; accumulation is float32 on every backend
-    and the result is returned in `dtype`). The product is `dot_f32` (see there for its backward).
+    and the result is returned in `dtype`). On CPU the product is `dot_f32` (see there for its backward).
     """
 
     def __init__(self, in_features: int, out_features: int, *, names: Sequence[str | None], rngs: nnx.Rngs,
@@ -62,4 +64,7 @@ class Linear(nnx.Module):
     def __call__(self, x):
         """x: [..., in] -> [..., out] in the compute dtype."""
         w = self.kernel[...].astype(self.dtype)
-        return checkpoint_name(dot_f32(x.astype(self.dtype), w), PROJECTION_NAME).astype(self.dtype)
+        x = x.astype(self.dtype)
+        # The transposed-input backward is an XLA:CPU fix (see dot_f32); other backends get autodiff's plain dot.
+        y = dot_f32(x, w) if jax.default_backend() == "cpu" else jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return checkpoint_name(y, PROJECTION_NAME).astype(self.dtype)
