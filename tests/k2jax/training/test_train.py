@@ -35,8 +35,7 @@ from k2jax.training.cli import main
 from k2jax.training.config import TrainConfig, load_run_config
 from k2jax.training.loop import TrainingDiverged, make_source, train
 from k2jax.training.metrics import train_flops_per_token
-from k2jax.training.optim import (decay_mask, experts_axis_first, make_optimizer, make_schedule,
-                                  muon_dimension_numbers)
+from k2jax.training.optim import decay_mask, experts_axis_first, make_optimizer, make_schedule, muon_dimension_numbers
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 6
