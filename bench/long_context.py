@@ -45,11 +45,14 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.timing import interleaved_rate, median_seconds
 from k2jax import KimiLinear, load_config
 from k2jax.layers.kda import KDAState, KimiDeltaAttention
 from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
@@ -59,8 +62,6 @@ from k2jax.training.step import lm_head_cross_entropy
 from pallas_kernels.attention import expanded_pays_off
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 MiB = 2 ** 20
 
 
@@ -113,43 +114,22 @@ def run_point(kind: str, mode: str, T: int, timed: bool, repeats: int) -> dict:
     row = {"kind": kind, "mode": mode, "T": T, "temp_MiB": mem.temp_size_in_bytes / MiB,
            "compile_s": time.perf_counter() - t0}
     if timed:
-        jax.block_until_ready(compiled(*args))
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            ts.append(time.perf_counter() - t0)
-        row.update(time_s=statistics.median(ts), rss_base_MiB=rss_base, rss_peak_MiB=peak_rss_mib())
+        row.update(time_s=median_seconds(compiled, *args, repeats=repeats), rss_base_MiB=rss_base,
+                   rss_peak_MiB=peak_rss_mib())
     return row
 
 
-_MATMUL = None
-
-
-def matmul_rate() -> float:
-    """FLOP/s of a 2048^3 float32 matmul timed now: the yardstick that makes times taken under a shared machine's
-    changing load comparable (a time x the rate measured right before it is the work in matmul-flop units)."""
-    global _MATMUL
-    if _MATMUL is None:
-        _MATMUL = jax.jit(lambda a: a @ a), jnp.ones((2048, 2048), jnp.float32)
-        jax.block_until_ready(_MATMUL[0](_MATMUL[1]))
-    t0 = time.perf_counter()
-    jax.block_until_ready(_MATMUL[0](_MATMUL[1]))
-    return 2 * 2048 ** 3 / (time.perf_counter() - t0)
+MATMUL_N = 2048
+_matmul = jax.jit(lambda a: a @ a)
 
 
 def _timed(fn, args, repeats: int) -> tuple[float, float]:
-    """(median seconds of `repeats` calls of the compiled fn after one warm-up call, median of seconds x the
-    matmul rate measured right before each call: the call's cost in matmul flops)."""
-    jax.block_until_ready(fn(*args))
-    ts, work = [], []
-    for _ in range(repeats):
-        rate = matmul_rate()
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-        work.append(ts[-1] * rate)
-    return statistics.median(ts), statistics.median(work)
+    """(median seconds of `repeats` calls of fn after a warm-up call, median of seconds x the rate of a 2048^3
+    float32 matmul timed right before each call: the call's cost in matmul flops, which a shared machine's changing
+    load does not skew the way it skews seconds). bench.timing.interleaved_rate with a unit of work."""
+    a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
+    seconds, rate_ratio = interleaved_rate(fn, args, 1.0, _matmul, (a,), 2 * MATMUL_N ** 3, repeats=repeats)
+    return seconds, 1.0 / rate_ratio
 
 
 def run_pieces48(piece: int, contexts, repeats: int) -> dict:
