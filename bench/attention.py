@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.timing import median_seconds  # noqa: E402
+from bench.timing import median_seconds, write_report  # noqa: E402
 from k2jax.config_files import load_config  # noqa: E402
 from pallas_kernels.attention import attention_blocked, attention_reference  # noqa: E402
 from pallas_kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
@@ -139,12 +139,8 @@ def main(argv=None):
         "", head, *[_row(r) for r in ce], "",
         "chunked / reference:", "", ratio_head, *_ratios(ce, "reference", "chunked"),
     ]
-    md = "\n".join(md)
     print()
-    print(md)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(md + "\n")
+    write_report("\n".join(md), a.out)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.timing import interleaved_rate, median_seconds
+from bench.timing import interleaved_rate, median_seconds, write_report
 from k2jax import KimiLinear, load_config
 from k2jax.layers.kda import KDAState, KimiDeltaAttention
 from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
@@ -440,12 +440,7 @@ def main(argv=None) -> int:
             report.append(f"\nplot: {args.plot}")
         except ImportError:
             report.append("\n(matplotlib not installed: no plot; `pip install -e .[dev]`)")
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_report("\n".join(report), args.out)
     return 0
 
 

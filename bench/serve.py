@@ -33,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.timing import write_report  # noqa: E402
 from k2jax import KimiLinear, load_config  # noqa: E402
 from k2jax.serving import cache as kvcache  # noqa: E402
 from k2jax.serving.runner import decode_entries  # noqa: E402
@@ -226,12 +227,7 @@ def main(argv=None) -> int:
                 report.append(f"\nplot: {args.plot}")
             except ImportError:
                 report.append("\n(matplotlib not installed: no plot; `pip install -e .[dev]`)")
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_report("\n".join(report), args.out)
     return 0
 
 

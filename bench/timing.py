@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -39,3 +40,24 @@ def interleaved_rate(fn, args, flops: float, ref_fn, ref_args, ref_flops: float,
         times.append(t)
         ratios.append((flops / t) / (ref_flops / t_ref))
     return statistics.median(times), statistics.median(ratios)
+
+
+def interleaved_medians(fns: dict, args, *, repeats: int) -> dict:
+    """{name: median wall seconds} of each `fns[name](*args)`, timed in rounds that call every function once in turn,
+    so a change in the load of a shared machine hits them all alike. Compile and warm-up calls excluded."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_wall(fn, args))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def write_report(text: str, out: str | None) -> None:
+    """Print a benchmark's markdown report and, with `out`, also write it there (creating its folder)."""
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
