@@ -38,9 +38,12 @@ _F32 = jnp.float32
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
 DEFAULT_DECOMPRESS_BLOCK = 4096
-# latent_attention_rows: measured on 2 CPU cores (28k cached tokens, a 129-token piece and a decode step)
-DEFAULT_ROWS_BLOCK_Q = 32
-DEFAULT_ROWS_BLOCK_K = 2048
+# latent_attention_rows: a query block is up to this many (token, head) rows, so a serving piece of a few hundred
+# tokens reads its cache once, not once per 32 tokens; keys go 1,024 at a time. `python bench/latent_rows.py
+# --blocks 32x2048,default` (default config, H = 4, 28.8k cached tokens, 2 CPU cores): a 129-token piece 0.66x and a
+# decode step 0.69x the time of the former 32 tokens x 2,048 keys.
+DEFAULT_ROWS_BLOCK_ROWS = 1024
+DEFAULT_ROWS_BLOCK_K = 1024
 
 
 def latent_attention(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, block_q: int = DEFAULT_BLOCK_Q,
@@ -180,7 +183,7 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
 
 
 def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, cache_rows=None,
-                          block_q: int = DEFAULT_ROWS_BLOCK_Q, block_k: int = DEFAULT_ROWS_BLOCK_K):
+                          block_q: int | None = None, block_k: int = DEFAULT_ROWS_BLOCK_K):
     """`latent_attention` for serving, where the work follows each row's live cache: row b reads row
     cache_rows[b] of a cache holding many sequences (default row b), and only its own key blocks up to
     kv_lengths[b] and its own query blocks up to its last query that sees the cache. A row of length 0 costs
@@ -189,12 +192,15 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
 
     q_lat: [B, T, H, R]; q_pe: [B, T, H, P]; ckv: [N, S, R]; kpe: [N, S, P] (N sequences, S entries each);
     kv_lengths: int [B]; q_mask: bool [B, T] or None (as in `latent_attention`); cache_rows: int [B] in [0, N) or
-    None (then N must be B). Rows run one after another, each a loop over its query blocks and, inside, its key
+    None (then N must be B); block_q: query tokens per block (None: DEFAULT_ROWS_BLOCK_ROWS // H, so a piece of a
+    few hundred tokens is one block and reads each key once); block_k: keys per block. Rows run one after another, each a loop over its query blocks and, inside, its key
     blocks, with trip counts read at run time (`lax.while_loop`): not reverse-differentiable (`latent_attention`,
     a scan over fixed block counts, is). Rows in sequence suit serving's few live rows; a batch of many equally long
     rows is what `latent_attention` batches better. Returns (o [B, T, H, R] in ckv's dtype, lse float32 [B, T, H])
     equal to `latent_attention` on the gathered rows.
     """
+    if block_q is None:
+        block_q = max(1, DEFAULT_ROWS_BLOCK_ROWS // q_lat.shape[2]) if q_lat.ndim == 4 else 1
     B, T, H, R = _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k, cache_rows,
                         op="latent_attention_rows")
     if cache_rows is None:
@@ -209,42 +215,59 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
     lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, S)
     sees = jnp.ones((B, T), bool) if q_mask is None else q_mask
     sees = pad(sees & (lengths[:, None] > 0))  # [B, nq * bq]: the queries that see any key
-    # Per row: key blocks holding its keys, and query blocks up to its last query that sees them.
-    n_k = -(-lengths // bk)
+    # Per row: its query blocks up to the last query that sees the cache.
     last_q = jnp.max(jnp.where(sees, jnp.arange(nq * bq, dtype=jnp.int32) + 1, 0), axis=1)
     n_q = -(-last_q // bq)
 
+    # Scale the queries (rows x R values) rather than every score (rows x keys); in float32 only, where the extra
+    # rounding of q is 2^-24: in bf16 it would add a rounding of q on top of the cast.
+    fold = dt == _F32
+    ql_all, qp_all = (ql_all * scale, qp_all * scale) if fold else (ql_all, qp_all)
+    s_scale = 1.0 if fold else scale
+
     def row(xs):
-        ql_r, qp_r, sees_r, length, nk, nqb, cache_row = xs
+        ql_r, qp_r, sees_r, length, nqb, cache_row = xs
         sees_rows = jnp.repeat(sees_r, H)  # [nq * rows_q], token-major like ql_r
+        # Every query of a row sees the same keys [0, length): the blocks wholly inside need no mask, and only the
+        # last, partial one does. Each block visited holds a visible key, so every running max is finite.
+        n_full = length // bk
+
+        def scores(ql, qp, start):
+            c = jax.lax.dynamic_slice(ckv, (cache_row, start, 0), (1, bk, R))[0]
+            kp = jax.lax.dynamic_slice(kpe, (cache_row, start, 0), (1, bk, P))[0].astype(dt)
+            s = (jnp.einsum("qr,kr->qk", ql, c, preferred_element_type=_F32)
+                 + jnp.einsum("qp,kp->qk", qp, kp, preferred_element_type=_F32))
+            return (s if fold else s * s_scale), c
+
+        def update(carry, s, c):
+            m, l, acc = carry
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[:, None])
+            alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
+            pv = jnp.einsum("qk,kr->qr", p.astype(dt), c, preferred_element_type=_F32)
+            return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[:, None] * acc + pv
 
         def q_block(i, out):
             o_all, lse_all = out
             ql = jax.lax.dynamic_slice_in_dim(ql_r, i * rows_q, rows_q)
             qp = jax.lax.dynamic_slice_in_dim(qp_r, i * rows_q, rows_q)
-            len_rows = jnp.where(jax.lax.dynamic_slice_in_dim(sees_rows, i * rows_q, rows_q), length, 0)
 
-            def k_block(j, carry):
-                m, l, acc = carry
-                # The last block is read from S - bk when bk does not divide S; keys before j * bk were counted.
-                start = jnp.minimum(j * bk, S - bk)
-                c = jax.lax.dynamic_slice(ckv, (cache_row, start, 0), (1, bk, R))[0]
-                kp = jax.lax.dynamic_slice(kpe, (cache_row, start, 0), (1, bk, P))[0].astype(dt)
-                s = (jnp.einsum("qr,kr->qk", ql, c, preferred_element_type=_F32)
-                     + jnp.einsum("qp,kp->qk", qp, kp, preferred_element_type=_F32)) * scale
+            def full_block(j, carry):
+                return update(carry, *scores(ql, qp, j * bk))
+
+            def tail_block(carry):
+                # Keys [n_full * bk, length); the block is read from S - bk when it would run past the cache, so
+                # the keys before n_full * bk, counted already, are masked too.
+                start = jnp.minimum(n_full * bk, S - bk)
+                s, c = scores(ql, qp, start)
                 pos = start + jnp.arange(bk, dtype=jnp.int32)
-                ok = (pos[None, :] >= j * bk) & (pos[None, :] < len_rows[:, None])
-                s = jnp.where(ok, s, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing seen yet: exp(-inf) = 0
-                p = jnp.exp(s - m_safe[:, None])
-                alpha = jnp.exp(m - m_safe)
-                pv = jnp.einsum("qk,kr->qr", p.astype(dt), c, preferred_element_type=_F32)
-                return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[:, None] * acc + pv
+                s = jnp.where(((pos >= n_full * bk) & (pos < length))[None, :], s, -jnp.inf)
+                return update(carry, s, c)
 
             init = (jnp.full((rows_q,), -jnp.inf, _F32), jnp.zeros((rows_q,), _F32), jnp.zeros((rows_q, R), _F32))
-            m, l, acc = jax.lax.fori_loop(0, nk, k_block, init)
-            seen = l > 0
+            carry = jax.lax.fori_loop(0, n_full, full_block, init)
+            m, l, acc = jax.lax.cond(length > n_full * bk, tail_block, lambda c: c, carry)
+            seen = jax.lax.dynamic_slice_in_dim(sees_rows, i * rows_q, rows_q) & (l > 0)
             l_safe = jnp.where(seen, l, 1.0)
             o = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(dt)
             lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
@@ -254,7 +277,7 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
         out = (jnp.zeros((nq * rows_q, R), dt), jnp.full((nq * rows_q,), -jnp.inf, _F32))
         return jax.lax.fori_loop(0, nqb, q_block, out)
 
-    o, lse = jax.lax.map(row, (ql_all, qp_all, sees, lengths, n_k, n_q, cache_rows.astype(jnp.int32)))
+    o, lse = jax.lax.map(row, (ql_all, qp_all, sees, lengths, n_q, cache_rows.astype(jnp.int32)))
     return o.reshape(B, nq * bq, H, R)[:, :T], lse.reshape(B, nq * bq, H)[:, :T]
 
 

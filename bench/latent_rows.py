@@ -1,0 +1,72 @@
+"""Benchmark (not a test): serving's attention over a latent cache (`latent_attention_rows`) by block sizes.
+
+    python bench/latent_rows.py [--config default] [--context 28800] [--pieces 1,129] [--repeats 30]
+                                [--blocks 32x2048,default,8x1024] [--out results.md]
+
+What an agent turn at a long history spends in each MLA layer: a decode step (piece 1) and a tool result's
+continuing piece (129 tokens) attending to --context cached latents of one slot (the config's heads, kv_lora_rank,
+rope dims; float32), for each --blocks setting (`QxK`: block_q tokens x block_k keys; `default`: the op's own
+choice). Times are interleaved medians (every setting once per round), reported as ms and as a ratio to the first
+setting, with the attention's matmul FLOPs per second (2 x H x (2 R + P) per query-key pair) beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench.timing import interleaved_medians, write_report  # noqa: E402
+from k2jax.config_files import load_config  # noqa: E402
+from pallas_kernels.attention import latent_attention_rows  # noqa: E402
+
+
+def blocks_of(spec: str) -> dict:
+    """'32x2048' -> {'block_q': 32, 'block_k': 2048}; 'default' -> {}."""
+    if spec == "default":
+        return {}
+    q, k = spec.split("x")
+    return {"block_q": int(q), "block_k": int(k)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default")
+    p.add_argument("--context", type=int, default=28800, help="cached tokens the pieces attend to")
+    p.add_argument("--pieces", default="1,129", help="query tokens per call (1: a decode step)")
+    p.add_argument("--blocks", default="32x2048,default", help="block settings QxK or 'default'; the first is 1.00")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config)
+    H, R, P = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    slots_len = -(-(a.context + 16) // 1024) * 1024  # a slot cache a bit longer than the context, as serving's
+    ks = jax.random.split(jax.random.key(0), 4)
+    ckv = jax.random.normal(ks[0], (1, slots_len, R))
+    kpe = jax.random.normal(ks[1], (1, slots_len, P))
+    lengths = jnp.array([a.context], jnp.int32)
+    specs = [s.strip() for s in a.blocks.split(",") if s.strip()]
+    lines = [f"`latent_attention_rows`, config `{a.config}` (H={H}, R={R}, P={P}), float32, {a.context:,} cached "
+             f"tokens, {jax.default_backend().upper()} ({os.cpu_count()} cores), interleaved medians of {a.repeats}",
+             "", "| piece | blocks | ms | ratio | GFLOP/s |", "|---|---|---:|---:|---:|"]
+    for T in [int(x) for x in a.pieces.split(",")]:
+        q_lat = jax.random.normal(ks[2], (1, T, H, R))
+        q_pe = jax.random.normal(ks[3], (1, T, H, P))
+        fns = {s: jax.jit(lambda *xs, kw=blocks_of(s): latent_attention_rows(*xs, scale=0.1, **kw)) for s in specs}
+        secs = interleaved_medians(fns, (q_lat, q_pe, ckv, kpe, lengths), repeats=a.repeats)
+        flops = 2 * H * (2 * R + P) * T * a.context
+        for s in specs:
+            lines.append(f"| {T} | {s} | {secs[s] * 1e3:.2f} | {secs[s] / secs[specs[0]]:.2f} | "
+                         f"{flops / secs[s] / 1e9:.1f} |")
+    lines.append(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    write_report("\n".join(lines), a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
