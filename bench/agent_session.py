@@ -33,7 +33,6 @@ import argparse
 import csv
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -48,7 +47,7 @@ from flax import nnx  # noqa: E402
 from k2jax import KimiLinear, load_config  # noqa: E402
 from k2jax.serving.page_pool import pages_for  # noqa: E402
 from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
-from k2jax.serving.server import make_server  # noqa: E402
+from k2jax.serving.server import serve_in_thread  # noqa: E402
 from k2jax.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -104,21 +103,8 @@ def serving(engine: Engine, tokenizer, http: bool, args):
     if not http:
         yield EngineClient(engine, args)
         return
-    with socket.socket() as s:  # a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = make_server(engine, tokenizer, args.config, port=port)
-    engine.start()
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        yield HTTPClient(f"http://127.0.0.1:{port}", args)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        engine.shutdown()
+    with serve_in_thread(engine, tokenizer, args.config) as url:
+        yield HTTPClient(url, args)
 
 
 def run_session(client, engine: Engine, args, seed: int) -> tuple[list[dict], list[int]]:

@@ -31,6 +31,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import socket
+import threading
 import time
 import uuid
 from typing import Any
@@ -684,3 +686,33 @@ def make_server(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0
 
     app = create_app(engine, tokenizer, model_name, limits, chat_template)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+
+
+@contextlib.contextmanager
+def serve_in_thread(engine: Engine, tokenizer, model_name: str, limits: ServerLimits | None = None,
+                    chat_template: ChatTemplate | str | None = None, *, host: str = "127.0.0.1",
+                    start_timeout_s: float = 60.0):
+    """Serve `engine` from a background thread while the context is open (tests, benchmarks, notebooks); yields
+    the base URL, "http://HOST:PORT". The port is a free one, bound here and handed to uvicorn, so no other
+    process can take it in between. Raises RuntimeError if the server has not started after start_timeout_s (or
+    its thread died); on exit asks the server to stop and waits up to 30 s (the app's lifespan stops the engine's
+    thread). limits, chat_template: as in create_app."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = make_server(engine, tokenizer, model_name, host, port, limits, chat_template)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="k2jax-http")
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"serve_in_thread: the server on {host}:{port} did not start within "
+                                   f"{start_timeout_s} s" + ("" if thread.is_alive() else " (its thread exited)"))
+            time.sleep(0.02)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

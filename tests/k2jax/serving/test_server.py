@@ -3,8 +3,6 @@ bad requests get their 4xx, limits hold, disconnects abort, and no request can f
 
 import contextlib
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +14,7 @@ pytest.importorskip("uvicorn")
 
 from k2jax.serving.limits import ServerLimits  # noqa: E402
 from k2jax.serving.scheduler import SamplingParams  # noqa: E402
-from k2jax.serving.server import make_server  # noqa: E402
+from k2jax.serving.server import serve_in_thread  # noqa: E402
 from k2jax.tokenizer import ByteTokenizer  # noqa: E402
 from tests.k2jax.serving.test_engine import MAX_LEN, tiny_engine  # noqa: E402
 from tests.k2jax.serving.test_prefix_engine import engine_pair  # noqa: E402
@@ -35,29 +33,12 @@ COMPACT_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}<|im_user|>
                     "{% if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{% endif %}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _serve(engine, limits, chat_template=COMPACT_TEMPLATE, tokenizer=None):
     """Run the app over `engine` in a uvicorn thread on 127.0.0.1; yields an httpx client for it."""
-    port = _free_port()
-    server = make_server(engine, tokenizer or ByteTokenizer(), MODEL, "127.0.0.1", port, limits, chat_template)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as client:
+    with serve_in_thread(engine, tokenizer or ByteTokenizer(), MODEL, limits, chat_template) as url:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
             yield client
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")

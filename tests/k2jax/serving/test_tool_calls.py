@@ -5,8 +5,6 @@ same batches are unchanged (greedy, compared to running them alone)."""
 
 import importlib.util
 import json
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,10 +21,9 @@ from k2jax import KimiLinear  # noqa: E402
 from k2jax.chat import render_chat  # noqa: E402
 from k2jax.serving.limits import ServerLimits  # noqa: E402
 from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
-from k2jax.serving.server import make_server  # noqa: E402
+from k2jax.serving.server import serve_in_thread  # noqa: E402
 from tests.k2jax.chat.chat_fixtures import HOTEL_SCHEMA, TOOLS, synthetic_kimi_tokenizer  # noqa: E402
 from tests.k2jax.serving.test_engine import serving_config  # noqa: E402
-from tests.k2jax.serving.test_server import _free_port  # noqa: E402
 
 MODEL = "tiny-kimi"
 MAX_LEN = 1024  # one length bucket: the prompt with the nested tool declared is 587 tokens
@@ -43,20 +40,8 @@ def served(tmp_path_factory):
     engine = Engine(model, tok, num_slots=8, max_len=MAX_LEN, min_bucket=MAX_LEN, max_prefill_batch=1,
                     eos_token_ids=[tok.eos_id])
     engine.warmup()
-    port = _free_port()
-    server = make_server(engine, tok, MODEL, "127.0.0.1", port, ServerLimits(request_timeout_s=300))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
-    try:
-        yield engine, tok, client
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(engine, tok, MODEL, ServerLimits(request_timeout_s=300)) as url:
+        yield engine, tok, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
 
 
 def _check_call(call, tools):
