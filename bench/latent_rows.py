@@ -7,7 +7,7 @@ What an agent turn at a long history spends in each MLA layer: a decode step (pi
 continuing piece (129 tokens) attending to --context cached latents of one slot (the config's heads, kv_lora_rank,
 rope dims; float32), for each --blocks setting (`QxK`: block_q tokens x block_k keys; `default`: the op's own
 choice). Times are interleaved medians (every setting once per round), reported as ms and as a ratio to the first
-setting, with the attention's matmul FLOPs per second (2 x H x (2 R + P) per query-key pair) beside them.
+setting, with the attention's matmul FLOPs per second (2 x H x (2 R + P) per real query-key pair) beside them.
 The `matmuls only` rows are a floor for any exact form of this attention on this backend: the same two products
 (scores = q . [c | k_pe] for every (token, head) row and key, then scores . c) and nothing else (no softmax, no
 mask), blocked by 1,024 or 4,096 keys (faster than unblocked here).
@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default")
     p.add_argument("--context", type=int, default=28800, help="cached tokens the pieces attend to")
-    p.add_argument("--pieces", default="1,129", help="query tokens per call (1: a decode step)")
+    p.add_argument("--pieces", default="1,256/129",
+                   help="query tokens per call (1: a decode step); T/N: a piece padded to T with N real queries, as "
+                        "serving pads a 129-token suffix to its 256-token bucket")
     p.add_argument("--blocks", default="32x2048,default", help="block settings QxK or 'default'; the first is 1.00")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out")
@@ -71,20 +73,23 @@ def main(argv=None) -> int:
     lines = [f"`latent_attention_rows`, config `{a.config}` (H={H}, R={R}, P={P}), float32, {a.context:,} cached "
              f"tokens, {jax.default_backend().upper()} ({os.cpu_count()} cores), interleaved medians of {a.repeats}",
              "", "| piece | blocks | ms | ratio | GFLOP/s |", "|---|---|---:|---:|---:|"]
-    for T in [int(x) for x in a.pieces.split(",")]:
+    for piece in a.pieces.split(","):
+        T, real = (int(x) for x in piece.split("/")) if "/" in piece else (int(piece), int(piece))
+        q_mask = jnp.arange(T)[None, :] < real
         q_lat = jax.random.normal(ks[2], (1, T, H, R))
         q_pe = jax.random.normal(ks[3], (1, T, H, P))
-        fns = {s: jax.jit(lambda *xs, kw=blocks_of(s): latent_attention_rows(*xs, scale=0.1, **kw)) for s in specs}
+        fns = {s: jax.jit(lambda *xs, kw=blocks_of(s): latent_attention_rows(*xs, scale=0.1, q_mask=q_mask,
+                                                                                      **kw)) for s in specs}
         # The floor gets the cache sliced and [c | k_pe] side by side ready-made (outside the timing).
         floors = {b: jax.jit(lambda *xs, b=b: matmuls_only(*xs, block=b)) for b in (1024, 4096)}
-        floor_args = (jnp.concatenate([q_lat, q_pe], axis=-1).reshape(T * H, R + P),
+        floor_args = (jnp.concatenate([q_lat, q_pe], axis=-1)[:, :real].reshape(real * H, R + P),
                       jnp.concatenate([ckv[0, :a.context], kpe[0, :a.context]], axis=-1), ckv[0, :a.context])
         for b, floor in floors.items():
             fns[f"matmuls only, {b}-key blocks"] = lambda *_, floor=floor: floor(*floor_args)
         secs = interleaved_medians(fns, (q_lat, q_pe, ckv, kpe, lengths), repeats=a.repeats)
-        flops = 2 * H * (2 * R + P) * T * a.context
+        flops = 2 * H * (2 * R + P) * real * a.context
         for s in fns:
-            lines.append(f"| {T} | {s} | {secs[s] * 1e3:.2f} | {secs[s] / secs[specs[0]]:.2f} | "
+            lines.append(f"| {piece} | {s} | {secs[s] * 1e3:.2f} | {secs[s] / secs[specs[0]]:.2f} | "
                          f"{flops / secs[s] / 1e9:.1f} |")
     lines.append(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     write_report("\n".join(lines), a.out)

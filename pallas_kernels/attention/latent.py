@@ -38,11 +38,11 @@ _F32 = jnp.float32
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
 DEFAULT_DECOMPRESS_BLOCK = 4096
-# latent_attention_rows: a query block is up to this many (token, head) rows, so a serving piece of a few hundred
-# tokens reads its cache once, not once per 32 tokens; keys go 1,024 at a time. `python bench/latent_rows.py
-# --blocks 32x2048,default` (default config, H = 4, 28.8k cached tokens, 2 CPU cores): a 129-token piece 0.66x and a
-# decode step 0.69x the time of the former 32 tokens x 2,048 keys.
-DEFAULT_ROWS_BLOCK_ROWS = 1024
+# latent_attention_rows: `python bench/latent_rows.py --blocks 32x2048,default` (default config, H = 4, 28.8k cached
+# tokens, 2 CPU cores): 1,024-key blocks take a decode step 0.69x the time of 2,048-key ones, and leave a 129-token
+# piece padded to 256 as it was. Larger query blocks read the cache fewer times but compute the padded queries of a
+# bucketed piece: one block of the 256-token piece took 1.31x.
+DEFAULT_ROWS_BLOCK_Q = 32
 DEFAULT_ROWS_BLOCK_K = 1024
 
 
@@ -183,7 +183,7 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
 
 
 def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, cache_rows=None,
-                          block_q: int | None = None, block_k: int = DEFAULT_ROWS_BLOCK_K):
+                          block_q: int = DEFAULT_ROWS_BLOCK_Q, block_k: int = DEFAULT_ROWS_BLOCK_K):
     """`latent_attention` for serving, where the work follows each row's live cache: row b reads row
     cache_rows[b] of a cache holding many sequences (default row b), and only its own key blocks up to
     kv_lengths[b] and its own query blocks up to its last query that sees the cache. A row of length 0 costs
@@ -192,15 +192,12 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
 
     q_lat: [B, T, H, R]; q_pe: [B, T, H, P]; ckv: [N, S, R]; kpe: [N, S, P] (N sequences, S entries each);
     kv_lengths: int [B]; q_mask: bool [B, T] or None (as in `latent_attention`); cache_rows: int [B] in [0, N) or
-    None (then N must be B); block_q: query tokens per block (None: DEFAULT_ROWS_BLOCK_ROWS // H, so a piece of a
-    few hundred tokens is one block and reads each key once); block_k: keys per block. Rows run one after another, each a loop over its query blocks and, inside, its key
+    None (then N must be B); block_q: query tokens per block; block_k: keys per block. Rows run one after another, each a loop over its query blocks and, inside, its key
     blocks, with trip counts read at run time (`lax.while_loop`): not reverse-differentiable (`latent_attention`,
     a scan over fixed block counts, is). Rows in sequence suit serving's few live rows; a batch of many equally long
     rows is what `latent_attention` batches better. Returns (o [B, T, H, R] in ckv's dtype, lse float32 [B, T, H])
     equal to `latent_attention` on the gathered rows.
     """
-    if block_q is None:
-        block_q = max(1, DEFAULT_ROWS_BLOCK_ROWS // q_lat.shape[2]) if q_lat.ndim == 4 else 1
     B, T, H, R = _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k, cache_rows,
                         op="latent_attention_rows")
     if cache_rows is None:
