@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.timing import interleaved_medians, write_report  # noqa: E402
+from bench.timing import interleaved_medians, median_seconds, write_report  # noqa: E402
 from k2jax.config_files import load_config  # noqa: E402
 from pallas_kernels.attention import latent_attention_rows  # noqa: E402
 
@@ -49,6 +49,24 @@ def matmuls_only(q, keys, values, block: int = 4096):
 
     out = jax.lax.fori_loop(0, n, add_block, jnp.zeros((q.shape[0], values.shape[1]), jnp.float32))
     return out + (q @ keys[n * block:].T) @ values[n * block:]
+
+
+def history_attention_floor(config, history: int, piece: int, decode_steps: int, *, repeats: int = 10) -> float:
+    """Seconds that the attention over `history` cached tokens of one agent turn costs at least on this backend:
+    per MLA layer of `config`, `matmuls_only` for the `piece` new tokens plus `decode_steps` single tokens (the
+    faster of 1,024- and 4,096-key blocks for each, median of `repeats`). What a late turn must add to a first one
+    whatever the attention kernel, softmax and masking free."""
+    H, R, P = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim
+    ks = jax.random.split(jax.random.key(1), 3)
+    keys = jax.random.normal(ks[0], (history, R + P))
+    values = keys[:, :R]
+    total = 0.0
+    for tokens, times in ((piece, 1), (1, decode_steps)):
+        q = jax.random.normal(ks[1], (tokens * H, R + P))
+        best = min(median_seconds(jax.jit(lambda *xs, b=b: matmuls_only(*xs, block=b)), q, keys, values,
+                                  repeats=repeats) for b in (1024, 4096))
+        total += times * best
+    return total * sum(kind == "mla" for kind in config.layer_types)
 
 
 def main(argv=None) -> int:
