@@ -38,12 +38,12 @@ _F32 = jnp.float32
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
 DEFAULT_DECOMPRESS_BLOCK = 4096
-# latent_attention_rows: `python bench/latent_rows.py --blocks 32x2048,default` (default config, H = 4, 28.8k cached
-# tokens, 2 CPU cores): 1,024-key blocks take a decode step 0.69x the time of 2,048-key ones, and leave a 129-token
-# piece padded to 256 as it was. Larger query blocks read the cache fewer times but compute the padded queries of a
-# bucketed piece: one block of the 256-token piece took 1.31x.
+# latent_attention_rows, measured on 2 CPU cores (28k cached tokens; `python bench/latent_rows.py --blocks
+# 32x2048,32x1024`): a decode step runs 1,024-key blocks 0.69-0.86x the time of 2,048-key ones, a 129-token piece
+# (padded to 256) 2,048-key blocks 0.83-0.99x the time of 1,024-key ones.
 DEFAULT_ROWS_BLOCK_Q = 32
-DEFAULT_ROWS_BLOCK_K = 1024
+DEFAULT_ROWS_BLOCK_K = 2048
+DEFAULT_ROWS_BLOCK_K_DECODE = 1024
 
 
 def latent_attention(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, block_q: int = DEFAULT_BLOCK_Q,
@@ -183,7 +183,7 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
 
 
 def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, cache_rows=None,
-                          block_q: int = DEFAULT_ROWS_BLOCK_Q, block_k: int = DEFAULT_ROWS_BLOCK_K):
+                          block_q: int = DEFAULT_ROWS_BLOCK_Q, block_k: int | None = None):
     """`latent_attention` for serving, where the work follows each row's live cache: row b reads row
     cache_rows[b] of a cache holding many sequences (default row b), and only its own key blocks up to
     kv_lengths[b] and its own query blocks up to its last query that sees the cache. A row of length 0 costs
@@ -192,12 +192,15 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
 
     q_lat: [B, T, H, R]; q_pe: [B, T, H, P]; ckv: [N, S, R]; kpe: [N, S, P] (N sequences, S entries each);
     kv_lengths: int [B]; q_mask: bool [B, T] or None (as in `latent_attention`); cache_rows: int [B] in [0, N) or
-    None (then N must be B); block_q: query tokens per block; block_k: keys per block. Rows run one after another, each a loop over its query blocks and, inside, its key
+    None (then N must be B). Rows run one after another, each a loop over its query blocks and, inside, its key
     blocks, with trip counts read at run time (`lax.while_loop`): not reverse-differentiable (`latent_attention`,
     a scan over fixed block counts, is). Rows in sequence suit serving's few live rows; a batch of many equally long
     rows is what `latent_attention` batches better. Returns (o [B, T, H, R] in ckv's dtype, lse float32 [B, T, H])
-    equal to `latent_attention` on the gathered rows.
+    equal to `latent_attention` on the gathered rows. block_q: query tokens per block; block_k: keys per block
+    (None: DEFAULT_ROWS_BLOCK_K_DECODE for one query token, else DEFAULT_ROWS_BLOCK_K).
     """
+    if block_k is None:
+        block_k = DEFAULT_ROWS_BLOCK_K_DECODE if q_lat.shape[1:2] == (1,) else DEFAULT_ROWS_BLOCK_K
     B, T, H, R = _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k, cache_rows,
                         op="latent_attention_rows")
     if cache_rows is None:
@@ -212,59 +215,42 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
     lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, S)
     sees = jnp.ones((B, T), bool) if q_mask is None else q_mask
     sees = pad(sees & (lengths[:, None] > 0))  # [B, nq * bq]: the queries that see any key
-    # Per row: its query blocks up to the last query that sees the cache.
+    # Per row: key blocks holding its keys, and query blocks up to its last query that sees them.
+    n_k = -(-lengths // bk)
     last_q = jnp.max(jnp.where(sees, jnp.arange(nq * bq, dtype=jnp.int32) + 1, 0), axis=1)
     n_q = -(-last_q // bq)
 
-    # Scale the queries (rows x R values) rather than every score (rows x keys); in float32 only, where the extra
-    # rounding of q is 2^-24: in bf16 it would add a rounding of q on top of the cast.
-    fold = dt == _F32
-    ql_all, qp_all = (ql_all * scale, qp_all * scale) if fold else (ql_all, qp_all)
-    s_scale = 1.0 if fold else scale
-
     def row(xs):
-        ql_r, qp_r, sees_r, length, nqb, cache_row = xs
+        ql_r, qp_r, sees_r, length, nk, nqb, cache_row = xs
         sees_rows = jnp.repeat(sees_r, H)  # [nq * rows_q], token-major like ql_r
-        # Every query of a row sees the same keys [0, length): the blocks wholly inside need no mask, and only the
-        # last, partial one does. Each block visited holds a visible key, so every running max is finite.
-        n_full = length // bk
-
-        def scores(ql, qp, start):
-            c = jax.lax.dynamic_slice(ckv, (cache_row, start, 0), (1, bk, R))[0]
-            kp = jax.lax.dynamic_slice(kpe, (cache_row, start, 0), (1, bk, P))[0].astype(dt)
-            s = (jnp.einsum("qr,kr->qk", ql, c, preferred_element_type=_F32)
-                 + jnp.einsum("qp,kp->qk", qp, kp, preferred_element_type=_F32))
-            return (s if fold else s * s_scale), c
-
-        def update(carry, s, c):
-            m, l, acc = carry
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            p = jnp.exp(s - m_new[:, None])
-            alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
-            pv = jnp.einsum("qk,kr->qr", p.astype(dt), c, preferred_element_type=_F32)
-            return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[:, None] * acc + pv
 
         def q_block(i, out):
             o_all, lse_all = out
             ql = jax.lax.dynamic_slice_in_dim(ql_r, i * rows_q, rows_q)
             qp = jax.lax.dynamic_slice_in_dim(qp_r, i * rows_q, rows_q)
+            len_rows = jnp.where(jax.lax.dynamic_slice_in_dim(sees_rows, i * rows_q, rows_q), length, 0)
 
-            def full_block(j, carry):
-                return update(carry, *scores(ql, qp, j * bk))
-
-            def tail_block(carry):
-                # Keys [n_full * bk, length); the block is read from S - bk when it would run past the cache, so
-                # the keys before n_full * bk, counted already, are masked too.
-                start = jnp.minimum(n_full * bk, S - bk)
-                s, c = scores(ql, qp, start)
+            def k_block(j, carry):
+                m, l, acc = carry
+                # The last block is read from S - bk when bk does not divide S; keys before j * bk were counted.
+                start = jnp.minimum(j * bk, S - bk)
+                c = jax.lax.dynamic_slice(ckv, (cache_row, start, 0), (1, bk, R))[0]
+                kp = jax.lax.dynamic_slice(kpe, (cache_row, start, 0), (1, bk, P))[0].astype(dt)
+                s = (jnp.einsum("qr,kr->qk", ql, c, preferred_element_type=_F32)
+                     + jnp.einsum("qp,kp->qk", qp, kp, preferred_element_type=_F32)) * scale
                 pos = start + jnp.arange(bk, dtype=jnp.int32)
-                s = jnp.where(((pos >= n_full * bk) & (pos < length))[None, :], s, -jnp.inf)
-                return update(carry, s, c)
+                ok = (pos[None, :] >= j * bk) & (pos[None, :] < len_rows[:, None])
+                s = jnp.where(ok, s, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing seen yet: exp(-inf) = 0
+                p = jnp.exp(s - m_safe[:, None])
+                alpha = jnp.exp(m - m_safe)
+                pv = jnp.einsum("qk,kr->qr", p.astype(dt), c, preferred_element_type=_F32)
+                return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[:, None] * acc + pv
 
             init = (jnp.full((rows_q,), -jnp.inf, _F32), jnp.zeros((rows_q,), _F32), jnp.zeros((rows_q, R), _F32))
-            carry = jax.lax.fori_loop(0, n_full, full_block, init)
-            m, l, acc = jax.lax.cond(length > n_full * bk, tail_block, lambda c: c, carry)
-            seen = jax.lax.dynamic_slice_in_dim(sees_rows, i * rows_q, rows_q) & (l > 0)
+            m, l, acc = jax.lax.fori_loop(0, nk, k_block, init)
+            seen = l > 0
             l_safe = jnp.where(seen, l, 1.0)
             o = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(dt)
             lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
@@ -274,7 +260,7 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
         out = (jnp.zeros((nq * rows_q, R), dt), jnp.full((nq * rows_q,), -jnp.inf, _F32))
         return jax.lax.fori_loop(0, nqb, q_block, out)
 
-    o, lse = jax.lax.map(row, (ql_all, qp_all, sees, lengths, n_q, cache_rows.astype(jnp.int32)))
+    o, lse = jax.lax.map(row, (ql_all, qp_all, sees, lengths, n_k, n_q, cache_rows.astype(jnp.int32)))
     return o.reshape(B, nq * bq, H, R)[:, :T], lse.reshape(B, nq * bq, H)[:, :T]
 
 
