@@ -6,6 +6,7 @@ device-side mask in k2jax.chat.bitmask)."""
 from k2jax.chat.parser import StreamParser, merge_deltas, parse_assistant, split_tool_call_id, tool_call_id
 from k2jax.chat.template import (
                                  ChatTemplate,
+                                 count_tool_calls,
                                  encode_chat,
                                  load_chat_template,
                                  normalize_tool_call_ids,
@@ -14,6 +15,6 @@ from k2jax.chat.template import (
                                  render_kimi_k2,
 )
 
-__all__ = ["ChatTemplate", "StreamParser", "encode_chat", "load_chat_template", "merge_deltas",
+__all__ = ["ChatTemplate", "StreamParser", "count_tool_calls", "encode_chat", "load_chat_template", "merge_deltas",
            "normalize_tool_call_ids", "parse_assistant", "prompt_opens_reasoning", "render_chat", "render_kimi_k2",
            "split_tool_call_id", "tool_call_id"]

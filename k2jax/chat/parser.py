@@ -18,6 +18,13 @@ those lose or corrupt output:
 - A call's id must read `functions.NAME:IDX` (a bare `NAME:IDX` is accepted and given the `functions.` prefix);
   the name is the id without the prefix and the `:IDX` suffix, so names with dots survive (vLLM keeps only the text
   after the last dot).
+- The ids handed out are unique within the turn, and follow the conversation's own count when it is known. IDX is
+  the index of the call among all calls of the conversation, which the model writes from memory: it can repeat an
+  earlier index or give two parallel calls the same one, and a client that tells calls apart by id would then
+  answer the wrong one. With `first_call_index` (the number of calls earlier in the conversation, what the server
+  counts while rendering the prompt) the i-th call of the turn gets `functions.NAME:{first_call_index + i}`, the id
+  the next request's history is normalised to anyway (k2jax.chat.template.normalize_tool_call_ids); without it the
+  model's IDX is kept unless this turn already used it, and a repeat gets one past the largest index in the turn.
 - A malformed call (no argument marker, a bad id, arguments that are not a JSON object, or a call cut off by the
   end of the text) is reported as content, marker text included, so nothing is lost and no client receives
   unparseable arguments. vLLM instead passes malformed argument text through as a tool call, or on an exception
@@ -91,10 +98,16 @@ class StreamParser:
     feed(text_piece) -> list of deltas for the text so far that can no longer change; finish() -> the remaining
     deltas once the turn has ended. Afterwards `reasoning_content`, `content` (str, '' when none) and `tool_calls`
     (OpenAI-shaped dicts) hold the whole turn. reasoning_open: the prompt ended with `<think>`, so the output
-    starts inside the reasoning.
+    starts inside the reasoning. first_call_index: calls earlier in the conversation (the i-th call of this turn
+    gets index first_call_index + i), or None to keep the model's indices, made unique within the turn (module
+    docstring).
     """
 
-    def __init__(self, reasoning_open: bool = False):
+    def __init__(self, reasoning_open: bool = False, first_call_index: int | None = None):
+        if first_call_index is not None and (isinstance(first_call_index, bool) or not isinstance(first_call_index, int)
+                                             or first_call_index < 0):
+            raise ValueError(f"StreamParser: first_call_index must be an int >= 0 or None, got {first_call_index!r}")
+        self.first_call_index = first_call_index
         self.state = _REASONING if reasoning_open else _START
         self.buf = ""  # text fed but not yet consumed
         self.consumed = 0  # absolute offset of buf[0] in the whole text
@@ -282,6 +295,13 @@ class StreamParser:
             self.state = _SECTION
         return False
 
+    def _call_index(self, model_index: int) -> int:
+        """The IDX of the next call's id: the conversation's count, or the model's own unless already used."""
+        if self.first_call_index is not None:
+            return self.first_call_index + len(self.tool_calls)
+        used = {split_tool_call_id(c["id"])[1] for c in self.tool_calls}
+        return model_index if model_index not in used else max(used) + 1
+
     def _release_call(self, out: list, args: str, start: int):
         """Check a complete call; emit it as tool-call deltas, or as content when malformed."""
         parsed_id = split_tool_call_id(self._call_id_raw)
@@ -294,7 +314,8 @@ class StreamParser:
             return
         name, idx = parsed_id
         index = len(self.tool_calls)
-        call = {"id": tool_call_id(name, idx), "type": "function", "function": {"name": name, "arguments": args}}
+        call = {"id": tool_call_id(name, self._call_index(idx)), "type": "function",
+                "function": {"name": name, "arguments": args}}
         self.tool_calls.append(call)
         out.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
                                     "function": {"name": name, "arguments": ""}}]})
@@ -305,16 +326,16 @@ class StreamParser:
                 out.append({"tool_calls": [{"index": index, "function": {"arguments": args[a:b]}}]})
 
 
-def parse_assistant(text: str, *, reasoning_open: bool = False) -> dict:
+def parse_assistant(text: str, *, reasoning_open: bool = False, first_call_index: int | None = None) -> dict:
     """Split a finished assistant turn into {"reasoning_content": str | None, "content": str | None,
     "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": str}}, ...]}.
 
-    text: decoded model output with special tokens spelled out; reasoning_open: the prompt ended with `<think>`.
-    Never raises on model output: what cannot be parsed is returned as content (see the module docstring).
+    text: decoded model output with special tokens spelled out; reasoning_open: the prompt ended with `<think>`;
+    first_call_index: as in StreamParser. Never raises on model output: what cannot be parsed is returned as content (see the module docstring).
     """
     if not isinstance(text, str):
         raise ValueError(f"parse_assistant: text must be a str, got {type(text).__name__}")
-    parser = StreamParser(reasoning_open=reasoning_open)
+    parser = StreamParser(reasoning_open=reasoning_open, first_call_index=first_call_index)
     parser.feed(text)
     parser.finish()
     return parser.result()

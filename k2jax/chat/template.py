@@ -202,6 +202,12 @@ def _prepare(messages: Sequence[dict]) -> list[dict]:
     return out
 
 
+def count_tool_calls(messages: Sequence[dict]) -> int:
+    """How many tool calls the assistant messages of a (checked) conversation hold: the IDX of the next call's id
+    `functions.NAME:IDX`, counting from 0 as `normalize_tool_call_ids` does."""
+    return sum(len(m.get("tool_calls") or ()) for m in messages if m.get("role") == "assistant")
+
+
 def normalize_tool_call_ids(messages: Sequence[dict]) -> list[dict]:
     """A copy of messages whose assistant tool calls carry ids `functions.NAME:IDX` (IDX counting every call of
     the conversation from 0) and whose tool results name the same ids. A result is matched to its call by the old

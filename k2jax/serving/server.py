@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k2jax.chat import ChatTemplate, StreamParser, encode_chat, render_chat
+from k2jax.chat import ChatTemplate, StreamParser, count_tool_calls, encode_chat, render_chat
 from k2jax.chat.grammar import GrammarMatcher
 from k2jax.chat.parser import THINK_OPEN
 from k2jax.serving.limits import ServerLimits
@@ -294,13 +294,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: ServerLimits 
         run = _Run(engine, [ids], [_with_max_tokens(params, ids, engine, limits.default_max_tokens,
                                                     max_tokens is None)], limits, grammars=[grammar])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        # The reply's call ids continue the conversation's count (the model's own IDX may repeat one).
+        first_call = count_tool_calls(messages)
         if body.stream:
-            return _sse(_chat_chunks(run, rid, model_name, tokenizer, StreamParser(reasoning_open),
+            return _sse(_chat_chunks(run, rid, model_name, tokenizer, StreamParser(reasoning_open, first_call),
                                      _include_usage(body)))
         if not await run.wait_unless_disconnected(request):
             return _client_gone()
         r = run.reqs[0]
-        parser = StreamParser(reasoning_open)
+        parser = StreamParser(reasoning_open, first_call)
         parser.feed(r.text)
         parser.finish()
         message = {"role": "assistant", "content": parser.content or None}

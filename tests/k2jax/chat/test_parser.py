@@ -133,3 +133,19 @@ def test_split_tool_call_id():
     assert split_tool_call_id("call_abc123") is None
     with pytest.raises(ValueError, match="text must be a str"):
         parse_assistant(None)
+
+
+def test_call_ids_are_unique_in_a_turn_and_follow_the_conversation_count():
+    """The model writes IDX from memory: two parallel calls with the same index (or an index used earlier) must
+    still reach the client as distinct ids; with the conversation's count known, the ids continue it."""
+    text = (SB + call_text("functions.search:0", '{"q": "a"}') + call_text("functions.search:0", '{"q": "b"}')
+            + call_text("functions.open:7", "{}") + SE)
+    ids = [c["id"] for c in parse_assistant(text)["tool_calls"]]
+    assert ids == ["functions.search:0", "functions.search:1", "functions.open:7"]
+    ids = [c["id"] for c in parse_assistant(text, first_call_index=3)["tool_calls"]]
+    assert ids == ["functions.search:3", "functions.search:4", "functions.open:5"]
+    parser = StreamParser(first_call_index=3)  # streamed deltas carry the same ids
+    deltas = [d for ch in text for d in parser.feed(ch)] + parser.finish()
+    assert [d["tool_calls"][0]["id"] for d in deltas if "id" in d.get("tool_calls", [{}])[0]] == ids
+    with pytest.raises(ValueError, match="first_call_index must be an int >= 0"):
+        StreamParser(first_call_index=-1)

@@ -258,6 +258,29 @@ def test_reasoning_content_and_tool_calls_parsed_plain_and_streamed(served, scri
     assert order[0] == ("name", 0) and order.index(("name", 1)) > order.index(("args", 0))
 
 
+def test_reply_call_ids_continue_the_conversations_count(served, scripted):
+    """Two calls were made earlier in the conversation, and the model writes indices 0 and 1 again (from memory):
+    the reply's ids are functions.book_hotel:2 and :3, plain and streamed, the ids the next request's history is
+    normalised to, so a client never gets an id that names an earlier call."""
+    _, _, client = served
+    earlier = [{"id": f"call_{i}", "type": "function",
+                "function": {"name": "book_hotel", "arguments": json.dumps({"city": c, "nights": 1})}}
+               for i, c in enumerate(["Oslo", "Bern"])]
+    messages = [{"role": "user", "content": "Book Oslo and Bern"},
+                {"role": "assistant", "content": None, "tool_calls": earlier},
+                {"role": "tool", "tool_call_id": "call_0", "content": "booked"},
+                {"role": "tool", "tool_call_id": "call_1", "content": "booked"},
+                {"role": "user", "content": "Now Rome and Paris"}]
+    body = dict(model=MODEL, messages=messages, tools=TOOLS[1:], max_tokens=100)
+    scripted(SCRIPT)
+    calls = client.chat.completions.create(**body).choices[0].message.tool_calls
+    assert [c.id for c in calls] == ["functions.book_hotel:2", "functions.book_hotel:3"]
+    scripted(SCRIPT)
+    streamed = [tc.id for chunk in client.chat.completions.create(**body, stream=True)
+                for tc in chunk.choices[0].delta.tool_calls or [] if tc.id]
+    assert streamed == ["functions.book_hotel:2", "functions.book_hotel:3"]
+
+
 def test_a_grammar_failure_fails_only_its_request(served):
     """A matcher that rejects the sampled token ends its own request with an error; a constrained and a free
     request running beside it finish normally."""
