@@ -22,8 +22,12 @@ whitespace): a fixed layout a model is likely to have seen, and no unbounded whi
 Reasoning (`thinking`): "none" forbids it (the reply starts with the section / JSON); "optional" allows one
 `<think> ... </think>` block first, so a thinking model (K2-Thinking) still reasons before it acts, which is how it
 was trained and how Moonshot's vendor verifier runs it; "open" is for prompts that already end with `<think>` (the
-reply starts inside the reasoning and must close it). The reasoning text itself is free and unbounded, so a request
-should leave max_tokens for it; "none" is the choice when the budget is tight or the model does not reason.
+reply starts inside the reasoning and must close it). The reasoning text itself is free; `max_reasoning_tokens`
+bounds it (llguidance's per-rule token limit: after that many tokens of reasoning only `</think>` is allowed, so a
+model that would think on until max_tokens still makes its call). A bound needs `</think>` to be one special token
+of the vocabulary (Kimi's is): where it is spelled in several tokens, a cut could land inside the marker. Without a
+bound a request should leave max_tokens for the reasoning; "none" is the choice when the budget is tight or the
+model does not reason.
 
 Engine choice: llguidance (Microsoft guidance's Rust engine, MIT). Measured here (bench/constrained.py and the
 README): wheels for Python 3.11 and 3.12 (one abi3 wheel, 3 MB, no dependencies), a JSON-schema compiler covering
@@ -130,12 +134,26 @@ def _marker(text: str, special_tokens) -> str:
     return text if text in special_tokens else json.dumps(text)
 
 
-def _reasoning_rules(thinking: str, special_tokens) -> tuple[str, list[str]]:
-    """(prefix to put before the reply, extra rules) for a thinking mode."""
+def _reasoning_rules(thinking: str, special_tokens, max_tokens: int | None = None) -> tuple[str, list[str]]:
+    """(prefix to put before the reply, extra rules) for a thinking mode, the reasoning at most max_tokens tokens."""
     if thinking not in THINKING_MODES:
         raise ValueError(f"thinking={thinking!r} is invalid: one of {THINKING_MODES}")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_reasoning_tokens must be an int >= 0, got {max_tokens!r}")
+        if thinking != "none" and THINK_CLOSE not in special_tokens:
+            raise ValueError(f"max_reasoning_tokens needs {THINK_CLOSE!r} to be one special token of the vocabulary, "
+                             f"and this tokenizer spells it in several")
     if thinking == "none":
         return "", []
+    if max_tokens is not None:
+        # The limit on a rule wrapping the free text: once it is reached only the closing marker may follow.
+        body = f"thought {THINK_CLOSE}" if max_tokens > 0 else THINK_CLOSE
+        text = [f"thought[max_tokens={max_tokens}]: REASONING_TEXT", "REASONING_TEXT: /(?s:.*)/"]
+        rules = text if max_tokens > 0 else []
+        if thinking == "open":
+            return "reasoning ", [f"reasoning: {body}"] + rules
+        return "reasoning? ", [f"reasoning: {_marker(THINK_OPEN, special_tokens)} {body}"] + rules
     if THINK_CLOSE in special_tokens:
         body = f"REASONING_TEXT {THINK_CLOSE}"
         text = "REASONING_TEXT: /(?s:.*)/"
@@ -160,12 +178,13 @@ def _section_rules(tools: dict[str, dict], parallel: bool, special_tokens, lenie
 
 
 def request_grammar(*, tools: Sequence[dict] | None = None, tool_choice=None, response_format=None,
-                    parallel_tool_calls: bool = True, thinking: str = "none", special_tokens=frozenset(),
-                    lenient: bool = False) -> str | None:
+                    parallel_tool_calls: bool = True, thinking: str = "none", max_reasoning_tokens: int | None = None,
+                    special_tokens=frozenset(), lenient: bool = False) -> str | None:
     """The Lark grammar an OpenAI chat request's output must follow, or None when decoding stays free.
 
     tools / tool_choice / response_format / parallel_tool_calls: as in the OpenAI chat API; thinking: "none",
-    "optional" or "open" (see the module docstring); special_tokens: names of the vocabulary's special tokens
+    "optional" or "open" (see the module docstring); max_reasoning_tokens: at most this many tokens of reasoning
+    (None: unbounded; needs `</think>` as a special token); special_tokens: names of the vocabulary's special tokens
     (markers that are special tokens are required as such); lenient: ignore JSON-schema keywords the engine does
     not implement instead of refusing the schema. ValueError names whatever is invalid.
     """
@@ -176,7 +195,7 @@ def request_grammar(*, tools: Sequence[dict] | None = None, tool_choice=None, re
     schema = _response_schema(response_format)
     if chosen is None and schema is None:
         return None
-    prefix, rules = _reasoning_rules(thinking, special_tokens)
+    prefix, rules = _reasoning_rules(thinking, special_tokens, max_reasoning_tokens)
     if chosen is not None:
         body = "section"
         rules += _section_rules(chosen, parallel_tool_calls, special_tokens, lenient)

@@ -186,6 +186,7 @@ class ChatBody(_Common):
     parallel_tool_calls: bool = True
     response_format: dict | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    max_reasoning_tokens: int | None = None  # k2jax: bounds the reasoning before a constrained reply
 
 
 # ---- the app ------------------------------------------------------------------------------------------------------
@@ -408,8 +409,11 @@ def _chat_grammar(engine: Engine, body: ChatBody, kwargs: dict, reasoning_open: 
     if isinstance(choice, str) and choice not in ("none", "auto", "required"):
         raise APIError(400, f"tool_choice={choice!r} is invalid: 'none', 'auto', 'required' or "
                             f"{{'type': 'function', 'function': {{'name': ...}}}}", param="tool_choice")
+    budget = body.max_reasoning_tokens
+    if budget is not None and budget < 0:
+        raise APIError(400, f"max_reasoning_tokens={budget} must be >= 0", param="max_reasoning_tokens")
     if not body.tools and body.response_format is None:
-        return None
+        return _no_grammar(budget)
     thinking = "open" if reasoning_open else "none" if kwargs.get("thinking") is False else "optional"
     try:
         gt = engine.grammar_tokenizer
@@ -425,11 +429,23 @@ def _chat_grammar(engine: Engine, body: ChatBody, kwargs: dict, reasoning_open: 
     try:
         grammar = gt.grammar(tools=body.tools if choice != "none" else None,
                              tool_choice=choice if choice != "none" else None, response_format=body.response_format,
-                             parallel_tool_calls=body.parallel_tool_calls, thinking=thinking)
-        return gt.matcher(grammar) if grammar is not None else None
+                             parallel_tool_calls=body.parallel_tool_calls, thinking=thinking,
+                             max_reasoning_tokens=budget)
+        return gt.matcher(grammar) if grammar is not None else _no_grammar(budget)
     except ValueError as e:
-        param = "response_format" if "response_format" in str(e) else "tool_choice"
-        raise APIError(400, f"{param}: {e}", param=param) from None
+        msg = str(e)
+        param = ("max_reasoning_tokens" if "max_reasoning_tokens" in msg else
+                 "response_format" if "response_format" in msg else "tool_choice")
+        raise APIError(400, msg if msg.startswith(param) else f"{param}: {msg}", param=param) from None
+
+
+def _no_grammar(max_reasoning_tokens: int | None) -> None:
+    """Free decoding: None, unless the request bounds its reasoning, which only a constrained reply can do."""
+    if max_reasoning_tokens is not None:
+        raise APIError(400, "max_reasoning_tokens bounds the reasoning of a constrained reply (tool_choice "
+                            "'required' or a named function, or a json response_format); this request decodes "
+                            "freely", param="max_reasoning_tokens")
+    return None
 
 
 def _check_capacity(engine: Engine, limits: ServerLimits, n: int) -> None:

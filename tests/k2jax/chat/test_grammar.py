@@ -228,6 +228,10 @@ def test_free_decoding_needs_no_grammar():
     ({"response_format": {"type": "xml"}}, "type must be 'text', 'json_object' or 'json_schema'"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs {'json_schema'"),
     ({"tools": TOOLS, "tool_choice": "required", "thinking": "maybe"}, "thinking='maybe' is invalid"),
+    ({"tools": TOOLS, "tool_choice": "required", "thinking": "optional", "max_reasoning_tokens": -1},
+     "max_reasoning_tokens must be an int >= 0"),
+    ({"tools": TOOLS, "tool_choice": "required", "thinking": "optional", "max_reasoning_tokens": 8},
+     "needs '</think>' to be one special token"),  # no special tokens given: the marker is text
 ])
 def test_bad_requests_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -265,3 +269,32 @@ def test_grammar_tokenizer_and_batch_errors(tokenizers):
     assert active.tolist() == [False, True, False] and (bitmask[[0, 2]] == -1).all()
     np.testing.assert_array_equal(bitmask[1], m.allowed_tokens_bitmask())
     assert FLIGHT_SCHEMA["required"]  # the nested fixture schema is the one the tests above validate against
+
+
+@pytest.mark.parametrize("thinking", ["optional", "open"])
+def test_max_reasoning_tokens_forces_the_close_then_the_call(tokenizers, thinking):
+    """With a reasoning budget of 6 tokens, the 6th reasoning token leaves only </think> allowed, and a call
+    follows; within the budget a shorter thought closes freely; budget 0 allows no reasoning text at all."""
+    tok = tokenizers["kimi"]
+    gt = _grammar_tokenizer(tok)
+    think_close = tok.special_id("</think>")
+    opening = "" if thinking == "open" else "<think>"
+    m = gt.matcher(gt.grammar(tools=TOOLS, tool_choice="required", thinking=thinking, max_reasoning_tokens=6))
+    thought = tok.encode("one two three four five six seven", allow_special=True)
+    assert len(thought) > 6
+    for t in tok.encode(opening, allow_special=True) + thought[:6]:
+        assert m.accept(t), m.error
+    assert set(np.flatnonzero(unpack_bitmask(m.allowed_tokens_bitmask(), gt.vocab_size))) == {think_close}
+    assert m.accept(think_close)
+    head = "<|tool_calls_section_begin|><|tool_call_begin|>functions.book_hotel:0<|tool_call_argument_begin|>"
+    for t in tok.encode(head + '{"city": "Rome", "nights": 2}<|tool_call_end|><|tool_calls_section_end|>',
+                        allow_special=True):
+        assert m.accept(t), m.error
+    assert m.is_accepting()
+    m = gt.matcher(gt.grammar(tools=TOOLS, tool_choice="required", thinking=thinking, max_reasoning_tokens=6))
+    for t in tok.encode(opening, allow_special=True) + thought[:2] + [think_close]:
+        assert m.accept(t), m.error
+    m = gt.matcher(gt.grammar(tools=TOOLS, tool_choice="required", thinking=thinking, max_reasoning_tokens=0))
+    for t in tok.encode(opening, allow_special=True):
+        assert m.accept(t), m.error
+    assert set(np.flatnonzero(unpack_bitmask(m.allowed_tokens_bitmask(), gt.vocab_size))) == {think_close}

@@ -155,6 +155,8 @@ def test_json_response_format_is_valid_json(served):
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"chat_template_kwargs": {"thinking": "maybe"}}, "thinking"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "role 'robot'"),
+    ({"max_reasoning_tokens": 8}, "bounds the reasoning of a constrained reply"),
+    ({"tools": TOOLS, "tool_choice": "required", "max_reasoning_tokens": -1}, "max_reasoning_tokens=-1"),
 ])
 def test_bad_tool_requests_get_400_and_the_server_carries_on(served, body, needle):
     _, _, client = served
@@ -279,6 +281,22 @@ def test_reply_call_ids_continue_the_conversations_count(served, scripted):
     streamed = [tc.id for chunk in client.chat.completions.create(**body, stream=True)
                 for tc in chunk.choices[0].delta.tool_calls or [] if tc.id]
     assert streamed == ["functions.book_hotel:2", "functions.book_hotel:3"]
+
+
+def test_max_reasoning_tokens_ends_the_thinking_and_the_call_follows(served):
+    """A thinking prompt (it ends with <think>) and tool_choice "required": the random model would reason until
+    max_tokens and never call; with max_reasoning_tokens=4 the reasoning stops after 4 tokens and a valid call
+    follows, within max_tokens."""
+    _, _, client = served
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Rome"}], tools=TOOLS[1:], tool_choice="required",
+        max_tokens=120, logprobs=True, parallel_tool_calls=False,
+        extra_body={"chat_template_kwargs": {"thinking": True}, "max_reasoning_tokens": 4})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    tokens = [t.token for t in choice.logprobs.content]  # one per generated token (re-encoding text can differ)
+    assert "</think>" in tokens[:5], tokens
+    _check_call(choice.message.tool_calls[0], TOOLS[1:])
 
 
 def test_a_grammar_failure_fails_only_its_request(served):
