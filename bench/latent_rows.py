@@ -41,6 +41,7 @@ def matmuls_only(q, keys, values, block: int = 4096):
     """The attention's two products without the softmax, a block of keys at a time: sum over blocks of
     (q . keys_blk^T) . values_blk. q [rows, R + P] (every (token, head) row), keys [L, R + P] ([c | k_pe] of the
     cached tokens), values [L, R] (their c) -> [rows, R]."""
+    block = min(block, keys.shape[0])
     n = keys.shape[0] // block  # whole blocks; the rest as one more product
 
     def add_block(j, acc):
