@@ -173,7 +173,8 @@ class ModelRunner:
 
     State: `cache` (DecodeCache, the pool included), `lengths` (host int32 [num_slots], tokens cached per slot),
     `allocator` (PageAllocator of the pool) and `tables` (PageTables: each slot's pages and the page table),
-    `compile_count` (programs traced so far). `piece_len`: the most tokens one prefill call takes per prompt.
+    `compile_count` (programs traced so far), `cache_sharding` (the cache's shardings on the mesh, None without
+    one). `piece_len`: the most tokens one prefill call takes per prompt.
     """
 
     def __init__(self, model, *, num_slots: int, max_len: int, min_bucket: int = 16,
@@ -215,7 +216,7 @@ class ModelRunner:
         # The jitted steps take the parameters as a flat list: flattening an nnx.State on every call costs
         # about as much as a small model's whole decode step.
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
-        self._cache_sharding = self._cache_shardings()
+        self.cache_sharding = self._cache_shardings()
         self.cache = self._new_cache()
         self.lengths = np.zeros(num_slots, np.int32)
         self.compile_count = 0
@@ -237,9 +238,9 @@ class ModelRunner:
                                   num_pages=self.num_pages)
 
     def _new_cache(self):
-        if self._cache_sharding is None:
+        if self.cache_sharding is None:
             return self._empty_cache()
-        return jax.jit(self._empty_cache, out_shardings=self._cache_sharding)()
+        return jax.jit(self._empty_cache, out_shardings=self.cache_sharding)()
 
     def _run(self, step, *args, **kwargs):
         """Call a jitted step (under the mesh, when there is one: tracing sees it, so MoE goes expert parallel)."""
@@ -284,7 +285,7 @@ class ModelRunner:
             self.compile_count += 1
             return kvcache.write_decode(cache, updates, page_table, active)
 
-        kw = {} if self._cache_sharding is None else {"out_shardings": self._cache_sharding}
+        kw = {} if self.cache_sharding is None else {"out_shardings": self.cache_sharding}
         return (jax.jit(prefill_fn), jax.jit(continue_fn), jax.jit(write_prefill_fn, donate_argnums=(0,), **kw),
                 jax.jit(decode_fn), jax.jit(write_decode_fn, donate_argnums=(0,), **kw))
 
