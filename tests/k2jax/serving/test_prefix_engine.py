@@ -235,8 +235,13 @@ def test_a_full_pool_preempts_the_latest_request_and_recomputes_it_exactly(prefi
     params = [SamplingParams(max_tokens=26, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=26, temperature=1.0, seed=7, ignore_eos=True),
               SamplingParams(max_tokens=26, temperature=0.8, top_k=20, seed=11, ignore_eos=True)]
-    got = [c.token_ids for c in small.generate(prompts, params)]
+    streamed = {i: [] for i in range(3)}
+    reqs = [small.submit(p, sp, callback=lambda ev, i=i: streamed[i].extend(ev.token_ids))
+            for i, (p, sp) in enumerate(zip(prompts, params))]
+    _step_until(small, lambda: all(r.finished for r in reqs))
+    got = [r.completion().token_ids for r in reqs]
     assert small.stats["preempted"] > 0
+    assert [streamed[i] for i in range(3)] == got  # a recomputed request streams no token twice
     assert got == [c.token_ids for c in roomy.generate(prompts, params)]
     pool = small.pool_stats()
     assert pool["pages_slots"] == 0 and pool["preempted"] == small.stats["preempted"]
