@@ -138,7 +138,7 @@ def decode_views(cache: DecodeCache, page_table, active=None) -> tuple:
     an inactive slot's view has length 0, so its row reads no latents (its output is discarded anyway) and a step
     costs what the active slots hold."""
     lengths = cache.lengths if active is None else jnp.where(active, cache.lengths, 0)
-    return _mla_views(cache, page_table.astype(jnp.int32), lengths)
+    return _mla_views(cache, jnp.asarray(page_table, jnp.int32), lengths)
 
 
 def slot_views(cache: DecodeCache, page_table, slots, starts) -> tuple:
@@ -147,7 +147,7 @@ def slot_views(cache: DecodeCache, page_table, slots, starts) -> tuple:
     where starts is 0); MLA paged views of the slots' pages (page_table[slots]) with lengths = starts."""
     slots, starts = slots.astype(jnp.int32), starts.astype(jnp.int32)
     fresh = starts == 0
-    views = _mla_views(cache, page_table.astype(jnp.int32)[slots], starts)
+    views = _mla_views(cache, jnp.asarray(page_table, jnp.int32)[slots], starts)
     return tuple(v if isinstance(v, MLACache) else
                  KDAState(*(jnp.where(fresh.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a[slots]).astype(a.dtype)
                             for a in v)) for v in views)
@@ -186,7 +186,7 @@ def write_prefill(cache: DecodeCache, updates, page_table, lengths, slots, start
         layers.append(None if lc is None else KDAState(*(_write(old, (slots,), new, used) for old, new in zip(lc, e))))
     T = next((e.ckv.shape[1] for e in updates if not isinstance(e, KDAState)), 0)
     t = jnp.arange(T, dtype=jnp.int32)[None, :]
-    pool = _write_latents(cache.pool, updates, page_table.astype(jnp.int32)[slots], starts[:, None] + t,
+    pool = _write_latents(cache.pool, updates, jnp.asarray(page_table, jnp.int32)[slots], starts[:, None] + t,
                           t < lengths[:, None])
     return DecodeCache(tuple(layers), _write(cache.lengths, (slots,), starts + lengths, used), pool)
 
@@ -203,5 +203,5 @@ def write_decode(cache: DecodeCache, updates, page_table, active) -> DecodeCache
         else:
             keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
             layers.append(KDAState(*(keep(n, o) for n, o in zip(e, lc))))
-    pool = _write_latents(cache.pool, updates, page_table.astype(jnp.int32), lengths[:, None], active[:, None])
+    pool = _write_latents(cache.pool, updates, jnp.asarray(page_table, jnp.int32), lengths[:, None], active[:, None])
     return DecodeCache(tuple(layers), lengths + active.astype(jnp.int32), pool)
