@@ -20,6 +20,20 @@ Ids the tokenizer cannot decode (a model vocabulary padded beyond the tokenizer'
 `vocab_limit`). A freed slot is reused by the next admission, which overwrites its whole state. After
 `warmup()` no request triggers a compilation (`runner.compile_count` stays put).
 
+Memory. The MLA latents of every live sequence and of every cached prefix live in one paged pool (the runner's;
+`kv_cache_bytes` for the sequences plus the prefix cache's share), so a sequence holds the pages of its own tokens
+and sessions on one prefix hold its pages once (`pool_stats()`). Admission takes free pages only (evicting unused
+cached prefixes, least recently used first): a request whose first piece does not fit waits at the front of the
+queue. A slot that grows (a prefill piece, a decode step crossing a page boundary) into a full pool evicts cached
+prefixes, then preempts the most recently admitted request (vLLM's recompute preemption, chosen over reserving
+prompt + max_tokens at admission, which would hold the whole context of every request that leaves max_tokens
+open and make memory follow slots x max_len again): its slot and pages go back, it is requeued at the front and
+later prefills its prompt and the tokens it generated so far but the last, then decodes on with the same
+sampling counters, so its greedy and seeded output is the one it would have produced, and no token is streamed
+twice. A request alone always fits (the pool holds at least one max_len context), so nobody's growth fails or
+corrupts another request, and a request that can never fit (prompt + max_tokens > max_len) is refused at
+submission.
+
 Grammar-constrained requests (`submit(..., grammar=...)`, a Lark grammar from k2jax.chat.grammar, e.g. a tool call
 whose arguments follow the tool's JSON schema): the request holds a GrammarMatcher; before each prefill / decode
 call the engine packs the masks of the constrained rows of that call into one [rows, ceil(vocab / 32)] int32
