@@ -368,7 +368,9 @@ class ModelRunner:
         `prefill_fits`) replace what their slots held; start > 0: one piece continuing its slot, which holds
         exactly `start` tokens of the sequence. temperature, top_k, top_p, seeds: per prompt (numpy float32 /
         int32 / float32 / uint32); bitmask / constrained: optional grammar masks per prompt (int32 [n, mask_words],
-        bool [n]). Returns the SampleOutput on the host (row i for prompt i)."""
+        bool [n]). The slots take the pages their pieces reach first (a fresh piece's slot gives back what it held);
+        PagePoolExhausted, with nothing changed, when the pool lacks them. Returns the SampleOutput on the host
+        (row i for prompt i)."""
         n = len(prompts)
         too_long = [len(p) for p in prompts if not 1 <= len(p) <= self.piece_len]
         if too_long:
@@ -444,7 +446,8 @@ class ModelRunner:
         """One decode step over all slots: slot s takes tokens[s] (its last token) where active[s]; inactive slots
         are unchanged. counters: int32 [slots] tokens each slot has generated (the sampling key's counter);
         temperature, top_k, top_p, seeds: per slot; bitmask / constrained: optional grammar masks per slot (int32
-        [slots, mask_words], bool [slots]). Each active slot attends over its own cached tokens only.
+        [slots, mask_words], bool [slots]). Each active slot attends over its own cached tokens only; one crossing
+        a page boundary takes a page first (PagePoolExhausted, nothing changed, when the pool has too few).
         Returns the SampleOutput on the host (row s for slot s)."""
         return self._decode_all(tokens, active, counters, temperature, top_k, top_p, seeds,
                                 *self._masks(self.num_slots, bitmask, constrained))
