@@ -37,7 +37,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from k2jax.layers.kda import KDAState
