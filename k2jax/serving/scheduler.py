@@ -626,7 +626,9 @@ class Engine:
         temp, top_k, top_p, seeds = self._sampling([req])
         req.slot, self.slots[slot] = slot, req
         req.admitted = next(self._admissions)
-        req.prefilled = req.cached_tokens = match.num_tokens
+        req.prefilled = match.num_tokens
+        if req.prefill_ids is req.prompt_ids:  # not a recompute after a preemption: prompt tokens resumed
+            req.cached_tokens = match.num_tokens
         self._temp[slot], self._top_k[slot], self._top_p[slot], self._seed[slot] = temp[0], top_k[0], top_p[0], seeds[0]
         self._continue_prefill(req)
         return True
