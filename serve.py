@@ -33,7 +33,7 @@ from k2jax.tokenizer import load_tokenizer
 # flag -> ServeConfig field (dotted: a field of its `limits`)
 _SERVE_FLAGS = {"slots": "slots", "max_len": "max_len", "min_bucket": "min_bucket",
                 "max_prefill_tokens": "max_prefill_tokens", "int4_experts": "int4_experts",
-                "prefix_cache_gb": "prefix_cache_gb", "snapshot_every": "snapshot_every",
+                "prefix_cache_gb": "prefix_cache_gb", "kv_cache_gb": "kv_cache_gb", "snapshot_every": "snapshot_every",
                 "tensor_parallel": "tensor_parallel", "expert_parallel": "expert_parallel", "host": "host",
                 "port": "port", "max_body_bytes": "limits.max_body_bytes", "max_waiting": "limits.max_waiting",
                 "request_timeout": "limits.request_timeout_s", "default_max_tokens": "limits.default_max_tokens"}
@@ -72,9 +72,13 @@ def parser() -> argparse.ArgumentParser:
     eng.add_argument("--max-prefill-tokens", type=int,
                      help="tokens one prefill call takes (rows x length bucket); a longer prompt is prefilled in "
                           "pieces of at most this many, between decode steps " + default("max_prefill_tokens"))
+    eng.add_argument("--kv-cache-gb", type=float,
+                     help="device memory (GiB) of the paged MLA latent pool of the live sequences; default: slots x "
+                          "max-len tokens; less makes memory follow the tokens in use (a full pool preempts the "
+                          "latest request and recomputes it later, exactly) " + default("kv_cache_gb"))
     eng.add_argument("--prefix-cache-gb", type=float,
-                     help="device memory (GiB) for cached prefixes: requests resume from them and prefill only the "
-                          "rest; 0 turns it off " + default("prefix_cache_gb"))
+                     help="device memory (GiB) for cached prefixes beyond the live sequences: requests resume from "
+                          "them and prefill only the rest; 0 turns it off " + default("prefix_cache_gb"))
     eng.add_argument("--snapshot-every", type=int,
                      help="a long prefill also caches its prefix every this many tokens " + default("snapshot_every"))
     eng.add_argument("--no-warmup", action="store_true", help="compile lazily instead of all buckets up front")
@@ -156,6 +160,7 @@ def _build(args, serve: ServeConfig, model_overrides: dict):
         engine = Engine(model, tokenizer, num_slots=serve.slots, max_len=serve.max_len, min_bucket=serve.min_bucket,
                         max_prefill_tokens=serve.max_prefill_tokens, int4_experts=serve.int4_experts, mesh=mesh,
                         prefix_cache_bytes=int(serve.prefix_cache_gb * 2 ** 30),
+                        kv_cache_bytes=None if serve.kv_cache_gb is None else int(serve.kv_cache_gb * 2 ** 30),
                         prefix_page_size=serve.prefix_page_size, snapshot_every=serve.snapshot_every)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
@@ -222,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- prefix cache: {pc['hits']} hits / {pc['queries']} queries, {pc['cached_tokens']} prompt tokens "
               f"reused, {pc['evicted_nodes']} evictions, {pc['bytes_in_use'] / 2 ** 20:.1f} MiB in use of "
               f"{pc['budget_bytes'] / 2 ** 20:.0f} MiB", file=sys.stderr)
+    pool = engine.pool_stats()
+    print(f"--- page pool: {pool['pages_total']} pages of {pool['page_size']} tokens "
+          f"({pool['bytes_total'] / 2 ** 20:.1f} MiB), {pool['pages_tree']} held by the prefix cache, "
+          f"{pool['pages_free']} free, {pool['preempted']} preemptions", file=sys.stderr)
     return 0
 
 

@@ -14,7 +14,9 @@ and cached tokens, and concurrent sessions sharing a system prompt.
 2. --sessions concurrent sessions whose first prompts share a --system-tokens system prompt (then --user-tokens of
    their own), --session-turns turns each; session 0's first turn runs alone first (the system prompt is then
    cached once, as on a server that has seen it before). Throughput = generated tokens / wall time; memory = the
-   prefix cache's bytes in use at the end (pages + snapshots) and the pages holding the system prompt.
+   prefix cache's bytes in use at the end (pages + snapshots), the pages holding the system prompt, and the page
+   pool (live sequences and cached prefixes share it): its size and the peak of its pages in use during the timed
+   pass (sampled every 10 ms), against what a contiguous slots x max_len latent cache would hold.
 3. Paired turns (--paired K, cache on): a machine shared with other work makes single turns noisy (a load spike
    on the first or the last turn alone swings their ratio), so after the session K first-like turns (a fresh
    --first-tokens prompt, no cache hit) alternate with K late turns (the final history plus a fresh tool result,
@@ -52,9 +54,33 @@ from k2jax.tokenizer import load_tokenizer  # noqa: E402
 
 
 def make_engine(model, args, prefix_gb: float, tokenizer=None) -> Engine:
+    kv = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2 ** 30)
     return Engine(model, tokenizer, num_slots=args.slots, max_len=args.max_len, min_bucket=args.min_bucket,
                   max_prefill_tokens=args.max_prefill_tokens, prefix_cache_bytes=int(prefix_gb * 2 ** 30),
-                  snapshot_every=args.snapshot_every)
+                  kv_cache_bytes=kv, snapshot_every=args.snapshot_every)
+
+
+@contextmanager
+def peak_pages(engine: Engine, every_s: float = 0.01):
+    """Samples the page pool while the block runs; yields a dict that then holds the peak pages in use (live
+    sequences and cached prefixes together), the live sequences' pages and the pages shared at that moment."""
+    peak = dict(pages_used=0, pages_slots=0, pages_shared=0)
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(every_s):
+            st = engine.pool_stats()
+            used = st["pages_total"] - st["pages_free"]
+            if used > peak["pages_used"]:
+                peak.update(pages_used=used, pages_slots=st["pages_slots"], pages_shared=st["pages_shared"])
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        t.join()
 
 
 def compiles(engine: Engine) -> int:
@@ -198,8 +224,12 @@ def concurrent_sessions(model, args, prefix_gb: float) -> dict:
     for seed in range(args.warm_passes):  # compile (thread timing varies the shapes a little: more than one pass)
         run_all(seed=100 + seed)
     before = compiles(engine)
-    res = run_all(seed=4)
+    with peak_pages(engine) as peak:
+        res = run_all(seed=4)
     res["compiles"] = compiles(engine) - before
+    pool = engine.pool_stats()
+    res.update(peak, pool_bytes=pool["bytes_total"], peak_bytes=peak["pages_used"] * pool["page_bytes"],
+               contiguous_bytes=args.slots * pages_for(args.max_len, pool["page_size"]) * pool["page_bytes"])
     st = engine.prefix_stats()
     res.update(tok_per_s=res["generated"] / res["wall_s"], bytes_in_use=st["bytes_in_use"] if st else 0,
                system_prompt_page_bytes=(pages_for(args.system_tokens, engine.prefix.page_size) * engine.prefix.page_bytes
@@ -234,6 +264,8 @@ def main():
     p.add_argument("--max-prefill-tokens", type=int, default=2048)
     p.add_argument("--snapshot-every", type=int, default=1024)
     p.add_argument("--prefix-cache-gb", type=float, default=1.0)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="the live sequences' page pool (default: slots x "
+                                                                   "max_len tokens)")
     p.add_argument("--paired", type=int, default=7, help="first-like / late turn pairs after the session (0: none)")
     p.add_argument("--http", action="store_true", help="the single session through serve.py's HTTP server")
     p.add_argument("--csv", help="write every turn's row here")
@@ -278,11 +310,14 @@ def main():
         lines += ["", f"{args.sessions} concurrent sessions, a shared {args.system_tokens}-token system prompt + "
                   f"{args.user_tokens} own tokens, {args.session_turns} turns each ({args.slots} slots)", "",
                   "| prefix cache | wall s | generated tok/s | prefilled tokens | prefix cache bytes in use | "
-                  "system prompt pages (bytes) | compiles in the timed pass |", "|---|---|---|---|---|---|---|"]
+                  "system prompt pages (bytes) | peak latent MiB in use (pages: all / live / shared) | page pool MiB "
+                  "| slots x max_len MiB | compiles in the timed pass |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, gb in configs:
             r = concurrent_sessions(model, args, gb)
             lines.append(f"| {name} | {r['wall_s']:.1f} | {r['tok_per_s']:.1f} | {r['prefilled']:,} | "
-                         f"{r['bytes_in_use']:,} | {r['system_prompt_page_bytes']:,} | {r['compiles']} |")
+                         f"{r['bytes_in_use']:,} | {r['system_prompt_page_bytes']:,} | {r['peak_bytes'] / 2 ** 20:.1f} "
+                         f"({r['pages_used']:,} / {r['pages_slots']:,} / {r['pages_shared']:,}) | "
+                         f"{r['pool_bytes'] / 2 ** 20:.1f} | {r['contiguous_bytes'] / 2 ** 20:.1f} | {r['compiles']} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)

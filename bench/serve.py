@@ -108,15 +108,16 @@ def decode_ms(config, context: int, batch: int, repeats: int) -> float:
     """Median ms of one decode step (read + write programs, as the engine runs them) at `context`."""
     model = _model(config)
     graphdef, state = nnx.split(model)
-    read = jax.jit(lambda st, c, t: decode_entries(nnx.merge(graphdef, st), c, t, kv_len=context))
+    table = kvcache.identity_page_table(batch, context, 16)  # every slot's pages allocated up front
+    read = jax.jit(lambda st, c, t: decode_entries(nnx.merge(graphdef, st), c, table, t))
     write = jax.jit(kvcache.write_decode, donate_argnums=(0,))
-    cache = kvcache.init_cache(config, batch, context)
+    cache = kvcache.init_cache(config, batch, context, page_size=16)
     cache = cache._replace(lengths=jnp.full((batch,), context - 2 - repeats, jnp.int32))
     tokens, active = jnp.ones((batch,), jnp.int32), jnp.ones((batch,), bool)
 
     def step(cache):
         entries, logits = read(state, cache, tokens)
-        cache = write(cache, entries, active)
+        cache = write(cache, entries, table, active)
         jax.block_until_ready((cache, logits))
         return cache
 

@@ -70,12 +70,35 @@ class MLACache(NamedTuple):
     lengths[b] + t. An S of 0 (`MLACache.empty`) starts a sequence.
 
     rows: None, or int32 [B] when ckv / kpe are a whole slot cache [N, S, ...] of N sequences: row b of x then
-    continues sequence rows[b] (a serving step reads its slots in place, no gathered copy)."""
+    continues sequence rows[b] (a serving step reads its slots in place, no gathered copy).
+
+    Paged form (`MLACache.paged`, what the serving engine reads): ckv is the whole page pool [L, num_pages,
+    page_size, R + P] (k2jax.serving.page_pool: c | k_pe per token, every MLA layer), kpe None, page_table int32
+    [B, max_pages] row b's physical pages in logical order (negative: none), layer an int32 scalar (this layer's
+    index among the MLA layers); row b's cached tokens are its positions [0, lengths[b]). Nothing is gathered: the
+    attention reads whole pages of each row a block at a time."""
 
     ckv: jax.Array
-    kpe: jax.Array
+    kpe: jax.Array | None
     lengths: jax.Array
     rows: jax.Array | None = None
+    page_table: jax.Array | None = None
+    layer: jax.Array | None = None
+
+    @classmethod
+    def paged(cls, pool, page_table, lengths, layer) -> "MLACache":
+        """The paged view of MLA layer `layer` (int, its index among the MLA layers) of pool [L, num_pages,
+        page_size, R + P] for rows with pages page_table int [B, max_pages] and lengths int [B]."""
+        return cls(pool, None, lengths, page_table=page_table, layer=jnp.asarray(layer, jnp.int32))
+
+    @property
+    def is_paged(self) -> bool:
+        return self.page_table is not None
+
+    @property
+    def capacity(self) -> int:
+        """Positions a row can hold (0 for the empty view of a fresh prefill)."""
+        return self.page_table.shape[1] * self.ckv.shape[2] if self.is_paged else self.ckv.shape[1]
 
     @classmethod
     def empty(cls, batch: int, config) -> "MLACache":
@@ -169,6 +192,19 @@ class MultiHeadLatentAttention(nnx.Module):
     def _check_cache(self, cache, B: int):
         if not isinstance(cache, MLACache):
             raise ValueError(f"MultiHeadLatentAttention: cache must be an MLACache, got {type(cache).__name__}")
+        if cache.is_paged:
+            D = self.kv_lora_rank + self.rope_dim
+            if cache.ckv.ndim != 4 or cache.ckv.shape[-1] != D or cache.kpe is not None or cache.rows is not None:
+                raise ValueError(f"MultiHeadLatentAttention: a paged cache holds the pool [L, num_pages, page_size, "
+                                 f"R + P = {D}] in ckv, kpe None and rows None, got ckv {cache.ckv.shape}, kpe "
+                                 f"{None if cache.kpe is None else cache.kpe.shape}, rows {cache.rows}")
+            if cache.page_table.ndim != 2 or cache.page_table.shape[0] != B:
+                raise ValueError(f"MultiHeadLatentAttention: cache.page_table must be int [B={B}, max_pages], got "
+                                 f"{list(cache.page_table.shape)}")
+            if cache.lengths.shape != (B,) or not jnp.issubdtype(cache.lengths.dtype, jnp.integer):
+                raise ValueError(f"MultiHeadLatentAttention: cache.lengths must be int [B={B}], got "
+                                 f"{cache.lengths.dtype}{list(cache.lengths.shape)}")
+            return
         S = cache.ckv.shape[1] if cache.ckv.ndim == 3 else -1
         N = B if cache.rows is None else (cache.ckv.shape[0] if cache.ckv.ndim == 3 else -1)
         if cache.ckv.shape != (N, S, self.kv_lora_rank) or cache.kpe.shape != (N, S, self.rope_dim):
@@ -215,7 +251,7 @@ class MultiHeadLatentAttention(nnx.Module):
         if cache is None and (context_size() > 1 or return_max_logit):
             y, max_logit = self._latent_attention(q_nope, q_pe, c, k_pe, segment_ids)
             return (y, None, max_logit) if return_max_logit else (y, None)
-        if cache is None or cache.ckv.shape[1] == 0:
+        if cache is None or cache.capacity == 0:
             o = self._expanded(q_nope, q_pe, c, k_pe, segment_ids)
         else:
             o, lse = self._expanded(q_nope, q_pe, c, k_pe, segment_ids, return_lse=True)
@@ -256,10 +292,14 @@ class MultiHeadLatentAttention(nnx.Module):
             form = "expanded" if expanded_pays_off(
                 q_nope.shape[1], heads=self.num_heads, nope_dim=self.nope_dim, rope_dim=self.rope_dim,
                 v_dim=self.v_dim, kv_lora_rank=self.kv_lora_rank) else "absorbed"
+        # The paged pool is read as it is stored (the compute dtype): a cast here would copy the whole pool.
+        ckv = cache.ckv if cache.is_paged else cache.ckv.astype(dt)
+        kpe = None if cache.is_paged else cache.kpe.astype(dt)
+        paged = dict(page_table=cache.page_table, layer=cache.layer)
         if form == "expanded":
-            return decompressed_latent_attention(q_nope.astype(dt), q_pe.astype(dt), cache.ckv.astype(dt),
-                                                 cache.kpe.astype(dt), cache.lengths, w_uk, w_uv, scale=self.scale,
-                                                 q_mask=q_mask, cache_rows=cache.rows)
+            return decompressed_latent_attention(q_nope.astype(dt), q_pe.astype(dt), ckv, kpe, cache.lengths, w_uk,
+                                                 w_uv, scale=self.scale, q_mask=q_mask, cache_rows=cache.rows,
+                                                 **paged)
         if form != "absorbed":
             raise ValueError(f"MultiHeadLatentAttention: form must be 'auto', 'absorbed' or 'expanded', got {form!r}")
         # Heads lead the per-head products (a batch dim of both operands) and act as extra query rows against the
@@ -267,9 +307,9 @@ class MultiHeadLatentAttention(nnx.Module):
         q_lat = _dot("hbtn,hnr->hbtr", jnp.transpose(q_nope, (2, 0, 1, 3)), w_uk).astype(dt)
         # Serving reads the cache this way only (never differentiated): each row's work follows its own cached
         # length and its real queries, so a decode step over a slot cache costs what its live slots hold.
-        o_lat, lse = latent_attention_rows(jnp.transpose(q_lat, (1, 2, 0, 3)), q_pe.astype(dt), cache.ckv.astype(dt),
-                                           cache.kpe.astype(dt), cache.lengths, scale=self.scale, q_mask=q_mask,
-                                           cache_rows=cache.rows)
+        o_lat, lse = latent_attention_rows(jnp.transpose(q_lat, (1, 2, 0, 3)), q_pe.astype(dt), ckv, kpe,
+                                           cache.lengths, scale=self.scale, q_mask=q_mask, cache_rows=cache.rows,
+                                           **paged)
         o = _dot("hbtr,hrv->hbtv", jnp.transpose(o_lat, (2, 0, 1, 3)), w_uv)  # [H, B, T, d_v]
         return jnp.transpose(o, (1, 2, 0, 3)).astype(dt), lse
 

@@ -23,8 +23,13 @@ class ServeConfig(Config):
     # Tokens one prefill call takes (rows x length bucket): a longer prompt is prefilled in pieces of at most this
     # many (the largest length bucket within it), one piece per engine step, so decoding slots keep going.
     max_prefill_tokens: PositiveInt = 8192
-    # Device memory (GiB) of the prefix cache (k2jax.serving.prefix_store): requests resume from cached prefixes
-    # (MLA latents in pages of prefix_page_size tokens, KDA state snapshots) and prefill only the rest; 0 = off.
+    # Device memory (GiB) of the paged MLA latent pool the live sequences use (pages of prefix_page_size tokens);
+    # None: slots x max_len tokens (every slot full at once). Less lets memory follow the tokens in use: a slot that
+    # grows into a full pool preempts the most recently admitted request, which is recomputed later, exactly.
+    kv_cache_gb: NonNegativeNumber | None = None
+    # Device memory (GiB) of the prefix cache (k2jax.serving.prefix_store) beyond the live sequences: requests
+    # resume from cached prefixes (MLA latent pages shared with the sequences, KDA state snapshots) and prefill only
+    # the rest; 0 = off.
     prefix_cache_gb: NonNegativeNumber = 1.0
     prefix_page_size: PositiveInt = 16
     # A prompt's prefill also stops to cache its prefix every this many tokens (long shared system prompts).

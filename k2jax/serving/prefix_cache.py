@@ -157,6 +157,11 @@ class PrefixCache:
                         pages_in_use=len(self._page_refs), snapshots_in_use=self._num_snapshots,
                         snapshot_bytes=self._snapshot_bytes, nodes=self._num_nodes, tokens_cached=self._tokens_cached)
 
+    def pages(self) -> set[int]:
+        """The distinct pages the tree references."""
+        with self._lock:
+            return set(self._page_refs)
+
     def match(self, tokens: Sequence[int], *, record: bool = True) -> Match:
         """The longest reusable prefix of `tokens` (int [n]). A request must still run at least its last prompt
         token to get logits, so pass prompt[:-1]. Marks the reused path as recently used and, if `record`, counts

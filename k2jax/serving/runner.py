@@ -15,11 +15,17 @@ constrained and free requests share a batch and program.
 A prefill call takes pieces of at most `piece_len` tokens (the largest length bucket within max_prefill_tokens):
 either fresh prompts (or their first pieces), batched, or one piece continuing a slot's sequence.
 
-Per-step work follows the live tokens, not slots x max_len: continuing pieces and decode steps read the whole slot
-cache in place (kv_len = max_len, no gathered or sliced copy), and MLA's attention over it
-(`pallas_kernels.attention.latent_attention_rows`) reads each row's own slot up to its own length, skips inactive
-slots (length 0) and query blocks of padding. So there are no kv length buckets: one decode program, and one
-continuing program per piece length (`continue_lengths`), whatever the context.
+Memory and per-step work follow the live tokens, not slots x max_len. The MLA latents live in a paged pool
+(k2jax.serving.cache, k2jax.serving.page_pool): the runner's `allocator` hands out pages and its `tables` keep each
+slot's page list and the int32 page table every step takes. A slot reserves pages as it grows (a prefill piece:
+enough for start + piece; a decode step: one more page when it crosses a page boundary) and gives them back when
+the engine releases it; slots with a common prefix hold the same pages (k2jax.serving.prefix_store attaches a
+cached prefix's pages to a slot). When the pool has too few free pages a step raises `PagePoolExhausted` before
+changing anything: making room (evicting cached prefixes, preempting a request) is the engine's policy
+(`pages_needed` says how many a step takes). MLA's attention (`pallas_kernels.attention.latent_attention_rows`)
+reads each row's own pages up to its own length, skips inactive slots (length 0) and query blocks of padding. So
+there are no kv length buckets: one decode program, and one continuing program per piece length
+(`continue_lengths`), whatever the context.
 
 The pure functions `prefill_entries` / `prefill` and `decode_entries` / `decode` are those steps without jit and
 sampling (tests and benchmarks call them directly).
@@ -39,6 +45,7 @@ from k2jax.layers.qat import int4_experts as has_int4
 from k2jax.model import empty_cache, unstack_layers
 from k2jax.quantize import quantize_model_experts
 from k2jax.serving import cache as kvcache
+from k2jax.serving.page_pool import PageAllocator, PagePoolExhausted, PageTables, pages_for
 from k2jax.serving.sampling import row_keys, sample
 from k2jax.sharding import logical_to_mesh_spec
 
@@ -63,89 +70,89 @@ def pow2_upto(n: int) -> list[int]:
 
 
 # ---- the steps as pure functions ------------------------------------------------------------------------------------
-def _check_prefill(cache, tokens, lengths, slots):
+def _check_prefill(cache, page_table, tokens, lengths, slots):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"prefill: tokens must be int [B, T], got {tokens.dtype}{list(tokens.shape)}")
     B, T = tokens.shape
     for name, a in (("lengths", lengths), ("slots", slots)):
         if a.shape != (B,) or not jnp.issubdtype(a.dtype, jnp.integer):
             raise ValueError(f"prefill: {name} must be int [B={B}], got {a.dtype}{list(a.shape)}")
-    max_len = kvcache.max_len_of(cache)
-    if max_len is not None and T > max_len:
-        raise ValueError(f"prefill: prompt bucket T={T} exceeds the cache's max_len={max_len}")
+    _check_table(cache, page_table, "prefill")
+    S = cache.lengths.shape[0]
+    if cache.pool is not None and T > page_table.shape[1] * cache.pool.shape[2]:
+        raise ValueError(f"prefill: prompt bucket T={T} exceeds a slot's {page_table.shape[1]} pages of "
+                         f"{cache.pool.shape[2]} tokens")
     if not isinstance(slots, jax.core.Tracer):
-        S, got = cache.lengths.shape[0], [int(s) for s in slots]
+        got = [int(s) for s in slots]
         if len(set(got)) != len(got) or not all(0 <= s < S for s in got):
             raise ValueError(f"prefill: slots must be distinct and in [0, num_slots={S}), got {got}")
 
 
-def prefill_entries(model, tokens, lengths, cache=None, slots=None, starts=None, *, kv_len: int = 0):
+def _check_table(cache, page_table, op):
+    S = cache.lengths.shape[0]
+    if page_table.ndim != 2 or page_table.shape[0] != S or not jnp.issubdtype(page_table.dtype, jnp.integer):
+        raise ValueError(f"{op}: page_table must be int [num_slots={S}, max_pages], got "
+                         f"{page_table.dtype}{list(page_table.shape)}")
+
+
+def prefill_entries(model, tokens, lengths, cache=None, page_table=None, slots=None, starts=None):
     """The read half of a prefill: right-padded pieces (tokens int [B, T], row b's tokens in [:lengths[b]]) run
-    from empty caches (kv_len 0), or each continuing its slot slots[b] of `cache` after the starts[b] tokens it
-    holds (kv_len: static, at least max(starts): the latent entries read; a start of 0 is a fresh row).
+    from empty caches (starts None), or each continuing its slot slots[b] of `cache` (pages page_table int
+    [slots, max_pages]) after the starts[b] tokens it holds (a start of 0 is a fresh row).
     Returns (the model's cache updates, rows [B]: a KDAState per KDA layer, MLALatents [B, T, ...] per MLA layer;
     logits float32 [B, vocab] at each row's last token)."""
     B, T = tokens.shape
     lengths = lengths.astype(jnp.int32)
     segment_ids = (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
-    views = empty_cache(model.config, B) if kv_len == 0 else kvcache.slot_views(cache, slots, starts, kv_len)
+    views = empty_cache(model.config, B) if starts is None else kvcache.slot_views(cache, page_table, slots, starts)
     logits, updates = model(tokens, segment_ids, cache=views, logits_at=jnp.maximum(lengths - 1, 0))
     return updates, logits
 
 
-def prefill(model, cache: kvcache.DecodeCache, tokens, lengths, slots, starts=None, *, kv_len: int = 0):
+def prefill(model, cache: kvcache.DecodeCache, page_table, tokens, lengths, slots, starts=None):
     """Prefill right-padded prompts or pieces into slots: `write_prefill(cache, *prefill_entries(...))` in one
     call.
 
+    page_table: int [slots, max_pages], every slot's pages (those the pieces' positions reach must be there);
     tokens: int [B, T]; lengths: int [B] (0 marks an unused row, whose slot is left unchanged); slots: int [B]
     distinct slots in [0, num_slots); starts: int [B] or None: tokens each slot already holds that its row
-    continues (None or kv_len 0: fresh rows, replacing the slots' content); kv_len: static, >= max(starts).
+    continues (None: fresh rows from empty states, replacing the slots' content).
     Returns (new cache, logits float32 [B, vocab] of each row's last token).
     """
-    _check_prefill(cache, tokens, lengths, slots)
-    if kv_len and starts is None:
-        raise ValueError(f"prefill: kv_len={kv_len} reads the slots' latents, so starts (int [B]) is required")
-    if starts is not None and not isinstance(starts, jax.core.Tracer):
-        top = int(jnp.max(starts))
-        if top > kv_len or kv_len > (kvcache.max_len_of(cache) or kv_len):
-            raise ValueError(f"prefill: kv_len={kv_len} must cover the largest start {top} and lie within the "
-                             f"cache's max_len={kvcache.max_len_of(cache)}")
-    updates, logits = prefill_entries(model, tokens, lengths, cache, slots, starts, kv_len=kv_len)
-    return kvcache.write_prefill(cache, updates, lengths, slots, None if kv_len == 0 else starts), logits
+    _check_prefill(cache, page_table, tokens, lengths, slots)
+    updates, logits = prefill_entries(model, tokens, lengths, cache, page_table, slots, starts)
+    return kvcache.write_prefill(cache, updates, page_table, lengths, slots, starts), logits
 
 
-def _check_decode(cache, tokens, active, kv_len):
+def _check_decode(cache, page_table, tokens, active):
     S = cache.lengths.shape[0]
     if tokens.shape != (S,) or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"decode: tokens must be int [slots={S}], got {tokens.dtype}{list(tokens.shape)}")
     if active.shape != (S,) or active.dtype != jnp.bool_:
         raise ValueError(f"decode: active must be bool [slots={S}], got {active.dtype}{list(active.shape)}")
-    max_len = kvcache.max_len_of(cache)
-    if max_len is not None and not 1 <= kv_len <= max_len:
-        raise ValueError(f"decode: kv_len={kv_len} must lie in [1, max_len={max_len}]")
+    _check_table(cache, page_table, "decode")
 
 
-def decode_entries(model, cache: kvcache.DecodeCache, tokens, *, kv_len: int, active=None):
+def decode_entries(model, cache: kvcache.DecodeCache, page_table, tokens, *, active=None):
     """The read half of a decode step: token tokens[s] at position lengths[s] of each slot attends over the
-    slot's first min(lengths[s], kv_len) cached entries and itself. active: bool [slots] or None (all); inactive
-    slots read no cached entries (their rows are meaningless). Returns (the model's cache updates, rows = slots;
-    logits float32 [slots, vocab])."""
-    logits, updates = model(tokens[:, None], cache=kvcache.decode_views(cache, kv_len, active))
+    slot's cached entries (its pages, page_table int [slots, max_pages]) and itself. active: bool [slots] or None
+    (all); inactive slots read no cached entries (their rows are meaningless). Returns (the model's cache
+    updates, rows = slots; logits float32 [slots, vocab])."""
+    logits, updates = model(tokens[:, None], cache=kvcache.decode_views(cache, page_table, active))
     return updates, logits[:, 0]
 
 
-def decode(model, cache: kvcache.DecodeCache, tokens, active, *, kv_len: int):
-    """One decode step for every slot: `write_decode(cache, decode_entries(...), active)` in one call.
+def decode(model, cache: kvcache.DecodeCache, page_table, tokens, active):
+    """One decode step for every slot: `write_decode(cache, decode_entries(...), page_table, active)` in one call.
 
-    tokens: int [slots]; active: bool [slots] (inactive slots keep their cache and length; their logits are
-    meaningless); kv_len: static number of cache positions MLA attends over, at least max(lengths[active]) (the
-    runner passes max_len: MLA's attention reads each slot only up to its length, so the cost follows the live
-    context with one program).
+    page_table: int [slots, max_pages] (an active slot's position lengths[s] must have its page); tokens: int
+    [slots]; active: bool [slots] (inactive slots keep their cache and length; their logits are meaningless).
+    MLA reads each slot only up to its length, so the cost follows the live context with one program.
     Returns (new cache, logits float32 [slots, vocab]).
     """
-    _check_decode(cache, tokens, active, kv_len)
-    updates, logits = decode_entries(model, cache, tokens, kv_len=kv_len, active=active)
-    return kvcache.write_decode(cache, updates, active), logits
+    _check_decode(cache, page_table, tokens, active)
+    updates, logits = decode_entries(model, cache, page_table, tokens, active=active)
+    return kvcache.write_decode(cache, updates, page_table, active), logits
 
 
 # ---- the runner ---------------------------------------------------------------------------------------------------
@@ -161,15 +168,19 @@ class ModelRunner:
     `jax.set_mesh(mesh)`, so an 'expert' axis > 1 runs the MoE expert parallel, 'tensor' splits heads, and the
     cache's slots are sharded over the batch axes and its KDA heads over 'tensor'; resume_anywhere: continuing
     pieces may start at any length and are padded to their own length bucket (a prefix cache needs this: see
-    `continue_lengths`).
+    `continue_lengths`); page_size: tokens per page of the MLA latent pool; num_pages: pages in the pool (default
+    num_slots x ceil(max_len / page_size): every slot full at once, nothing shared).
 
-    State: `cache` (DecodeCache), `lengths` (host int32 [num_slots], tokens cached per slot), `compile_count`
-    (programs traced so far). `piece_len`: the most tokens one prefill call takes per prompt.
+    State: `cache` (DecodeCache, the pool included), `lengths` (host int32 [num_slots], tokens cached per slot),
+    `allocator` (PageAllocator of the pool) and `tables` (PageTables: each slot's pages and the page table),
+    `compile_count` (programs traced so far), `cache_sharding` (the cache's shardings on the mesh, None without
+    one). `piece_len`: the most tokens one prefill call takes per prompt.
     """
 
     def __init__(self, model, *, num_slots: int, max_len: int, min_bucket: int = 16,
                  max_prefill_batch: int | None = None, max_prefill_tokens: int = 8192, vocab_limit: int | None = None,
-                 int4_experts: bool = False, mesh=None, resume_anywhere: bool = False):
+                 int4_experts: bool = False, mesh=None, resume_anywhere: bool = False, page_size: int = 16,
+                 num_pages: int | None = None):
         cfg = model.config
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"ModelRunner: num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
@@ -182,6 +193,15 @@ class ModelRunner:
             model = quantize_model_experts(model)  # a new model: the caller's float experts are not kept here
         self.config, self.mesh = model.config, mesh
         self.num_slots, self.max_len = num_slots, max_len
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"ModelRunner: page_size={page_size!r} must be a positive integer")
+        self.page_size, self.max_pages = page_size, pages_for(max_len, page_size)
+        self.num_pages = num_slots * self.max_pages if num_pages is None else num_pages
+        if self.num_pages < self.max_pages:
+            raise ValueError(f"ModelRunner: num_pages={self.num_pages} cannot hold one full sequence "
+                             f"(max_len={max_len} needs {self.max_pages} pages of {page_size} tokens)")
+        self.allocator = PageAllocator(self.num_pages, page_size)
+        self.tables = PageTables(self.allocator, num_slots, max_len)
         self.buckets = length_buckets(max_len, min_bucket)
         self.max_prefill_batch = max(1, min(max_prefill_batch or num_slots, num_slots))
         self.max_prefill_tokens = max(max_prefill_tokens, self.buckets[0])
@@ -196,7 +216,7 @@ class ModelRunner:
         # The jitted steps take the parameters as a flat list: flattening an nnx.State on every call costs
         # about as much as a small model's whole decode step.
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
-        self._cache_sharding = self._cache_shardings()
+        self.cache_sharding = self._cache_shardings()
         self.cache = self._new_cache()
         self.lengths = np.zeros(num_slots, np.int32)
         self.compile_count = 0
@@ -207,17 +227,20 @@ class ModelRunner:
     def _cache_shardings(self):
         if self.mesh is None:
             return None
-        abstract = jax.eval_shape(lambda: kvcache.init_cache(self.config, self.num_slots, self.max_len))
+        abstract = jax.eval_shape(self._empty_cache)
         leaves, treedef = jax.tree.flatten(abstract)
         names = treedef.flatten_up_to(kvcache.cache_logical_names(abstract))
         return treedef.unflatten([jax.sharding.NamedSharding(self.mesh, logical_to_mesh_spec(n, self.mesh, a.shape))
                                   for n, a in zip(names, leaves)])
 
+    def _empty_cache(self):
+        return kvcache.init_cache(self.config, self.num_slots, self.max_len, page_size=self.page_size,
+                                  num_pages=self.num_pages)
+
     def _new_cache(self):
-        make = lambda: kvcache.init_cache(self.config, self.num_slots, self.max_len)  # noqa: E731
-        if self._cache_sharding is None:
-            return make()
-        return jax.jit(make, out_shardings=self._cache_sharding)()
+        if self.cache_sharding is None:
+            return self._empty_cache()
+        return jax.jit(self._empty_cache, out_shardings=self.cache_sharding)()
 
     def _run(self, step, *args, **kwargs):
         """Call a jitted step (under the mesh, when there is one: tracing sees it, so MoE goes expert parallel)."""
@@ -242,31 +265,29 @@ class ModelRunner:
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
                                    vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
-        def continue_fn(params, cache, tokens, lengths, slots, starts, temp, top_k, top_p, seeds, bitmask,
-                        constrained, *, kv_len):
-            updates, logits = prefill_entries(model_of(params), tokens, lengths, cache, slots, starts, kv_len=kv_len)
+        def continue_fn(params, cache, page_table, tokens, lengths, slots, starts, temp, top_k, top_p, seeds, bitmask,
+                        constrained):
+            updates, logits = prefill_entries(model_of(params), tokens, lengths, cache, page_table, slots, starts)
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, jnp.zeros_like(lengths)),
                                    vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
-        def decode_fn(params, cache, tokens, active, temp, top_k, top_p, seeds, counters, all_greedy, bitmask,
-                      constrained, *, kv_len):
-            updates, logits = decode_entries(model_of(params), cache, tokens, kv_len=kv_len, active=active)
+        def decode_fn(params, cache, page_table, tokens, active, temp, top_k, top_p, seeds, counters, all_greedy,
+                      bitmask, constrained):
+            updates, logits = decode_entries(model_of(params), cache, page_table, tokens, active=active)
             return updates, sample(logits, temp, top_k, top_p, row_keys(seeds, counters), all_greedy=all_greedy,
                                    vocab_limit=limit, bitmask=bitmask, constrained=constrained)
 
-        def write_prefill_fn(cache, updates, lengths, slots, starts):
+        def write_prefill_fn(cache, updates, page_table, lengths, slots, starts):
             self.compile_count += 1
-            return kvcache.write_prefill(cache, updates, lengths, slots, starts)
+            return kvcache.write_prefill(cache, updates, page_table, lengths, slots, starts)
 
-        def write_decode_fn(cache, updates, active):
+        def write_decode_fn(cache, updates, page_table, active):
             self.compile_count += 1
-            return kvcache.write_decode(cache, updates, active)
+            return kvcache.write_decode(cache, updates, page_table, active)
 
-        kw = {} if self._cache_sharding is None else {"out_shardings": self._cache_sharding}
-        return (jax.jit(prefill_fn), jax.jit(continue_fn, static_argnames=("kv_len",)),
-                jax.jit(write_prefill_fn, donate_argnums=(0,), **kw),
-                jax.jit(decode_fn, static_argnames=("kv_len",)),
-                jax.jit(write_decode_fn, donate_argnums=(0,), **kw))
+        kw = {} if self.cache_sharding is None else {"out_shardings": self.cache_sharding}
+        return (jax.jit(prefill_fn), jax.jit(continue_fn), jax.jit(write_prefill_fn, donate_argnums=(0,), **kw),
+                jax.jit(decode_fn), jax.jit(write_decode_fn, donate_argnums=(0,), **kw))
 
     # ---- shapes ---------------------------------------------------------------------------------------------
     def prefill_shapes(self) -> list[tuple[int, int]]:
@@ -288,6 +309,37 @@ class ModelRunner:
         rows = bucket(len(prompt_lengths), pow2_upto(self.max_prefill_batch)) \
             if len(prompt_lengths) <= self.max_prefill_batch else None
         return rows is not None and rows * bucket(max(prompt_lengths), self.buckets) <= self.max_prefill_tokens
+
+    # ---- pages ----------------------------------------------------------------------------------------------
+    def pages_to_hold(self, slot: int, num_tokens: int) -> int:
+        """Fresh pages `slot` needs to hold its first num_tokens tokens (0 when it has them)."""
+        return max(0, pages_for(num_tokens, self.page_size) - len(self.tables.pages(slot)))
+
+    def pages_needed(self, *, prefill: Sequence[tuple[int, int, int]] = (), decode=None) -> int:
+        """Fresh pages a step takes: prefill = (slot, start, piece length) per row (start 0: a fresh piece, whose
+        slot's old pages are released first), decode = bool [slots] of the decoding slots (one more token each)."""
+        need = 0
+        for slot, start, n in prefill:
+            need += pages_for(n, self.page_size) if start == 0 else self.pages_to_hold(slot, start + n)
+        if decode is not None:
+            need += sum(self.pages_to_hold(s, int(self.lengths[s]) + 1) for s in np.flatnonzero(decode))
+        return need
+
+    def release(self, slot: int) -> list[int]:
+        """End `slot`'s sequence: drop its page references (pages the prefix cache also holds stay) and its
+        length. Returns the pages that became free."""
+        freed = self.tables.release(slot)
+        self.lengths[slot] = 0
+        return freed
+
+    def _reserve(self, rows: Sequence[tuple[int, int]]) -> None:
+        """Give each (slot, end) its pages for positions [0, end), all or nothing (PagePoolExhausted)."""
+        need = sum(self.pages_to_hold(s, end) for s, end in rows)
+        if need > self.allocator.num_free:
+            raise PagePoolExhausted(f"the step needs {need} fresh pages of {self.page_size} tokens and the pool has "
+                                    f"{self.allocator.num_free} free of {self.num_pages}")
+        for s, end in rows:
+            self.tables.reserve(s, end)
 
     def warmup(self) -> float:
         """Compile every prefill and decode shape now (so serving never compiles); returns the seconds taken.
@@ -316,7 +368,9 @@ class ModelRunner:
         `prefill_fits`) replace what their slots held; start > 0: one piece continuing its slot, which holds
         exactly `start` tokens of the sequence. temperature, top_k, top_p, seeds: per prompt (numpy float32 /
         int32 / float32 / uint32); bitmask / constrained: optional grammar masks per prompt (int32 [n, mask_words],
-        bool [n]). Returns the SampleOutput on the host (row i for prompt i)."""
+        bool [n]). The slots take the pages their pieces reach first (a fresh piece's slot gives back what it held);
+        PagePoolExhausted, with nothing changed, when the pool lacks them. Returns the SampleOutput on the host
+        (row i for prompt i)."""
         n = len(prompts)
         too_long = [len(p) for p in prompts if not 1 <= len(p) <= self.piece_len]
         if too_long:
@@ -327,6 +381,7 @@ class ModelRunner:
                 raise ValueError(f"ModelRunner.prefill: a continuing piece comes alone, its slot holds exactly "
                                  f"start={start} tokens (slot {slots[0]} holds {self.lengths[slots[0]]}) and it ends "
                                  f"within max_len={self.max_len}; got {n} piece(s) of {len(prompts[0])} tokens")
+            self._reserve([(slots[0], start + len(prompts[0]))])
             tokens = np.zeros((1, bucket(len(prompts[0]), self.continue_lengths())), np.int32)
             tokens[0, :len(prompts[0])] = prompts[0]
             return self._continue_row(tokens, np.array([len(prompts[0])], np.int32), np.array(slots, np.int32),
@@ -334,6 +389,13 @@ class ModelRunner:
                                       *(np.asarray(a, d) for a, d in ((temperature, np.float32), (top_k, np.int32),
                                                                        (top_p, np.float32), (seeds, np.uint32))),
                                       *self._masks(1, bitmask, constrained))
+        need = self.pages_needed(prefill=[(s, 0, len(p)) for s, p in zip(slots, prompts)])
+        if need > self.allocator.num_free:  # checked before releasing anything: all or nothing
+            raise PagePoolExhausted(f"the prefill needs {need} fresh pages of {self.page_size} tokens and the pool "
+                                    f"has {self.allocator.num_free} free of {self.num_pages}")
+        for s in slots:  # a fresh piece replaces what its slot held (the engine normally released it already)
+            self.release(s)
+        self._reserve([(s, len(p)) for s, p in zip(slots, prompts)])
         r = bucket(n, pow2_upto(self.max_prefill_batch))
         T = bucket(max(len(p) for p in prompts), self.buckets)
         tokens, lengths = np.zeros((r, T), np.int32), np.zeros(r, np.int32)
@@ -365,15 +427,17 @@ class ModelRunner:
     def _prefill_rows(self, tokens, lengths, slots, temp, top_k, top_p, seeds, bitmask, constrained):
         updates, out = self._run(self._prefill_jit, self._param_leaves, tokens, lengths, temp, top_k, top_p, seeds,
                                  bitmask, constrained)
-        self.cache = self._run(self._write_prefill_jit, self.cache, updates, lengths, slots, np.zeros_like(lengths))
+        self.cache = self._run(self._write_prefill_jit, self.cache, updates, self.tables.table.copy(), lengths, slots,
+                               np.zeros_like(lengths))
         used = lengths > 0
         self.lengths[slots[used]] = lengths[used]
         return jax.device_get(out)
 
     def _continue_row(self, tokens, lengths, slots, starts, temp, top_k, top_p, seeds, bitmask, constrained):
-        updates, out = self._run(self._continue_jit, self._param_leaves, self.cache, tokens, lengths, slots, starts,
-                                 temp, top_k, top_p, seeds, bitmask, constrained, kv_len=self.max_len)
-        self.cache = self._run(self._write_prefill_jit, self.cache, updates, lengths, slots, starts)
+        table = self.tables.table.copy()  # the host table may change while the call runs asynchronously
+        updates, out = self._run(self._continue_jit, self._param_leaves, self.cache, table, tokens, lengths, slots,
+                                 starts, temp, top_k, top_p, seeds, bitmask, constrained)
+        self.cache = self._run(self._write_prefill_jit, self.cache, updates, table, lengths, slots, starts)
         used = lengths > 0
         self.lengths[slots[used]] = (starts + lengths)[used]
         return jax.device_get(out)
@@ -382,17 +446,21 @@ class ModelRunner:
         """One decode step over all slots: slot s takes tokens[s] (its last token) where active[s]; inactive slots
         are unchanged. counters: int32 [slots] tokens each slot has generated (the sampling key's counter);
         temperature, top_k, top_p, seeds: per slot; bitmask / constrained: optional grammar masks per slot (int32
-        [slots, mask_words], bool [slots]). Each active slot attends over its own cached tokens only.
+        [slots, mask_words], bool [slots]). Each active slot attends over its own cached tokens only; one crossing
+        a page boundary takes a page first (PagePoolExhausted, nothing changed, when the pool has too few).
         Returns the SampleOutput on the host (row s for slot s)."""
         return self._decode_all(tokens, active, counters, temperature, top_k, top_p, seeds,
                                 *self._masks(self.num_slots, bitmask, constrained))
 
     def _decode_all(self, tokens, active, counters, temp, top_k, top_p, seeds, bitmask, constrained):
         all_greedy = np.bool_((np.asarray(temp)[active] == 0).all())
-        updates, out = self._run(self._decode_jit, self._param_leaves, self.cache, np.asarray(tokens, np.int32),
+        active = np.asarray(active, bool)
+        self._reserve([(s, int(self.lengths[s]) + 1) for s in np.flatnonzero(active)])
+        table = self.tables.table.copy()
+        updates, out = self._run(self._decode_jit, self._param_leaves, self.cache, table, np.asarray(tokens, np.int32),
                                  np.asarray(active, bool), temp, top_k, top_p, seeds, counters, all_greedy, bitmask,
-                                 constrained, kv_len=self.max_len)
-        self.cache = self._run(self._write_decode_jit, self.cache, updates, active)
+                                 constrained)
+        self.cache = self._run(self._write_decode_jit, self.cache, updates, table, active)
         self.lengths += np.asarray(active, np.int32)
         return jax.device_get(out)
 
@@ -406,6 +474,8 @@ class ModelRunner:
         return True
 
     def reset(self) -> None:
-        """Forget every slot's sequence: a fresh, empty cache."""
+        """Forget every slot's sequence: a fresh, empty cache, every slot's pages released (pages the prefix
+        cache holds stay allocated: its owner must drop them, their latents are gone)."""
+        for s in range(self.num_slots):
+            self.release(s)
         self.cache = self._new_cache()
-        self.lengths[:] = 0

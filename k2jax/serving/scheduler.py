@@ -20,6 +20,20 @@ Ids the tokenizer cannot decode (a model vocabulary padded beyond the tokenizer'
 `vocab_limit`). A freed slot is reused by the next admission, which overwrites its whole state. After
 `warmup()` no request triggers a compilation (`runner.compile_count` stays put).
 
+Memory. The MLA latents of every live sequence and of every cached prefix live in one paged pool (the runner's;
+`kv_cache_bytes` for the sequences plus the prefix cache's share), so a sequence holds the pages of its own tokens
+and sessions on one prefix hold its pages once (`pool_stats()`). Admission takes free pages only (evicting unused
+cached prefixes, least recently used first): a request whose first piece does not fit waits at the front of the
+queue. A slot that grows (a prefill piece, a decode step crossing a page boundary) into a full pool evicts cached
+prefixes, then preempts the most recently admitted request (vLLM's recompute preemption, chosen over reserving
+prompt + max_tokens at admission, which would hold the whole context of every request that leaves max_tokens
+open and make memory follow slots x max_len again): its slot and pages go back, it is requeued at the front and
+later prefills its prompt and the tokens it generated so far but the last, then decodes on with the same
+sampling counters, so its greedy and seeded output is the one it would have produced, and no token is streamed
+twice. A request alone always fits (the pool holds at least one max_len context), so nobody's growth fails or
+corrupts another request, and a request that can never fit (prompt + max_tokens > max_len) is refused at
+submission.
+
 Grammar-constrained requests (`submit(..., grammar=...)`, a Lark grammar from k2jax.chat.grammar, e.g. a tool call
 whose arguments follow the tool's JSON schema): the request holds a GrammarMatcher; before each prefill / decode
 call the engine packs the masks of the constrained rows of that call into one [rows, ceil(vocab / 32)] int32
@@ -47,7 +61,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from k2jax.chat.grammar import BatchBitmask, GrammarMatcher, GrammarTokenizer
-from k2jax.serving.prefix_store import PrefixStore
+from k2jax.serving.page_pool import num_mla_layers, page_bytes, pages_for
+from k2jax.serving.prefix_store import PrefixStore, pool_pages_for
 from k2jax.serving.runner import ModelRunner
 from k2jax.serving.sampling import MAX_TOP_LOGPROBS
 from k2jax.tokenizer import IM_END
@@ -171,7 +186,11 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens in the slot's cache so far
+        # What the slot must hold before decoding: the prompt, or after a preemption the prompt and the tokens
+        # generated so far but the last (which the next decode step feeds, as it would have).
+        self.prefill_ids: list[int] = self.prompt_ids
+        self.prefilled = 0  # tokens of prefill_ids in the slot's cache so far
+        self.admitted = -1  # admission order (the most recently admitted request is preempted first)
         self.cached_tokens = 0  # of those, tokens loaded from the prefix cache
         self.cuts: list[int] = []  # prompt lengths where a prefill piece ends and the prefix cache takes a snapshot
         self.aborted = False
@@ -184,8 +203,8 @@ class Request:
 
     @property
     def decoding(self) -> bool:
-        """Holding a slot with the whole prompt prefilled."""
-        return self.slot is not None and self.prefilled == len(self.prompt_ids)
+        """Holding a slot with the whole prompt (prefill_ids) prefilled."""
+        return self.slot is not None and self.prefilled == len(self.prefill_ids)
 
     def wait(self, timeout: float | None = None) -> Completion:
         """Block until finished and return the Completion (TimeoutError after `timeout` seconds)."""
@@ -212,9 +231,12 @@ class Engine:
     the longest piece a long prompt is prefilled in (one piece per step, between decode steps);
     eos_token_ids: default [config.eos_token_id] (+ the tokenizer's eos); int4_experts: serve the routed experts packed
     as INT4; mesh: a `k2jax.sharding.make_mesh` mesh the parameters are placed on (see `ModelRunner` for these);
-    prefix_cache_bytes: device bytes of the prefix cache (0: off; see k2jax.serving.prefix_store), whose pages
-    hold prefix_page_size tokens; snapshot_every: a prompt's prefill also stops to cache its prefix every this
-    many tokens (so a long shared system prompt hits while requests continue behind it).
+    kv_cache_bytes: device bytes of the paged MLA latent pool for the live slots (None: num_slots x max_len
+    tokens, every slot full at once; less makes memory follow the tokens in use, and a slot that grows into a
+    full pool preempts the most recently admitted request, see below); prefix_cache_bytes: device bytes the
+    prefix cache may hold beyond that (its pages and KDA snapshots; 0: off; see k2jax.serving.prefix_store);
+    prefix_page_size: tokens per page of the pool; snapshot_every: a prompt's prefill also stops to cache its
+    prefix every this many tokens (so a long shared system prompt hits while requests continue behind it).
 
     runner: the ModelRunner; vocab_limit: ids the engine may generate are [0, vocab_limit) = [0, min(model vocab,
     tokenizer.vocab_size)) (the model vocab without a tokenizer); error: None, or why the engine thread died.
@@ -223,7 +245,8 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, num_slots: int = 8, max_len: int | None = None,
                  min_bucket: int = 16, max_prefill_batch: int | None = None, max_prefill_tokens: int = 8192,
                  eos_token_ids: Sequence[int] | None = None, int4_experts: bool = False, mesh=None,
-                 prefix_cache_bytes: int = 0, prefix_page_size: int = 16, snapshot_every: int = 1024):
+                 kv_cache_bytes: int | None = None, prefix_cache_bytes: int = 0, prefix_page_size: int = 16,
+                 snapshot_every: int = 1024):
         cfg = model.config
         if prefix_cache_bytes < 0 or snapshot_every < 1:
             raise ValueError(f"Engine: prefix_cache_bytes={prefix_cache_bytes} must be >= 0 (0 = off) and "
@@ -236,11 +259,25 @@ class Engine:
         # Ids in [0, tokenizer.vocab_size) decode (byte, tiktoken and HF tokenizers alike); a model vocabulary
         # padded beyond them must never produce the rest.
         self.vocab_limit = cfg.vocab_size if tokenizer is None else min(cfg.vocab_size, int(tokenizer.vocab_size))
+        if isinstance(prefix_page_size, bool) or not isinstance(prefix_page_size, int) or prefix_page_size < 1:
+            raise ValueError(f"Engine: prefix_page_size={prefix_page_size!r} must be a positive integer")
+        max_pages = pages_for(max_len, prefix_page_size)
+        kv_pages = num_slots * max_pages
+        if kv_cache_bytes is not None and num_mla_layers(cfg):
+            kv_pages = int(kv_cache_bytes) // page_bytes(cfg, prefix_page_size)
+            if kv_pages < max_pages:
+                raise ValueError(f"Engine: kv_cache_bytes={kv_cache_bytes} holds {kv_pages * prefix_page_size} "
+                                 f"tokens, less than one context of max_len={max_len} "
+                                 f"({max_pages * page_bytes(cfg, prefix_page_size)} bytes): raise it or lower "
+                                 f"max_len")
+        extra = pool_pages_for(cfg, prefix_cache_bytes, num_slots, prefix_page_size) if use_prefix else 0
         self.runner = ModelRunner(model, num_slots=num_slots, max_len=max_len, min_bucket=min_bucket,
                                   max_prefill_batch=max_prefill_batch, max_prefill_tokens=max_prefill_tokens,
                                   vocab_limit=self.vocab_limit, int4_experts=int4_experts, mesh=mesh,
-                                  resume_anywhere=use_prefix)
-        self.prefix = PrefixStore(self.runner, prefix_cache_bytes, page_size=prefix_page_size) if use_prefix else None
+                                  resume_anywhere=use_prefix, page_size=prefix_page_size,
+                                  num_pages=kv_pages + extra)
+        self.prefix = PrefixStore(self.runner, prefix_cache_bytes) if use_prefix else None
+        self._admissions = itertools.count()
         self.snapshot_every = snapshot_every
         self._prefix_logged = time.monotonic()
         self.num_slots, self.max_len = num_slots, max_len
@@ -269,7 +306,7 @@ class Engine:
         self._prefill_masks: BatchBitmask | None = None  # made with the first constrained request
         self._decode_masks: BatchBitmask | None = None
         self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "decode_steps": 0, "decode_tokens": 0,
-                      "decode_s": 0.0, "prefill_s": 0.0, "finished": {}}
+                      "decode_s": 0.0, "prefill_s": 0.0, "preempted": 0, "finished": {}}
 
     @property
     def config(self):
@@ -305,6 +342,24 @@ class Engine:
         """The prefix cache's counters and sizes (k2jax.serving.prefix_store.PrefixStore.stats), None when off
         (thread-safe)."""
         return None if self.prefix is None else self.prefix.stats()
+
+    def pool_stats(self) -> dict:
+        """The paged latent pool: page_size, page_bytes, pages_total, pages_free, pages_slots (distinct pages the
+        live slots hold), pages_tree (distinct pages the prefix cache holds), pages_shared (held by both, or by
+        more than one slot: stored once, used many times), bytes_total / bytes_in_use, and preempted (requests
+        preempted so far to make room)."""
+        r = self.runner
+        held: dict[int, int] = {}
+        for s in range(self.num_slots):
+            for p in r.tables.pages(s):
+                held[p] = held.get(p, 0) + 1
+        tree = self.prefix.tree_pages() if self.prefix is not None else set()
+        pb = page_bytes(self.config, r.page_size) if num_mla_layers(self.config) else 0
+        used = r.num_pages - r.allocator.num_free
+        return {"page_size": r.page_size, "page_bytes": pb, "pages_total": r.num_pages,
+                "pages_free": r.allocator.num_free, "pages_slots": len(held), "pages_tree": len(tree),
+                "pages_shared": sum(1 for p, n in held.items() if n > 1 or p in tree),
+                "bytes_total": r.num_pages * pb, "bytes_in_use": used * pb, "preempted": self.stats["preempted"]}
 
     # ---- submission -------------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
@@ -404,7 +459,8 @@ class Engine:
         # that a step runs at most one piece of a long prompt besides admission.
         prefilling = [r for r in self.slots if r is not None and not r.decoding]
         while self.waiting and None in self.slots:
-            self._admit()
+            if not self._admit():
+                break  # the pool has no room for the next request's first piece yet
         prefilling = [r for r in prefilling if not r.finished]  # a failed admission may have lost the cache
         if prefilling:
             self._continue_prefill(min(prefilling, key=lambda r: r.t_submit))
@@ -420,17 +476,17 @@ class Engine:
 
     def _piece_end(self, req: Request) -> int:
         """Where the request's next prefill piece ends: piece_len on, or at its next cut."""
-        ends = [req.prefilled + self.runner.piece_len, len(req.prompt_ids)] + [c for c in req.cuts if c > req.prefilled]
+        ends = [req.prefilled + self.runner.piece_len, len(req.prefill_ids)] + [c for c in req.cuts if c > req.prefilled]
         return min(ends)
 
     def _first_piece(self, req: Request) -> list[int]:
-        return req.prompt_ids[:self._piece_end(req)]
+        return req.prefill_ids[:self._piece_end(req)]
 
     def _plan(self, req: Request, match) -> None:
         """Set the prompt lengths where its prefill stops to cache a prefix: every snapshot_every tokens and, for a
         hybrid model, where the prompt leaves a cached path that has no snapshot there (so the next request
         branching at that point resumes there)."""
-        n = len(req.prompt_ids)
+        n = len(req.prefill_ids)
         cuts = set(range(self.snapshot_every, n, self.snapshot_every))
         if self.prefix.hybrid and match.num_tokens < match.num_matched < n:
             cuts.add(match.num_matched)
@@ -438,7 +494,7 @@ class Engine:
 
     def _peek_hit(self, req: Request) -> bool:
         """Whether the prefix cache holds a prefix of the request (not counted in the stats); plans its cuts."""
-        match = self.prefix.lookup(req.prompt_ids, record=False)
+        match = self.prefix.lookup(req.prefill_ids, record=False)
         self._plan(req, match)
         return match.num_tokens > 0
 
@@ -463,19 +519,25 @@ class Engine:
                 np.array([r.params.top_p for r in group], np.float32),
                 np.array([r.seed for r in group], np.uint32))
 
-    def _admit(self):
+    def _admit(self) -> bool:
         """Prefill the next group of waiting requests (their first pieces) into free slots. The whole call is
         prepared and run before any slot is taken; if it fails, only the group's requests fail (and leave the
-        queue). A request whose prompt is not done takes its slot and continues in later steps."""
+        queue). A request whose prompt is not done takes its slot and continues in later steps. Admission takes
+        free pages only (evicting unused cached prefixes), never preempts: returns False when the first waiting
+        request's first piece does not fit the pool now (it stays at the front)."""
         free = [i for i, r in enumerate(self.slots) if r is None]
         if self.prefix is not None and self._peek_hit(self.waiting[0]):
-            self._admit_cached(self.waiting[0], free[0])
-            return
+            return self._admit_cached(self.waiting[0], free[0])
         group = self._next_group(len(free))
+        while group and not self._make_room(sum(pages_for(len(self._first_piece(r)), self.runner.page_size)
+                                                for r in group)):
+            group.pop()
+        if not group:
+            return False
         slots = free[:len(group)]
         if self.prefix is not None:
             for req in group:  # count each query once, when it is admitted
-                self.prefix.lookup(req.prompt_ids)
+                self.prefix.lookup(req.prefill_ids)
         temp, top_k, top_p, seeds = self._sampling(group)
         pieces = [self._first_piece(r) for r in group]
         t0 = time.perf_counter()
@@ -495,18 +557,63 @@ class Engine:
         for i, (req, s) in enumerate(zip(group, slots)):
             self.waiting.popleft()
             req.slot, self.slots[s], req.prefilled = s, req, len(pieces[i])
+            req.admitted = next(self._admissions)
             self._temp[s], self._top_k[s], self._top_p[s], self._seed[s] = temp[i], top_k[i], top_p[i], seeds[i]
         for i, req in enumerate(group):
-            if req.decoding:
-                self._accept(req, out, i)
-            else:
-                self._cache_piece(req)
+            self._piece_done(req, out, i)
+        return True
 
-    def _admit_cached(self, req: Request, slot: int):
+    def _piece_done(self, req: Request, out, row: int):
+        """After a prefill piece of `req` (row `row` of `out`): cache the prefix at a cut; once the prompt is in,
+        take its first token, or, for a request resumed after a preemption, feed its last generated token next
+        (the token sampled here is the one it already has)."""
+        if not req.decoding:
+            self._cache_piece(req)
+        elif req.token_ids:
+            self._last[req.slot] = req.token_ids[-1]
+        else:
+            self._accept(req, out, row)
+
+    def _make_room(self, num_pages: int) -> bool:
+        """Whether the pool has num_pages free pages, after evicting unused cached prefixes (LRU) if it had not."""
+        if self.runner.allocator.num_free < num_pages and self.prefix is not None:
+            self.prefix.evict_for_free_pages(num_pages)
+        return self.runner.allocator.num_free >= num_pages
+
+    def _make_room_preempting(self, pages_needed: Callable[[], int], keep: Request | None = None) -> bool:
+        """Free pages for a step that takes pages_needed() (re-evaluated as requests leave): evict unused cached
+        prefixes, then preempt the most recently admitted requests holding slots (never `keep`) until it fits.
+        Whether it fits."""
+        while not self._make_room(pages_needed()):
+            victims = [r for r in self.slots if r is not None and r is not keep]
+            if not victims:
+                return False
+            self._preempt(max(victims, key=lambda r: r.admitted))
+        return True
+
+    def _preempt(self, req: Request):
+        """Take `req`'s slot and pages back and requeue it at the front, to be recomputed exactly: it prefills its
+        prompt and the tokens it generated so far but the last, then decodes on with the same sampling counters
+        (so greedy and seeded sampling continue as if nothing happened). vLLM's recompute preemption."""
+        log.info("preempting request %s (%d prompt + %d generated tokens) to free pages", req.id,
+                 len(req.prompt_ids), len(req.token_ids))
+        self.runner.release(req.slot)
+        self.slots[req.slot] = None
+        req.slot, req.prefilled, req.cuts = None, 0, []
+        req.prefill_ids = req.prompt_ids + req.token_ids[:-1]
+        self.waiting.appendleft(req)
+        self.stats["preempted"] += 1
+
+    def _admit_cached(self, req: Request, slot: int) -> bool:
         """Admit the request at the front of the queue into `slot` resumed from its cached prefix, and prefill its
-        first piece after it. If the load fails, the request fails (and, if the copy consumed the cache, every
-        slot's)."""
-        match = self.prefix.lookup(req.prompt_ids)
+        first piece after it (False, nothing done, when the pool lacks the pages for that now). If the load fails,
+        the request fails (and, if the call consumed the cache, every slot's)."""
+        match = self.prefix.lookup(req.prefill_ids, record=False)
+        n, ps = match.num_tokens, self.runner.page_size
+        end = min(n + self.runner.piece_len, len(req.prefill_ids))
+        if not self._make_room(1 + pages_for(end, ps) - pages_for(n, ps)):  # 1: a copy-on-write tail page
+            return False
+        match = self.prefix.lookup(req.prefill_ids)  # the same match (nothing changed), counted now
         self._plan(req, match)
         self.waiting.popleft()
         try:
@@ -515,26 +622,33 @@ class Engine:
             log.exception("loading a cached prefix for request %s failed", req.id)
             self._finish(req, FINISH_ERROR, error=f"prefix cache load failed: {type(e).__name__}: {e}")
             self._recover_cache(e)
-            return
+            return True
         temp, top_k, top_p, seeds = self._sampling([req])
         req.slot, self.slots[slot] = slot, req
-        req.prefilled = req.cached_tokens = match.num_tokens
+        req.admitted = next(self._admissions)
+        req.prefilled = match.num_tokens
+        if req.prefill_ids is req.prompt_ids:  # not a recompute after a preemption: prompt tokens resumed
+            req.cached_tokens = match.num_tokens
         self._temp[slot], self._top_k[slot], self._top_p[slot], self._seed[slot] = temp[0], top_k[0], top_p[0], seeds[0]
         self._continue_prefill(req)
+        return True
 
     def _cache_piece(self, req: Request):
         """After a prefill piece that ended at one of the request's cuts: cache the prompt so far."""
         if self.prefix is None or req.prefilled not in req.cuts:
             return
         try:
-            self.prefix.save(req.slot, req.prompt_ids[:req.prefilled])
+            self.prefix.save(req.slot, req.prefill_ids[:req.prefilled])
         except Exception:  # a prefix that is not cached costs time later, never correctness
             log.exception("caching the prefix of request %s failed", req.id)
 
     def _continue_prefill(self, req: Request):
         """Prefill the next piece of a prompt that holds a slot; its last piece samples the first token. A failure
         fails this request (and, if the call consumed the cache, every slot's)."""
-        piece = req.prompt_ids[req.prefilled:self._piece_end(req)]
+        piece = req.prefill_ids[req.prefilled:self._piece_end(req)]
+        if not self._make_room_preempting(lambda: self.runner.pages_to_hold(req.slot, req.prefilled + len(piece)),
+                                          keep=req):
+            return  # cannot happen while one request alone fits the pool; it would wait for pages
         t0 = time.perf_counter()
         try:
             out = self.runner.prefill([piece], [req.slot], *self._sampling([req]), *self._prefill_grammar_masks([req]),
@@ -548,13 +662,15 @@ class Engine:
         self.stats["prefill_tokens"] += len(piece)
         self.stats["prefill_s"] += time.perf_counter() - t0
         req.prefilled += len(piece)
-        if req.decoding:
-            self._accept(req, out, 0)
-        else:
-            self._cache_piece(req)
+        self._piece_done(req, out, 0)
 
     def _decode_step(self):
-        active = np.array([r is not None and r.decoding for r in self.slots])
+        decoding = lambda: np.array([r is not None and r.decoding for r in self.slots])  # noqa: E731
+        # A slot crossing a page boundary takes a page; a full pool preempts the latest admitted requests.
+        self._make_room_preempting(lambda: self.runner.pages_needed(decode=decoding()))
+        active = decoding()
+        if not active.any():
+            return
         counters = np.array([len(r.token_ids) if r is not None else 0 for r in self.slots], np.int32)
         t0 = time.perf_counter()
         try:
@@ -593,10 +709,13 @@ class Engine:
         return bitmask[:len(rows)], constrained[:len(rows)]
 
     def _recover_cache(self, e: Exception):
-        """After a failed call: if it consumed the donated cache, the active requests' states are gone with it;
-        they fail and the runner starts a fresh cache. (An intact cache is kept: the other slots carry on.)"""
+        """After a failed call: if it consumed the donated cache, the active requests' states and every cached
+        prefix's latents are gone with it; they fail, the prefix cache empties and the runner starts a fresh
+        cache. (An intact cache is kept: the other slots carry on.)"""
         if not self.runner.recover():
             return
+        if self.prefix is not None:
+            self.prefix.clear()
         for req in [r for r in self.slots if r is not None]:
             self._finish(req, FINISH_ERROR, error=f"the decode cache was lost when a call failed: "
                                                   f"{type(e).__name__}: {e}")
@@ -671,6 +790,7 @@ class Engine:
             self._cache_sequence(req)
         req.finish_reason, req.error, req.t_done = reason, error, time.perf_counter()
         if holds_slot:
+            self.runner.release(req.slot)  # pages the prefix cache took stay; the rest return to the pool
             self.slots[req.slot] = None
         with self._cv:
             self._unfinished -= 1
@@ -690,10 +810,13 @@ class Engine:
             log.exception("caching the sequence of request %s failed", req.id)
         if time.monotonic() - self._prefix_logged >= 60:
             self._prefix_logged = time.monotonic()
-            st = self.prefix.stats()
+            st, pool = self.prefix.stats(), self.pool_stats()
             log.info("prefix cache: %d hits / %d queries, %d cached tokens reused, %d evicted nodes, %.1f of %.1f MiB "
-                     "in use", st["hits"], st["queries"], st["cached_tokens"], st["evicted_nodes"],
-                     st["bytes_in_use"] / 2 ** 20, st["budget_bytes"] / 2 ** 20)
+                     "in use; page pool: %d pages of %d, %d held by live slots, %d by the tree, %d shared, %d free, "
+                     "%d preempted", st["hits"], st["queries"], st["cached_tokens"], st["evicted_nodes"],
+                     st["bytes_in_use"] / 2 ** 20, st["budget_bytes"] / 2 ** 20, pool["pages_total"],
+                     pool["page_size"], pool["pages_slots"], pool["pages_tree"], pool["pages_shared"],
+                     pool["pages_free"], pool["preempted"])
 
     def _finish_everything(self, reason: str, error: str | None = None):
         """Finish every queued, waiting and active request."""
@@ -749,6 +872,8 @@ class Engine:
                     log.exception("engine step failed")
                     self._finish_everything(FINISH_ERROR, f"engine step failed: {type(e).__name__}: {e}")
                     self.runner.reset()
+                    if self.prefix is not None:
+                        self.prefix.clear()
         except BaseException as e:  # the thread ends here: nothing may be left waiting on it
             log.exception("the engine thread died")
             with self._cv:

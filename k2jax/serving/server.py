@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP API over an `Engine`: /v1/completions, /v1/chat/completions (both with SSE streaming,
 and a last usage chunk when asked with stream_options.include_usage), /v1/models, /health and /v1/stats (the
-prefix cache's hits, cached tokens, evictions and bytes in use, and the engine's token counts). Every usage
+prefix cache's hits, cached tokens, evictions and bytes in use, the page pool's pages held by live sequences, by
+the prefix cache, shared and free, and the engine's token counts). Every usage
 reports prompt_tokens_details.cached_tokens: prompt tokens resumed from the prefix cache. Built on FastAPI + uvicorn (the `serve` extra).
 
 The engine runs in its own thread; each request registers a callback that hands the engine's events to the
@@ -239,7 +240,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: ServerLimits 
     @app.get("/v1/stats")
     async def stats():
         st = engine.stats
-        return {"prefix_cache": engine.prefix_stats(), "active": engine.num_active, "waiting": engine.num_waiting,
+        return {"prefix_cache": engine.prefix_stats(), "page_pool": engine.pool_stats(),
+                "active": engine.num_active, "waiting": engine.num_waiting,
                 "prefill_tokens": st["prefill_tokens"], "decode_tokens": st["decode_tokens"],
                 "finished": dict(st["finished"])}
 

@@ -46,6 +46,28 @@ DEFAULT_ROWS_BLOCK_K = 2048
 DEFAULT_ROWS_BLOCK_K_DECODE = 1024
 
 
+def _read_key_block(ckv, kpe, row, start, size: int, length, rank: int, page_table=None, layer=None):
+    """Keys [start, start + size) of cache row `row`: (c [size, R = rank], k_pe [size, P]).
+
+    Contiguous cache (page_table None): ckv [N, S, R], kpe [N, S, P], read in place with dynamic slices.
+    Paged cache: ckv is a page pool [L, num_pages, page_size, R + P] (c | k_pe of each token, the layout of
+    k2jax.serving.page_pool), kpe is None, page_table int [B, max_pages] maps row `row`'s logical page j to its
+    physical page (negative: none), layer (int scalar) picks the MLA layer; start and size are multiples of
+    page_size, so the block is whole pages, read with one gather. Positions >= length are zeroed there: a page
+    past a row's length may be another sequence's (or recycled), and a stale non-finite value times a masked
+    (zero) probability would still poison the sum."""
+    if page_table is None:
+        c = jax.lax.dynamic_slice(ckv, (row, start, 0), (1, size, rank))[0]
+        kp = jax.lax.dynamic_slice(kpe, (row, start, 0), (1, size, kpe.shape[-1]))[0]
+        return c, kp
+    ps, D = ckv.shape[2], ckv.shape[3]
+    pages = jax.lax.dynamic_slice(page_table, (row, start // ps), (1, size // ps))[0]
+    block = ckv[layer, jnp.maximum(pages, 0)].reshape(size, D)
+    ok = (start + jnp.arange(size, dtype=jnp.int32) < length) & jnp.repeat(pages >= 0, ps)
+    block = jnp.where(ok[:, None], block, jnp.zeros((), block.dtype))
+    return block[:, :rank], block[:, rank:]
+
+
 def latent_attention(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, block_q: int = DEFAULT_BLOCK_Q,
                      block_k: int = DEFAULT_BLOCK_K):
     """Softmax attention of queries over a latent cache, in the latent space.
@@ -123,7 +145,8 @@ def expanded_pays_off(num_queries: int, *, heads: int, nope_dim: int, rope_dim: 
 
 
 def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv, *, scale: float, q_mask=None,
-                                  cache_rows=None, decompress_block: int = DEFAULT_DECOMPRESS_BLOCK,
+                                  cache_rows=None, page_table=None, layer=None,
+                                  decompress_block: int = DEFAULT_DECOMPRESS_BLOCK,
                                   block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
     """The attention of `latent_attention` in the expanded form, for many queries over a long cache.
 
@@ -135,7 +158,8 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
     to K [B, block, H, n + P] and V [B, block, H, d_v] in the compute dtype and attended by the blocked attention
     op (`block_q`, `block_k`), the blocks' partial results merged by their log-sum-exp: memory O(block), never
     [T, S]. Returns (o [B, T, H, d_v] in ckv's dtype, 0 where a query sees no key; lse float32 [B, T, H], -inf
-    where it sees no key), equal to latent_attention followed by W_UV.
+    where it sees no key), equal to latent_attention followed by W_UV. A paged cache (page_table, layer) is read
+    as in `latent_attention_rows` (decompress_block rounded down to a multiple of page_size).
     """
     B, T, H, n = q_nope.shape
     if q_pe.shape[:3] != (B, T, H) or w_uk.shape[:2] != (H, n) or w_uv.shape[0] != H:
@@ -143,14 +167,14 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
                          f"w_uk [H, n, R] {w_uk.shape} and w_uv [H, R, d_v] {w_uv.shape} disagree")
     R = w_uk.shape[2]
     _check(jax.ShapeDtypeStruct((B, T, H, R), q_pe.dtype), q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k,
-           cache_rows, op="decompressed_latent_attention")
+           cache_rows, op="decompressed_latent_attention", page_table=page_table, layer=layer)
     if w_uv.shape[1] != R:
         raise ValueError(f"decompressed_latent_attention: w_uv must be [H, R={R}, d_v], got {w_uv.shape}")
     if isinstance(decompress_block, bool) or not isinstance(decompress_block, int) or decompress_block < 1:
         raise ValueError(f"decompressed_latent_attention: decompress_block must be a positive int, "
                          f"got {decompress_block!r}")
-    S, P, dv, dt = ckv.shape[1], q_pe.shape[-1], w_uv.shape[2], ckv.dtype
-    bs = min(decompress_block, S)
+    S, P, dv, dt = _capacity(ckv, page_table), q_pe.shape[-1], w_uv.shape[2], ckv.dtype
+    bs = _key_block(decompress_block, S, ckv, page_table)
     lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, S)
     q = jnp.concatenate([q_nope.astype(dt), q_pe.astype(dt)], axis=-1)
     q_seg = jnp.ones((B, T), jnp.int32) if q_mask is None else q_mask.astype(jnp.int32)
@@ -160,12 +184,13 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
         def compute(carry):
             # The last block is read from S - bs when bs does not divide S; keys before j * bs were counted.
             start = jnp.minimum(j * bs, S - bs)
-            if cache_rows is None:
+            if cache_rows is None and page_table is None:
                 c = jax.lax.dynamic_slice_in_dim(ckv, start, bs, axis=1)
                 kp = jax.lax.dynamic_slice_in_dim(kpe, start, bs, axis=1).astype(dt)
-            else:  # only this block of each row's cache row is read
-                c = jax.vmap(lambda r: jax.lax.dynamic_slice(ckv, (r, start, 0), (1, bs, R))[0])(cache_rows)
-                kp = jax.vmap(lambda r: jax.lax.dynamic_slice(kpe, (r, start, 0), (1, bs, P))[0])(cache_rows)
+            else:  # only this block of each row's cache row (or pages) is read
+                rows = jnp.arange(B, dtype=jnp.int32) if cache_rows is None else cache_rows
+                c, kp = jax.vmap(lambda r, n: _read_key_block(ckv, kpe, r, start, bs, n, R, page_table, layer))(
+                    rows, lengths)
                 kp = kp.astype(dt)
             k_nope = jnp.einsum("bsr,hnr->bshn", c, w_uk.astype(dt), preferred_element_type=_F32).astype(dt)
             v = jnp.einsum("bsr,hrv->bshv", c, w_uv.astype(dt), preferred_element_type=_F32).astype(dt)
@@ -183,7 +208,8 @@ def decompressed_latent_attention(q_nope, q_pe, ckv, kpe, kv_lengths, w_uk, w_uv
 
 
 def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, cache_rows=None,
-                          block_q: int = DEFAULT_ROWS_BLOCK_Q, block_k: int | None = None):
+                          page_table=None, layer=None, block_q: int = DEFAULT_ROWS_BLOCK_Q,
+                          block_k: int | None = None):
     """`latent_attention` for serving, where the work follows each row's live cache: row b reads row
     cache_rows[b] of a cache holding many sequences (default row b), and only its own key blocks up to
     kv_lengths[b] and its own query blocks up to its last query that sees the cache. A row of length 0 costs
@@ -192,9 +218,12 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
 
     q_lat: [B, T, H, R]; q_pe: [B, T, H, P]; ckv: [N, S, R]; kpe: [N, S, P] (N sequences, S entries each);
     kv_lengths: int [B]; q_mask: bool [B, T] or None (as in `latent_attention`); cache_rows: int [B] in [0, N) or
-    None (then N must be B). Rows run one after another, each a loop over its query blocks and, inside, its key
-    blocks, with trip counts read at run time (`lax.while_loop`): not reverse-differentiable (`latent_attention`,
-    a scan over fixed block counts, is). Rows in sequence suit serving's few live rows; a batch of many equally long
+    None (then N must be B). Paged cache (page_table given): ckv is a page pool [L, num_pages, page_size, R + P],
+    kpe None, page_table int [B, max_pages] row b's pages (logical order, negative: none) and layer (int scalar)
+    the pool's MLA layer; row b's keys are its first kv_lengths[b] positions, read a block of whole pages at a
+    time (block_k is rounded down to a multiple of page_size). Rows run one after another, each a loop over its
+    query blocks and, inside, its key blocks, with trip counts read at run time (`lax.while_loop`): not
+    reverse-differentiable (`latent_attention`, a scan over fixed block counts, is). Rows in sequence suit serving's few live rows; a batch of many equally long
     rows is what `latent_attention` batches better. Returns (o [B, T, H, R] in ckv's dtype, lse float32 [B, T, H])
     equal to `latent_attention` on the gathered rows. block_q: query tokens per block; block_k: keys per block
     (None: DEFAULT_ROWS_BLOCK_K_DECODE for one query token, else DEFAULT_ROWS_BLOCK_K).
@@ -202,11 +231,11 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
     if block_k is None:
         block_k = DEFAULT_ROWS_BLOCK_K_DECODE if q_lat.shape[1:2] == (1,) else DEFAULT_ROWS_BLOCK_K
     B, T, H, R = _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k, cache_rows,
-                        op="latent_attention_rows")
+                        op="latent_attention_rows", page_table=page_table, layer=layer)
     if cache_rows is None:
         cache_rows = jnp.arange(B, dtype=jnp.int32)
-    S, P, dt = ckv.shape[1], q_pe.shape[-1], ckv.dtype
-    bq, bk = min(int(block_q), T), min(int(block_k), S)
+    S, P, dt = _capacity(ckv, page_table), q_pe.shape[-1], ckv.dtype
+    bq, bk = min(int(block_q), T), _key_block(block_k, S, ckv, page_table)
     nq = -(-T // bq)
     rows_q = bq * H  # a query block's rows: bq tokens x H heads against one shared key
     pad = lambda x: jnp.pad(x, [(0, 0), (0, nq * bq - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
@@ -234,8 +263,8 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
                 m, l, acc = carry
                 # The last block is read from S - bk when bk does not divide S; keys before j * bk were counted.
                 start = jnp.minimum(j * bk, S - bk)
-                c = jax.lax.dynamic_slice(ckv, (cache_row, start, 0), (1, bk, R))[0]
-                kp = jax.lax.dynamic_slice(kpe, (cache_row, start, 0), (1, bk, P))[0].astype(dt)
+                c, kp = _read_key_block(ckv, kpe, cache_row, start, bk, length, R, page_table, layer)
+                kp = kp.astype(dt)
                 s = (jnp.einsum("qr,kr->qk", ql, c, preferred_element_type=_F32)
                      + jnp.einsum("qp,kp->qk", qp, kp, preferred_element_type=_F32)) * scale
                 pos = start + jnp.arange(bk, dtype=jnp.int32)
@@ -279,11 +308,46 @@ def merge_attention(o1, lse1, o2, lse2):
     return jnp.where(seen[..., None], o, 0.0).astype(o1.dtype), lse
 
 
-def _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k, cache_rows=None, op="latent_attention"):
+def _capacity(ckv, page_table) -> int:
+    """Key positions a cache row can hold: S of a contiguous [N, S, R] cache, max_pages * page_size paged."""
+    return ckv.shape[1] if page_table is None else page_table.shape[1] * ckv.shape[2]
+
+
+def _key_block(block: int, capacity: int, ckv, page_table) -> int:
+    """Keys read per block: at most `block` and the capacity, whole pages when the cache is paged."""
+    if page_table is None:
+        return min(int(block), capacity)
+    ps = ckv.shape[2]
+    return min(max(ps, int(block) // ps * ps), capacity)
+
+
+def _check_paged(q_pe, ckv, kpe, kv_lengths, page_table, layer, cache_rows, B, R, op):
+    P = q_pe.shape[-1]
+    if ckv.ndim != 4 or ckv.shape[-1] != R + P or kpe is not None:
+        raise ValueError(f"{op}: a paged cache is ckv = the page pool [L, num_pages, page_size, R + P = {R + P}] "
+                         f"with kpe None, got ckv {ckv.shape} and kpe {None if kpe is None else kpe.shape}")
+    if page_table.ndim != 2 or page_table.shape[0] != B or not jnp.issubdtype(page_table.dtype, jnp.integer):
+        raise ValueError(f"{op}: page_table must be int [B={B}, max_pages], got "
+                         f"{page_table.dtype}{list(page_table.shape)}")
+    if page_table.shape[1] < 1:
+        raise ValueError(f"{op}: page_table needs at least one column (max_pages >= 1)")
+    if cache_rows is not None:
+        raise ValueError(f"{op}: a paged cache is addressed by page_table rows, so cache_rows must be None")
+    if layer is None or jnp.ndim(layer) != 0:
+        raise ValueError(f"{op}: a paged cache needs layer, an int scalar (the pool's MLA layer), got {layer!r}")
+    if kv_lengths.shape != (B,) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
+        raise ValueError(f"{op}: kv_lengths must be int [B={B}], got {kv_lengths.dtype}{list(kv_lengths.shape)}")
+
+
+def _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k, cache_rows=None, op="latent_attention",
+           page_table=None, layer=None):
     if q_lat.ndim != 4 or q_pe.ndim != 4 or q_lat.shape[:3] != q_pe.shape[:3]:
         raise ValueError(f"{op}: q_lat must be [B, T, H, R] and q_pe [B, T, H, P] with the same B, T, H, got "
                          f"{q_lat.shape} and {q_pe.shape}")
     B, T, H, R = q_lat.shape
+    if page_table is not None:
+        _check_paged(q_pe, ckv, kpe, kv_lengths, page_table, layer, cache_rows, B, R, op)
+        return _check_rest(q_mask, block_q, block_k, B, T, H, R, op)
     S = ckv.shape[1] if ckv.ndim == 3 else -1
     N = B if cache_rows is None else (ckv.shape[0] if ckv.ndim == 3 else -1)  # cache rows: any number when mapped
     if ckv.shape != (N, S, R) or kpe.shape != (N, S, q_pe.shape[-1]):
@@ -296,6 +360,10 @@ def _check(q_lat, q_pe, ckv, kpe, kv_lengths, q_mask, block_q, block_k, cache_ro
         raise ValueError(f"{op}: the cache needs at least one entry (S >= 1), got S={S}")
     if kv_lengths.shape != (B,) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
         raise ValueError(f"{op}: kv_lengths must be int [B={B}], got {kv_lengths.dtype}{list(kv_lengths.shape)}")
+    return _check_rest(q_mask, block_q, block_k, B, T, H, R, op)
+
+
+def _check_rest(q_mask, block_q, block_k, B, T, H, R, op):
     if q_mask is not None and (q_mask.shape != (B, T) or q_mask.dtype != jnp.bool_):
         raise ValueError(f"{op}: q_mask must be bool [B, T] = [{B}, {T}], got {q_mask.dtype}{list(q_mask.shape)}")
     for name, block in (("block_q", block_q), ("block_k", block_k)):

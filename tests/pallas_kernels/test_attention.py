@@ -455,3 +455,77 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="q_mask must be"):
         latent_attention(*lat, jnp.zeros((1, 5, 16)), jnp.zeros((1, 5, 4)), jnp.ones(1, jnp.int32), scale=1.0,
                          q_mask=jnp.ones((1, 8), jnp.int32))
+
+
+def _paged(ckv, kpe, lengths, page_size, num_pages, seed, shared=None):
+    """The rows of a contiguous cache (ckv [B, S, R], kpe [B, S, P]) scattered over a shuffled pool [2, num_pages,
+    page_size, R + P] (MLA layer 1 holds them, layer 0 garbage; free pages hold NaN), each row's pages out of order
+    and not contiguous; `shared`: (row a, row b, logical pages k) make row b's first k pages row a's (the rows must
+    agree there). Returns (pool, page_table int32 [B, max_pages], -1 past each row's pages)."""
+    B, S, R = ckv.shape
+    M = -(-S // page_size)
+    rng = np.random.default_rng(seed)
+    order = iter(rng.permutation(num_pages).tolist())
+    pool = np.full((2, num_pages, page_size, R + kpe.shape[-1]), np.nan, np.float32)
+    pool[0] = rng.normal(size=pool.shape[1:])
+    table = np.full((B, M), -1, np.int32)
+    data = np.concatenate([np.asarray(ckv, np.float32), np.asarray(kpe, np.float32)], -1)
+    data = np.pad(data, ((0, 0), (0, M * page_size - S), (0, 0)))
+    for b in range(B):
+        for j in range(-(-int(lengths[b]) // page_size)):
+            if shared is not None and b == shared[1] and j < shared[2]:
+                table[b, j] = table[shared[0], j]
+                continue
+            table[b, j] = next(order)
+            pool[1, table[b, j]] = data[b, j * page_size:(j + 1) * page_size]
+            pool[1, table[b, j], max(0, int(lengths[b]) - j * page_size):] = np.nan  # stale past the length
+    return jnp.asarray(pool, ckv.dtype), jnp.asarray(table)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_latent_attention_rows_reads_a_paged_pool_through_the_page_table(dtype):
+    """The serving form over a paged pool: rows of lengths 37, 0, 20 and 21 (not multiples of the 8-token page;
+    a length-0 row) whose pages are shuffled, out of order and not contiguous, rows 3 and 2 sharing their first two
+    pages, NaN in every free page and past every length. Equals the contiguous read bit for bit in structure
+    (same blocks: tolerance of summation order only), and the expanded form reads the pool too."""
+    ks = jax.random.split(jax.random.key(9), 6)
+    B, T, H, R, P, S, ps = 4, 5, 4, 16, 8, 40, 8
+    q_lat = jax.random.normal(ks[0], (B, T, H, R)).astype(dtype)
+    q_pe = jax.random.normal(ks[1], (B, T, H, P)).astype(dtype)
+    ckv = jax.random.normal(ks[2], (B, S, R)).astype(dtype)
+    kpe = jax.random.normal(ks[3], (B, S, P)).astype(dtype)
+    ckv, kpe = ckv.at[3, :16].set(ckv[2, :16]), kpe.at[3, :16].set(kpe[2, :16])  # rows 2 and 3 share 16 tokens
+    lengths = jnp.array([37, 0, 20, 21], jnp.int32)
+    q_mask = jnp.ones((B, T), bool).at[0, 3:].set(False)
+    pool, table = _paged(ckv, kpe, lengths, ps, 24, seed=1, shared=(2, 3, 2))
+    assert int(table[3, 0]) == int(table[2, 0]) and int(table[3, 1]) == int(table[2, 1])
+    kw = dict(scale=0.2, q_mask=q_mask, block_q=2, block_k=16)
+    o, lse = jit_fast_compile(lambda *a: latent_attention_rows(*a, **kw))(q_lat, q_pe, ckv, kpe, lengths)
+    o_p, lse_p = jit_fast_compile(lambda ql, qp, pool, t, n: latent_attention_rows(
+        ql, qp, pool, None, n, page_table=t, layer=1, **kw))(q_lat, q_pe, pool, table, lengths)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    finite = np.isfinite(np.asarray(lse))
+    assert np.isfinite(np.asarray(o_p, np.float32)).all() and np.array_equal(finite, np.isfinite(np.asarray(lse_p)))
+    assert error_ratio(o, o_p) < tol and error_ratio(np.asarray(lse)[finite], np.asarray(lse_p)[finite]) < tol
+    np.testing.assert_array_equal(np.asarray(o_p, np.float32)[1], 0.0)
+    # A block size that is not a multiple of the page is rounded down to whole pages (12 -> 8): same result.
+    o_p2, _ = jit_fast_compile(lambda ql, qp, pool, t, n: latent_attention_rows(
+        ql, qp, pool, None, n, page_table=t, layer=1, scale=0.2, q_mask=q_mask, block_q=2, block_k=12))(
+        q_lat, q_pe, pool, table, lengths)
+    assert error_ratio(o, o_p2) < tol
+    # The expanded form (decompress blocks of 16 keys = 2 pages) reads the same pool.
+    w_uk = (jax.random.normal(ks[4], (H, 8, R)) / 4).astype(dtype)
+    w_uv = (jax.random.normal(ks[5], (H, R, 12)) / 4).astype(dtype)
+    q_nope = jax.random.normal(ks[0], (B, T, H, 8)).astype(dtype)
+    dk = dict(scale=0.3, q_mask=q_mask, decompress_block=16, block_q=4, block_k=8)
+    e, _ = jit_fast_compile(lambda *a: decompressed_latent_attention(*a, w_uk, w_uv, **dk))(
+        q_nope, q_pe, ckv, kpe, lengths)
+    e_p, _ = jit_fast_compile(lambda qn, qp, pool, t, n: decompressed_latent_attention(
+        qn, qp, pool, None, n, w_uk, w_uv, page_table=t, layer=1, **dk))(q_nope, q_pe, pool, table, lengths)
+    assert np.isfinite(np.asarray(e_p, np.float32)).all() and error_ratio(e, e_p) < tol
+    with pytest.raises(ValueError, match="page_table must be int"):
+        latent_attention_rows(q_lat, q_pe, pool, None, lengths, page_table=table[:2], layer=1, scale=0.2)
+    with pytest.raises(ValueError, match="needs layer"):
+        latent_attention_rows(q_lat, q_pe, pool, None, lengths, page_table=table, scale=0.2)
+    with pytest.raises(ValueError, match="page pool"):
+        latent_attention_rows(q_lat, q_pe, pool, kpe, lengths, page_table=table, layer=1, scale=0.2)

@@ -1,4 +1,5 @@
-"""Prefill + decode over the slot cache against the full forward, INT4 experts, cache sizes, and sampling."""
+"""Prefill + decode over the slot cache (MLA latents in a paged pool, read through a page table) against the full
+forward, INT4 experts, cache sizes, and sampling."""
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +11,14 @@ from k2jax import KimiLinear, load_config
 from k2jax.layers.kda import KDAState
 from k2jax.quantize import quantize_model_experts
 from k2jax.serving import cache as kvcache
+from k2jax.serving.page_pool import copy_pages
 from k2jax.serving.runner import decode, prefill
 from k2jax.serving.sampling import row_keys, sample
 from pallas_kernels.int4 import dequantize_int4
 from tests.conftest import error_ratio
 
-SLOTS, MAX_LEN, BUCKET = 3, 32, 16
+SLOTS, MAX_LEN, BUCKET, PS = 3, 32, 16, 8
+M = MAX_LEN // PS  # pages per slot
 CONFIGS = {
     # KDA + NoPE MLA, dense layer 0 and a MoE layer 1.
     "hybrid": dict(num_hidden_layers=2, kda_layers=(1,), full_attn_layers=(2,)),
@@ -25,33 +28,50 @@ CONFIGS = {
 }
 
 
-class Runner:
-    """Jitted prefill / decode (kv_len = MAX_LEN) of `model`, and the full forward of one right-padded MAX_LEN row
-    of `reference` (default: the same model)."""
+def scrambled_table(seed=0):
+    """A page table over the default pool (SLOTS x M pages) whose slots' pages are shuffled: neither contiguous nor
+    in order."""
+    return np.random.default_rng(seed).permutation(SLOTS * M).astype(np.int32).reshape(SLOTS, M)
 
-    def __init__(self, model, reference=None):
+
+class Runner:
+    """Jitted prefill / decode of `model` over the slots' pages `table` (default: scrambled), and the full forward
+    of one right-padded MAX_LEN row of `reference` (default: the same model)."""
+
+    def __init__(self, model, reference=None, table=None):
         self.model = model
+        self.table = scrambled_table() if table is None else table
         graphdef, self.state = nnx.split(model)
         ref_def, self.ref_state = nnx.split(reference or model)
         m = lambda st: nnx.merge(graphdef, st)  # noqa: E731
-        self._prefill = jax.jit(lambda st, c, t, n, s: prefill(m(st), c, t, n, s))
-        self._decode = jax.jit(lambda st, c, t, a: decode(m(st), c, t, a, kv_len=MAX_LEN))
+        self._prefill = jax.jit(lambda st, c, pt, t, n, s: prefill(m(st), c, pt, t, n, s))
+        self._decode = jax.jit(lambda st, c, pt, t, a: decode(m(st), c, pt, t, a))
         self._full = jax.jit(lambda st, t: nnx.merge(ref_def, st)(t)[0])
-        self._piece = jax.jit(lambda st, c, t, n, s, p, kv: prefill(m(st), c, t, n, s, p, kv_len=kv),
-                              static_argnums=(6,))
+        self._piece = jax.jit(lambda st, c, pt, t, n, s, p: prefill(m(st), c, pt, t, n, s, p))
+        self._fresh_piece = jax.jit(lambda st, c, pt, t, n, s: prefill(m(st), c, pt, t, n, s))
+
+    def init(self):
+        return kvcache.init_cache(self.model.config, SLOTS, MAX_LEN, page_size=PS)
 
     def prefill(self, cache, rows, slots):
         toks = np.zeros((len(rows), BUCKET if max(map(len, rows)) <= BUCKET else MAX_LEN), np.int32)
         for i, r in enumerate(rows):
             toks[i, :len(r)] = r
-        return self._prefill(self.state, cache, toks, np.array([len(r) for r in rows], np.int32),
+        return self._prefill(self.state, cache, self.table, toks, np.array([len(r) for r in rows], np.int32),
                              np.array(slots, np.int32))
 
-    def prefill_piece(self, cache, tokens, lengths, slots, starts, kv_len):
-        return self._piece(self.state, cache, tokens, lengths, slots, starts, kv_len)
+    def prefill_piece(self, cache, tokens, lengths, slots, starts):
+        if int(np.max(starts)) == 0:
+            return self._fresh_piece(self.state, cache, self.table, tokens, lengths, slots)
+        return self._piece(self.state, cache, self.table, tokens, lengths, slots, starts)
 
     def decode(self, cache, tokens, active):
-        return self._decode(self.state, cache, np.array(tokens, np.int32), np.array(active))
+        return self._decode(self.state, cache, self.table, np.array(tokens, np.int32), np.array(active))
+
+    def slot_state(self, cache, slot):
+        """What `slot` holds: its KDA states and its pages of the pool (numpy)."""
+        kda = [np.asarray(a)[slot] for lc in cache.layers if lc is not None for a in lc]
+        return kda + [np.asarray(cache.pool)[:, self.table[slot]]]
 
     def full_last(self, ids):
         """Reference logits [vocab] at the last of `ids` (causal: the right padding after it is never seen)."""
@@ -92,8 +112,8 @@ def _generate_and_check(r, cache, seqs, slot_of, steps, *, tol=1e-5):
 
 def test_prefill_then_greedy_decode_equals_full_forward(runner):
     r = runner
-    cache = kvcache.init_cache(r.model.config, SLOTS, MAX_LEN)
-    empty = jax.tree.map(np.array, cache)
+    cache = r.init()
+    empty = r.slot_state(cache, 1)
     prompts = [_prompt(0, 11), _prompt(1, 5)]
     cache, logits = r.prefill(cache, prompts, slots=[2, 0])
     for i, p in enumerate(prompts):
@@ -103,16 +123,16 @@ def test_prefill_then_greedy_decode_equals_full_forward(runner):
     cache = _generate_and_check(r, cache, seqs, {0: 2, 1: 0}, steps=8)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [5 + 8, 0, 11 + 8])
     # The inactive slot 1 was never touched.
-    for a, b in zip(jax.tree.leaves(empty), jax.tree.leaves(cache)):
-        np.testing.assert_array_equal(np.asarray(b)[1], a[1])
+    for a, b in zip(empty, r.slot_state(cache, 1)):
+        np.testing.assert_array_equal(b, a)
     # Reusing slot 2 for a new, shorter prompt starts from a clean state; a padding row (length 0) aimed at the
     # unused slot 1 leaves it untouched.
     new = _prompt(2, 3)
     cache, logits = r.prefill(cache, [new, []], slots=[2, 1])
     assert error_ratio(r.full_last(new), logits[0]) < 1e-5
     np.testing.assert_array_equal(np.asarray(cache.lengths), [13, 0, 3])
-    for a, b in zip(jax.tree.leaves(empty), jax.tree.leaves(cache)):
-        np.testing.assert_array_equal(np.asarray(b)[1], a[1])
+    for a, b in zip(empty, r.slot_state(cache, 1)):
+        np.testing.assert_array_equal(b, a)
     _generate_and_check(r, cache, [new + [int(np.argmax(logits[0]))], seqs[1]], {0: 2, 1: 0}, steps=3)
 
 
@@ -120,14 +140,14 @@ def test_decode_beside_an_inactive_slot_holding_a_sequence_equals_full_forward(r
     """An inactive slot that still holds a longer sequence is read as empty (its row costs nothing) and left
     unchanged; the active slot, over a partly filled cache, decodes as the full forward."""
     r = runner
-    cache = kvcache.init_cache(r.model.config, SLOTS, MAX_LEN)
+    cache = r.init()
     prompts = [_prompt(8, 4), _prompt(9, 20)]
     cache, logits = r.prefill(cache, prompts, slots=[1, 0])
-    stale = jax.tree.map(lambda a: np.asarray(a)[0], cache.layers)
+    stale = r.slot_state(cache, 0)
     cache = _generate_and_check(r, cache, [prompts[0] + [int(np.argmax(logits[0]))]], {0: 1}, steps=3)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [20, 7, 0])
-    for a, b in zip(jax.tree.leaves(stale), jax.tree.leaves(cache.layers)):
-        np.testing.assert_array_equal(np.asarray(b)[0], a)
+    for a, b in zip(stale, r.slot_state(cache, 0)):
+        np.testing.assert_array_equal(b, a)
 
 
 def _prefill_pieces(r, cache, prompt, slot, cuts):
@@ -137,9 +157,8 @@ def _prefill_pieces(r, cache, prompt, slot, cuts):
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         toks = np.zeros((1, BUCKET), np.int32)
         toks[0, :hi - lo] = prompt[lo:hi]
-        kv_len = 0 if lo == 0 else (BUCKET if lo <= BUCKET else MAX_LEN)
         cache, logits = r.prefill_piece(cache, toks, np.array([hi - lo], np.int32), np.array([slot], np.int32),
-                                        np.array([lo], np.int32), kv_len)
+                                        np.array([lo], np.int32))
     return cache, logits[0]
 
 
@@ -151,9 +170,9 @@ def test_prefill_in_pieces_equals_one_shot(runner, dtype):
     r = runner if dtype == "float32" else Runner(KimiLinear(
         runner.model.config.replace(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0)))
     prompt = _prompt(7, 29)
-    one_cache, one = r.prefill(kvcache.init_cache(r.model.config, SLOTS, MAX_LEN), [prompt], slots=[1])
+    one_cache, one = r.prefill(r.init(), [prompt], slots=[1])
     for cuts in ([5, 16], [16], [3, 11, 27]):
-        cache, logits = _prefill_pieces(r, kvcache.init_cache(r.model.config, SLOTS, MAX_LEN), prompt, 1, cuts)
+        cache, logits = _prefill_pieces(r, r.init(), prompt, 1, cuts)
         np.testing.assert_array_equal(np.asarray(cache.lengths), [0, 29, 0])
         assert error_ratio(one[0], logits) < (1e-5 if dtype == "float32" else 1e-2), cuts
         if dtype == "float32":
@@ -165,6 +184,41 @@ def test_prefill_in_pieces_equals_one_shot(runner, dtype):
             a = r.decode(cache, [0, tok, 0], [False, True, False])[1][1]
             b = r.decode(one_cache, [0, tok, 0], [False, True, False])[1][1]
             assert error_ratio(b, a) < 1e-2 and int(np.argmax(a)) == int(np.argmax(b))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_slots_sharing_pages_branch_from_one_point_mid_page(runner, dtype):
+    """Two slots share a prefix through the pool: slot 0 prefills 13 tokens (ending mid page 1); slot 1 takes its
+    state (KDA copied, MLA: the full page 0 SHARED, the partial page 1 copied into its own page: copy-on-write),
+    then both continue with different suffixes from one page table where pages are shuffled. Each equals the full
+    forward of its own sequence (f32; bf16: the same greedy tokens as a slot that prefilled alone), and slot 0's
+    writes into its page 1 past the branch never reach slot 1."""
+    r = runner if dtype == "float32" else Runner(KimiLinear(
+        runner.model.config.replace(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0)))
+    table = np.array([[5, 2, 9, 0], [5, 7, 3, 11], [1, 4, 6, 8]], np.int32)
+    r = Runner(r.model, table=table)
+    base, a_tail, b_tail = _prompt(20, 13), _prompt(21, 16), _prompt(22, 10)
+    cache, _ = _prefill_pieces(r, r.init(), base, 0, [])
+    kda = tuple(None if lc is None else KDAState(*(a.at[1].set(a[0]) for a in lc)) for lc in cache.layers)
+    pool = copy_pages(cache.pool, jnp.array([2], jnp.int32), jnp.array([7], jnp.int32))
+    cache = kvcache.DecodeCache(kda, cache.lengths.at[1].set(13), pool)
+    outs = []
+    for slot, tail in ((0, a_tail), (1, b_tail)):
+        toks = np.zeros((1, BUCKET), np.int32)
+        toks[0, :len(tail)] = tail
+        cache, logits = r.prefill_piece(cache, toks, np.array([len(tail)], np.int32), np.array([slot], np.int32),
+                                        np.array([13], np.int32))
+        outs.append(logits[0])
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [29, 23, 0])
+    seqs = [base + a_tail, base + b_tail]
+    if dtype == "float32":
+        for seq, logits in zip(seqs, outs):
+            assert error_ratio(r.full_last(seq), logits) < 1e-5
+        _generate_and_check(r, cache, [q + [int(np.argmax(o))] for q, o in zip(seqs, outs)], {0: 0, 1: 1}, steps=3)
+    else:  # each branch as a slot that prefilled its whole sequence alone
+        for seq, logits in zip(seqs, outs):
+            _, alone = r.prefill(r.init(), [seq], slots=[2])
+            assert int(np.argmax(logits)) == int(np.argmax(alone[0])) and error_ratio(alone[0], logits) < 1e-2
 
 
 def test_int4_experts_match_the_dequantized_model():
@@ -179,7 +233,7 @@ def test_int4_experts_match_the_dequantized_model():
         assert error_ratio(w[...], q) > 1e-3  # really quantized
         w[...] = q
     r = Runner(qmodel, reference=deq)
-    cache = kvcache.init_cache(qmodel.config, SLOTS, MAX_LEN)
+    cache = r.init()
     prompt = _prompt(4, 9)
     cache, logits = r.prefill(cache, [prompt], slots=[1])
     assert error_ratio(r.full_last(prompt), logits[0]) < 1e-5
@@ -189,8 +243,8 @@ def test_int4_experts_match_the_dequantized_model():
 def test_bfloat16_prefill_and_decode_run_on_cpu():
     model = KimiLinear(_config("hybrid").replace(param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(0))
     r = Runner(model)
-    cache = kvcache.init_cache(model.config, SLOTS, MAX_LEN)
-    assert cache.layers[1].ckv.dtype == jnp.bfloat16 and cache.layers[0].recurrent.dtype == jnp.float32
+    cache = r.init()
+    assert cache.pool.dtype == jnp.bfloat16 and cache.layers[0].recurrent.dtype == jnp.float32
     prompt = _prompt(5, 7)
     cache, logits = r.prefill(cache, [prompt], slots=[0])
     assert error_ratio(r.full_last(prompt), logits[0]) < 2e-2
@@ -202,26 +256,27 @@ def test_bfloat16_prefill_and_decode_run_on_cpu():
 def test_bad_shapes_are_rejected():
     cfg = _config("hybrid")
     model = KimiLinear(cfg, rngs=nnx.Rngs(0))
-    cache = kvcache.init_cache(cfg, 2, 8)
-    with pytest.raises(ValueError, match="max_len=8"):
-        prefill(model, cache, jnp.zeros((1, 16), jnp.int32), jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    cache = kvcache.init_cache(cfg, 2, 8, page_size=4)
+    table = kvcache.identity_page_table(2, 8, 4)
+    with pytest.raises(ValueError, match="exceeds a slot's 2 pages of 4 tokens"):
+        prefill(model, cache, table, jnp.zeros((1, 16), jnp.int32), jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32))
     with pytest.raises(ValueError, match="distinct"):
-        prefill(model, cache, jnp.zeros((2, 8), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros(2, jnp.int32))
-    with pytest.raises(ValueError, match="kv_len"):
-        decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(2, bool), kv_len=9)
+        prefill(model, cache, table, jnp.zeros((2, 8), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match=r"page_table must be int \[num_slots=2"):
+        decode(model, cache, table[:1], jnp.zeros(2, jnp.int32), jnp.ones(2, bool))
     with pytest.raises(ValueError, match="active"):
-        decode(model, cache, jnp.zeros(2, jnp.int32), jnp.ones(3, bool), kv_len=8)
+        decode(model, cache, table, jnp.zeros(2, jnp.int32), jnp.ones(3, bool))
 
 
 # ---- cache sizes -----------------------------------------------------------------------------------------------------
 def _slot_bytes(config, max_len):
     abstract = jax.eval_shape(lambda: kvcache.init_cache(config, 1, max_len))
-    return sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract.layers))
+    return sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves((abstract.layers, abstract.pool)))
 
 
 def test_cache_bytes_formula_matches_allocation_and_the_published_saving():
     tiny = load_config("tiny", vocab_size=264)
-    for L in (16, 1000):
+    for L in (16, 1008):  # whole pages of 16
         assert kvcache.cache_bytes_per_sequence(tiny, L) == _slot_bytes(tiny, L)
     hybrid = load_config("kimi_linear_48b_a3b")
     all_mla = hybrid.replace(kda_layers=None, full_attn_layers=None)
@@ -243,6 +298,7 @@ def test_kda_state_zeros_shape_matches_cache():
         assert a.shape == b.shape and a.dtype == b.dtype
     names = kvcache.cache_logical_names(cache)
     assert names.layers[0].recurrent == ("batch", "heads", None, None) and names.lengths == ("batch",)
+    assert names.pool == (None,) * 4  # replicated: any slot reads any page
 
 
 # ---- sampling --------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from k2jax import KimiLinear, load_config
 from k2jax.checkpoint import save_params
 from k2jax.hf import save_hf_checkpoint
 from k2jax.serving.loading import load_model
+from k2jax.serving.page_pool import PagePoolExhausted
+from k2jax.serving.runner import ModelRunner
 from k2jax.serving.scheduler import Engine, EngineStoppedError, SamplingParams
 from k2jax.sharding import make_mesh, shard_model
 from k2jax.tokenizer import ByteTokenizer
@@ -390,3 +392,28 @@ def test_a_dead_engine_thread_finishes_every_request_with_its_error():
         assert eng.num_unfinished == 0
     finally:
         eng.shutdown()
+
+
+def test_the_runner_takes_pages_as_slots_grow_and_refuses_what_the_pool_lacks():
+    """Pages follow the tokens: a slot holds ceil(length / page_size) pages, a decode step needs a page only where
+    a slot crosses a page boundary, a step the pool cannot hold raises PagePoolExhausted before changing anything
+    (no compile happens: the check precedes the call), and releasing a slot returns its pages."""
+    runner = ModelRunner(KimiLinear(serving_config(), rngs=nnx.Rngs(0)), num_slots=2, max_len=MAX_LEN, page_size=8,
+                         num_pages=4)
+    runner.tables.reserve(0, 20)
+    runner.lengths[0] = 20
+    assert len(runner.tables.pages(0)) == 3 and runner.allocator.num_free == 1
+    assert runner.pages_needed(decode=np.array([True, False])) == 0  # position 20 lies in page 2
+    runner.lengths[0] = 24
+    assert runner.pages_needed(decode=np.array([True, False])) == 1
+    assert runner.pages_needed(prefill=[(1, 0, 9)]) == 2 and runner.pages_needed(prefill=[(0, 24, 8)]) == 1
+    sampling = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint32))
+    with pytest.raises(PagePoolExhausted, match="needs 2 fresh pages of 8 tokens and the pool has 1 free of 4"):
+        runner.prefill([_prompt(0, 9)], [1], *sampling)
+    assert runner.tables.pages(1) == [] and runner.allocator.num_free == 1 and runner.compile_count == 0
+    held = runner.tables.pages(0)
+    assert sorted(runner.release(0)) == sorted(held) and runner.allocator.num_free == 4
+    assert runner.lengths[0] == 0 and (runner.tables.table[0] == -1).all()
+    with pytest.raises(ValueError, match="num_pages=3 cannot hold one full sequence"):
+        ModelRunner(KimiLinear(serving_config(), rngs=nnx.Rngs(0)), num_slots=2, max_len=MAX_LEN, page_size=8,
+                    num_pages=3)

@@ -1,6 +1,7 @@
 """The prefix cache wired into the engine: greedy outputs identical with the cache on and off for conversations
 that continue, branch, are evicted and run concurrently (f32 and bf16, the hybrid KDA + MLA config), the cached
-token counts, snapshots inside long prefills, and no compilation after warm-up."""
+token counts, snapshots inside long prefills, no compilation after warm-up; sessions sharing a prefix hold its
+pages once, and a pool too small for every request at once preempts and recomputes exactly."""
 
 import functools
 
@@ -11,6 +12,7 @@ from flax import nnx
 from k2jax import KimiLinear, load_config
 from k2jax.serving.prefix_store import PrefixStore
 from k2jax.serving.scheduler import Engine, SamplingParams
+from k2jax.serving.state_store import snapshot_bytes
 from k2jax.sharding import make_mesh, shard_model
 from k2jax.tokenizer import ByteTokenizer
 
@@ -95,10 +97,12 @@ def test_eviction_under_a_tiny_budget_recomputes_exactly():
     one, and the bytes in use stay within the budget."""
     on, off = engine_pair("float32")
     budget = 5 * on.prefix.page_bytes + on.prefix.snapshots.nbytes_per_snapshot  # 40 tokens and one snapshot
-    roomy, on.prefix = on.prefix, PrefixStore(on.runner, budget, page_size=on.prefix.page_size)
+    on.prefix.tree.clear()  # the two stores share the runner's pool: only one may hold pages
+    roomy, on.prefix = on.prefix, PrefixStore(on.runner, budget)
     try:
         _conversations_round_robin(on, off, budget)
     finally:
+        on.prefix.tree.clear()
         on.prefix = roomy
 
 
@@ -176,3 +180,70 @@ def test_a_sharded_engine_resumes_with_the_cache_sharded_as_before():
     assert cached2 == len(turn1) + len(gen1) - 1
     assert [gen1, gen2] == [_run(off, [turn1])[0][0], _run(off, [turn2])[0][0]]
     assert on.runner.cache.layers[0].recurrent.sharding.spec == spec and spec[1] == "tensor"
+
+
+def _step_until(engine, done, limit=200):
+    for _ in range(limit):
+        if done():
+            return
+        engine.step()
+    raise AssertionError("the engine did not get there")
+
+
+def test_sessions_sharing_a_system_prompt_hold_its_pages_once(engines):
+    """4 concurrent sessions (every slot) on one cached 40-token system prompt (5 pages of 8): while they decode,
+    every slot's first 5 page-table entries are the same physical pages, which the tree holds too, so the live
+    slots hold 5 + their own pages instead of 4 x 5 + theirs; outputs equal the cache-off ones; at the end only
+    the tree's pages are in use."""
+    on, off = engines
+    system = _tokens(600, 40)
+    for k in range(2):  # the second request stops to snapshot at 40, where it leaves the first one's path
+        _run(on, [system + _tokens(601 + k, 3)])
+    prompts = [system + _tokens(610 + i, 4 + i) for i in range(4)]
+    reqs = [on.submit(p, GREEDY) for p in prompts]
+    _step_until(on, lambda: all(r.decoding for r in reqs))
+    tables = [on.runner.tables.pages(r.slot) for r in reqs]
+    shared = tables[0][:5]
+    assert all(t[:5] == shared for t in tables) and len({t[5] for t in tables}) == 4
+    assert set(shared) <= on.prefix.tree_pages()
+    pool = on.pool_stats()
+    own = sum(len(t) - 5 for t in tables)
+    assert pool["pages_slots"] == 5 + own and pool["pages_shared"] >= 5
+    assert pool["pages_free"] == pool["pages_total"] - len(on.prefix.tree_pages() | {p for t in tables for p in t})
+    _step_until(on, lambda: all(r.finished for r in reqs))
+    assert [r.completion().token_ids for r in reqs] == [g for g, _ in _run(off, prompts)]
+    assert [r.completion().cached_tokens for r in reqs] == [40] * 4
+    pool = on.pool_stats()
+    assert pool["pages_slots"] == 0 and pool["pages_total"] - pool["pages_free"] == pool["pages_tree"]
+    on.prefix.tree.check_consistency()
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_a_full_pool_preempts_the_latest_request_and_recomputes_it_exactly(prefix_cache):
+    """A pool of one context (8 pages of 8 tokens) for 3 requests of 20-odd prompt + 26 generated tokens: growing
+    slots run out of pages, the most recently admitted request is preempted, requeued at the front and
+    recomputed from its prompt + generated tokens. Greedy and seeded outputs equal an engine with room for all,
+    with the prefix cache off and on (a budget of the minimum 5 snapshots and 2 pages: cached prefixes are
+    evicted first)."""
+    _, roomy = engine_pair("float32")
+    model = KimiLinear(hybrid_config("float32"), rngs=nnx.Rngs(0))
+    page = roomy.pool_stats()["page_bytes"]
+    budget = 5 * snapshot_bytes(model.config) + 2 * page if prefix_cache else 0
+    small = make_engine(model, budget, kv_cache_bytes=8 * page)
+    assert small.pool_stats()["pages_total"] == (10 if prefix_cache else 8)
+    prompts = [_tokens(700 + i, 20 + i) for i in range(3)]
+    params = [SamplingParams(max_tokens=26, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=26, temperature=1.0, seed=7, ignore_eos=True),
+              SamplingParams(max_tokens=26, temperature=0.8, top_k=20, seed=11, ignore_eos=True)]
+    streamed = {i: [] for i in range(3)}
+    reqs = [small.submit(p, sp, callback=lambda ev, i=i: streamed[i].extend(ev.token_ids))
+            for i, (p, sp) in enumerate(zip(prompts, params))]
+    _step_until(small, lambda: all(r.finished for r in reqs))
+    got = [r.completion().token_ids for r in reqs]
+    assert small.stats["preempted"] > 0
+    assert [streamed[i] for i in range(3)] == got  # a recomputed request streams no token twice
+    assert got == [c.token_ids for c in roomy.generate(prompts, params)]
+    pool = small.pool_stats()
+    assert pool["pages_slots"] == 0 and pool["preempted"] == small.stats["preempted"]
+    with pytest.raises(ValueError, match="less than one context"):
+        make_engine(model, 0, kv_cache_bytes=7 * roomy.pool_stats()["page_bytes"])

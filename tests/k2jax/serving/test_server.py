@@ -142,9 +142,15 @@ def test_cached_tokens_in_usage_streamed_usage_and_the_stats_endpoint():
                     "temperature": 0}
             usage = client.post("/v1/chat/completions", json=chat).json()["usage"]
             assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
-            after = client.get("/v1/stats").json()["prefix_cache"]
+            _wait_idle(engine)  # a reply can come before its request's pages reach the prefix cache
+            stats = client.get("/v1/stats").json()
+            after, pool = stats["prefix_cache"], stats["page_pool"]
             assert after["hits"] - before["hits"] == 2 and after["queries"] - before["queries"] == 5
             assert 0 < after["bytes_in_use"] <= after["budget_bytes"]
+            # idle: only the cached prefixes hold pages
+            assert pool["pages_slots"] == 0 and pool["pages_tree"] == after["pages_in_use"] > 0
+            assert pool["pages_free"] + pool["pages_tree"] == pool["pages_total"]
+            assert pool["bytes_total"] == pool["pages_total"] * pool["page_bytes"]
     finally:
         engine.shutdown()
 
@@ -407,5 +413,8 @@ def test_cli_generates_for_prompts_and_a_file(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.count("=== ") == 3 and "'second' -> [length, 3 tokens" in captured.out
     assert "tok/s" in captured.err and "--- prefix cache: 0 hits / 3 queries" in captured.err
+    assert "--- page pool: " in captured.err and " 0 preemptions" in captured.err
     with pytest.raises(SystemExit, match="context"):
         serve.main(argv[:-4] + ["--prompt", "y" * 40])
+    with pytest.raises(SystemExit, match="kv_cache_bytes=1073 holds 0 tokens, less than one context"):
+        serve.main(argv + ["--kv-cache-gb", "0.000001"])

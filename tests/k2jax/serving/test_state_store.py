@@ -72,8 +72,9 @@ def test_decoding_from_a_restored_slot_equals_decoding_from_the_original():
     cfg = load_config("tiny", vocab_size=264, num_hidden_layers=1, kda_layers=(1,), full_attn_layers=())
     model = KimiLinear(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    prefill = jax.jit(lambda st, c, t, n, s: runner.prefill(nnx.merge(graphdef, st), c, t, n, s))
-    decode = jax.jit(lambda st, c, t, a: runner.decode(nnx.merge(graphdef, st), c, t, a, kv_len=16))
+    table = kvcache.identity_page_table(SLOTS, 16, 16)  # unused: no MLA layer
+    prefill = jax.jit(lambda st, c, t, n, s: runner.prefill(nnx.merge(graphdef, st), c, table, t, n, s))
+    decode = jax.jit(lambda st, c, t, a: runner.decode(nnx.merge(graphdef, st), c, table, t, a))
     cache = kvcache.init_cache(cfg, SLOTS, 16)
     prompt = np.random.default_rng(0).integers(3, 264, 16).astype(np.int32)
     cache, _ = prefill(state, cache, prompt[None], np.array([11], np.int32), np.array([0], np.int32))
@@ -85,7 +86,7 @@ def test_decoding_from_a_restored_slot_equals_decoding_from_the_original():
         cache, logits = decode(state, cache, np.array([t, 0, 0], np.int32), np.array([True, False, False]))
         original.append(np.asarray(logits[0]))
     kda = store.restore(_kda(cache), [2], [h])
-    cache = kvcache.DecodeCache(kda, cache.lengths)
+    cache = kvcache.DecodeCache(kda, cache.lengths, cache.pool)
     for t, want in zip(follow, original):
         cache, logits = decode(state, cache, np.array([0, 0, t], np.int32), np.array([False, False, True]))
         assert error_ratio(want, logits[2]) < 1e-6
