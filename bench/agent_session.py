@@ -21,7 +21,8 @@ and cached tokens, and concurrent sessions sharing a system prompt.
    on the first or the last turn alone swings their ratio), so after the session K first-like turns (a fresh
    --first-tokens prompt, no cache hit) alternate with K late turns (the final history plus a fresh tool result,
    which resumes where the last turn ended): the ratio of their medians is the last / first latency under the same
-   load.
+   load. Between the pairs the matmuls of the late turn's attention over its history are timed alone: their
+   median added to the first-like turn is the floor of that ratio for exact attention on this machine.
 --http runs 1 and 3 through serve.py's OpenAI server (k2jax.serving.server, uvicorn in this process) over a real
 socket: POST /v1/completions with token-id prompts and `return_token_ids` (so the next turn sends back exactly the
 generated ids); latency then includes HTTP, JSON and the engine thread hand-over, and cached tokens are read from
@@ -46,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.latent_rows import history_attention_floor  # noqa: E402
 from k2jax import KimiLinear, load_config  # noqa: E402
 from k2jax.serving.page_pool import pages_for  # noqa: E402
 from k2jax.serving.scheduler import Engine, SamplingParams  # noqa: E402
@@ -158,15 +160,19 @@ def paired_turns(client, engine: Engine, args, history: list[int], seed: int) ->
     per call: a first-like prompt must never be cached already."""
     rng = np.random.default_rng(seed)
     vocab = engine.vocab_limit
-    first, late = [], []
+    first, late, floor = [], [], []
     for _ in range(args.paired):
         for times, prompt in ((first, random_tokens(rng, args.first_tokens, vocab)),
                               (late, history + random_tokens(rng, args.tool_tokens, vocab))):
             t0 = time.perf_counter()
             client.turn(prompt)
             times.append(time.perf_counter() - t0)
-    return dict(first_ms=1e3 * float(np.median(first)), late_ms=1e3 * float(np.median(late)),
-                ratio=float(np.median(late) / np.median(first)))
+        # The least the late turn's attention over its history can cost here (its matmuls alone), timed between
+        # the pairs so it sees the same load. The suffix is the tool result and the last generated token.
+        floor.append(history_attention_floor(engine.config, len(history), args.tool_tokens + 1,
+                                              args.gen_tokens - 1, repeats=3))
+    f, l, a = (float(np.median(x)) for x in (first, late, floor))
+    return dict(first_ms=1e3 * f, late_ms=1e3 * l, ratio=l / f, floor_ms=1e3 * a, floor_ratio=(f + a) / f)
 
 
 def single_session(model, args, prefix_gb: float) -> tuple[list[dict], int, dict | None]:
@@ -298,7 +304,11 @@ def main():
         pr = pairs["on"]
         lines += ["", f"Paired turns, cache on ({args.paired} of each, alternated after the session; medians): "
                   f"first-like {pr['first_ms']:.0f} ms, late (history {curves['on'][-1]['history'] + args.gen_tokens:,}"
-                  f" + {args.tool_tokens}) {pr['late_ms']:.0f} ms, late / first **{pr['ratio']:.2f}**"]
+                  f" + {args.tool_tokens}) {pr['late_ms']:.0f} ms, late / first **{pr['ratio']:.2f}**",
+                  "", f"Floor: the late turn's attention over its history costs at least {pr['floor_ms']:.0f} ms here "
+                  f"(its matmuls alone, no softmax: bench/latent_rows.py history_attention_floor, timed between the "
+                  f"pairs), so no exact attention takes late / first below **{pr['floor_ratio']:.2f}** on this "
+                  f"machine at this load (the rest of a late turn counted as a first-like turn's)"]
         print(lines[-1], flush=True)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
