@@ -60,12 +60,23 @@ def _read_key_block(ckv, kpe, row, start, size: int, length, rank: int, page_tab
         c = jax.lax.dynamic_slice(ckv, (row, start, 0), (1, size, rank))[0]
         kp = jax.lax.dynamic_slice(kpe, (row, start, 0), (1, size, kpe.shape[-1]))[0]
         return c, kp
-    ps, D = ckv.shape[2], ckv.shape[3]
-    pages = jax.lax.dynamic_slice(page_table, (row, start // ps), (1, size // ps))[0]
-    block = ckv[layer, jnp.maximum(pages, 0)].reshape(size, D)
-    ok = (start + jnp.arange(size, dtype=jnp.int32) < length) & jnp.repeat(pages >= 0, ps)
-    block = jnp.where(ok[:, None], block, jnp.zeros((), block.dtype))
+    block = _read_pages(ckv, page_table, row, start, size, layer, length)
     return block[:, :rank], block[:, rank:]
+
+
+def _read_pages(pool, page_table, row, start, size: int, layer, length=None):
+    """Keys [start, start + size) of row `row` of a paged cache, c | k_pe side by side: [size, R + P], one gather
+    of whole pages (start and size multiples of page_size). With `length`, positions >= length (and pages the row
+    lacks) are zeroed: such a page may be another sequence's or recycled, and a stale non-finite value times a
+    masked (zero) probability would still poison the sum. Without it the caller knows every position is the row's
+    own."""
+    ps, D = pool.shape[2], pool.shape[3]
+    pages = jax.lax.dynamic_slice(page_table, (row, start // ps), (1, size // ps))[0]
+    block = pool[layer, jnp.maximum(pages, 0)].reshape(size, D)
+    if length is None:
+        return block
+    ok = (start + jnp.arange(size, dtype=jnp.int32) < length) & jnp.repeat(pages >= 0, ps)
+    return jnp.where(ok[:, None], block, jnp.zeros((), block.dtype))
 
 
 def latent_attention(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_mask=None, block_q: int = DEFAULT_BLOCK_Q,
@@ -244,44 +255,63 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
     lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, S)
     sees = jnp.ones((B, T), bool) if q_mask is None else q_mask
     sees = pad(sees & (lengths[:, None] > 0))  # [B, nq * bq]: the queries that see any key
-    # Per row: key blocks holding its keys, and query blocks up to its last query that sees them.
-    n_k = -(-lengths // bk)
+    # Per row: its query blocks up to the last query that sees the cache.
     last_q = jnp.max(jnp.where(sees, jnp.arange(nq * bq, dtype=jnp.int32) + 1, 0), axis=1)
     n_q = -(-last_q // bq)
+    paged = page_table is not None
+    # A paged block is c | k_pe side by side: one product against [q_lat | q_pe] for the scores and one against
+    # the whole block for the values (the k_pe columns of the result are dropped at the end), so the block is never
+    # sliced into copies. A contiguous cache holds c and k_pe apart: two score products, values from c.
+    q_all = jnp.concatenate([ql_all, qp_all], axis=-1)  # [B, nq * rows_q, R + P]
+    width = ckv.shape[-1] if paged else R  # columns of the value product
 
     def row(xs):
-        ql_r, qp_r, sees_r, length, nk, nqb, cache_row = xs
-        sees_rows = jnp.repeat(sees_r, H)  # [nq * rows_q], token-major like ql_r
+        q_r, sees_r, length, nqb, cache_row = xs
+        sees_rows = jnp.repeat(sees_r, H)  # [nq * rows_q], token-major like q_r
+        # Every query of a row sees the same keys [0, length): blocks wholly inside are the row's own tokens and need
+        # no mask (nor zeroing, paged); only the last, partial block does. Each block visited holds a visible key,
+        # so every running max is finite.
+        n_full = length // bk
+
+        def scores(q, start, tail: bool):
+            """(scaled scores [rows_q, bk] float32, values [bk, width]) of the keys from `start`."""
+            if paged:
+                kv = _read_pages(ckv, page_table, cache_row, start, bk, layer, length if tail else None)
+                return jnp.einsum("qd,kd->qk", q, kv, preferred_element_type=_F32) * scale, kv
+            c = jax.lax.dynamic_slice(ckv, (cache_row, start, 0), (1, bk, R))[0]
+            kp = jax.lax.dynamic_slice(kpe, (cache_row, start, 0), (1, bk, P))[0].astype(dt)
+            s = (jnp.einsum("qr,kr->qk", q[:, :R], c, preferred_element_type=_F32)
+                 + jnp.einsum("qp,kp->qk", q[:, R:], kp, preferred_element_type=_F32))
+            return s * scale, c
+
+        def update(carry, s, v):
+            m, l, acc = carry
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[:, None])
+            alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
+            pv = jnp.einsum("qk,kd->qd", p.astype(dt), v, preferred_element_type=_F32)
+            return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[:, None] * acc + pv
 
         def q_block(i, out):
             o_all, lse_all = out
-            ql = jax.lax.dynamic_slice_in_dim(ql_r, i * rows_q, rows_q)
-            qp = jax.lax.dynamic_slice_in_dim(qp_r, i * rows_q, rows_q)
-            len_rows = jnp.where(jax.lax.dynamic_slice_in_dim(sees_rows, i * rows_q, rows_q), length, 0)
+            q = jax.lax.dynamic_slice_in_dim(q_r, i * rows_q, rows_q)
 
-            def k_block(j, carry):
-                m, l, acc = carry
-                # The last block is read from S - bk when bk does not divide S; keys before j * bk were counted.
-                start = jnp.minimum(j * bk, S - bk)
-                c, kp = _read_key_block(ckv, kpe, cache_row, start, bk, length, R, page_table, layer)
-                kp = kp.astype(dt)
-                s = (jnp.einsum("qr,kr->qk", ql, c, preferred_element_type=_F32)
-                     + jnp.einsum("qp,kp->qk", qp, kp, preferred_element_type=_F32)) * scale
+            def tail_block(carry):
+                # Keys [n_full * bk, length). The block is read from S - bk when it would run past the cache, so
+                # the keys before n_full * bk, counted already, are masked too.
+                start = jnp.minimum(n_full * bk, S - bk)
+                s, v = scores(q, start, True)
                 pos = start + jnp.arange(bk, dtype=jnp.int32)
-                ok = (pos[None, :] >= j * bk) & (pos[None, :] < len_rows[:, None])
-                s = jnp.where(ok, s, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing seen yet: exp(-inf) = 0
-                p = jnp.exp(s - m_safe[:, None])
-                alpha = jnp.exp(m - m_safe)
-                pv = jnp.einsum("qk,kr->qr", p.astype(dt), c, preferred_element_type=_F32)
-                return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[:, None] * acc + pv
+                s = jnp.where(((pos >= n_full * bk) & (pos < length))[None, :], s, -jnp.inf)
+                return update(carry, s, v)
 
-            init = (jnp.full((rows_q,), -jnp.inf, _F32), jnp.zeros((rows_q,), _F32), jnp.zeros((rows_q, R), _F32))
-            m, l, acc = jax.lax.fori_loop(0, nk, k_block, init)
-            seen = l > 0
+            init = (jnp.full((rows_q,), -jnp.inf, _F32), jnp.zeros((rows_q,), _F32),
+                    jnp.zeros((rows_q, width), _F32))
+            carry = jax.lax.fori_loop(0, n_full, lambda j, c: update(c, *scores(q, j * bk, False)), init)
+            m, l, acc = jax.lax.cond(length > n_full * bk, tail_block, lambda c: c, carry)
+            seen = jax.lax.dynamic_slice_in_dim(sees_rows, i * rows_q, rows_q) & (l > 0)
             l_safe = jnp.where(seen, l, 1.0)
-            o = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(dt)
+            o = jnp.where(seen[:, None], acc[:, :R] / l_safe[:, None], 0.0).astype(dt)
             lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
             return (jax.lax.dynamic_update_slice_in_dim(o_all, o, i * rows_q, 0),
                     jax.lax.dynamic_update_slice_in_dim(lse_all, lse, i * rows_q, 0))
@@ -289,7 +319,7 @@ def latent_attention_rows(q_lat, q_pe, ckv, kpe, kv_lengths, *, scale: float, q_
         out = (jnp.zeros((nq * rows_q, R), dt), jnp.full((nq * rows_q,), -jnp.inf, _F32))
         return jax.lax.fori_loop(0, nqb, q_block, out)
 
-    o, lse = jax.lax.map(row, (ql_all, qp_all, sees, lengths, n_k, n_q, cache_rows.astype(jnp.int32)))
+    o, lse = jax.lax.map(row, (q_all, sees, lengths, n_q, cache_rows.astype(jnp.int32)))
     return o.reshape(B, nq * bq, H, R)[:, :T], lse.reshape(B, nq * bq, H)[:, :T]
 
 
