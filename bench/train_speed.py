@@ -19,16 +19,16 @@ import statistics
 import sys
 import tempfile
 
-import jax
-
-from k2jax.model import count_params
-from k2jax.training.config import load_run_config
-from k2jax.training.loop import train
-from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token
-
+# the repository root first, so that k2jax is this checkout's (not an installed copy's)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# the repository root, put on the path above
+
+import jax  # noqa: E402
+
 from bench.train_profile import format_op_table, format_table, op_profile, profile_step, train_step_call  # noqa: E402
+from k2jax.model import count_params  # noqa: E402
+from k2jax.training.config import load_run_config  # noqa: E402
+from k2jax.training.loop import train  # noqa: E402
+from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token  # noqa: E402
 
 
 def main(argv=None):
