@@ -113,9 +113,16 @@ def profile_step(mcfg, tcfg, rounds: int = 5) -> list[tuple[str, float, int]]:
     graphdef, params, biases, rest = nnx.split(model, nnx.Param, RouterBias, ...)
     source = make_source(mcfg, tcfg)
     batch = {k: jnp.asarray(v) for k, v in next(source).items()}
+    # the step donates its state: it gets copies (the pieces below use the originals) and carries them on
     state = {"params": params, "biases": biases, "rest": rest, "opt": tx.init(params)}
+    carried = [jax.tree.map(lambda a: a.copy(), state)]
     step_fn = make_train_step(graphdef, mcfg, tcfg, tx, schedule, router_bias_rows(mcfg, biases))
-    pieces = {"train step (jitted)": lambda: step_fn(state, batch, jnp.int32(0))}
+
+    def train_step():
+        carried[0], metrics = step_fn(carried[0], batch, jnp.int32(0))
+        return metrics
+
+    pieces = {"train step (jitted)": train_step}
 
     def host_batch():
         return {k: jnp.asarray(v) for k, v in next(source).items()}
@@ -255,14 +262,21 @@ def _component(chain) -> str:
 
 
 def op_profile(step_fn, args, trace_dir: str, steps: int = 3) -> dict:
-    """Trace `steps` calls of the jitted `step_fn(*args)` into trace_dir and charge every executed XLA op to a
+    """Trace `steps` calls of the jitted `step_fn(*args) -> (new args[0], ...)` (args[0], the state, carried from
+    call to call: the step donates it) into trace_dir and charge every executed XLA op to a
     component (see the module docstring). Returns {'rows': [(component, fwd s, bwd s, matmul s)] by total time
     descending, 'total': op seconds per step (summed over worker threads), 'matmul': matmul op seconds per step}."""
     sources = _hlo_sources(step_fn.lower(*args).compile().as_text())
-    jax.block_until_ready(step_fn(*args))
+    args = list(args)
+
+    def call():  # the step donates its first argument (the state) and returns the next one first
+        args[0], _ = step_fn(*args)
+        jax.block_until_ready(args[0])
+
+    call()
     with jax.profiler.trace(trace_dir):
         for _ in range(steps):
-            jax.block_until_ready(step_fn(*args))
+            call()
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not paths:
         raise RuntimeError(f"op_profile: jax.profiler wrote no *.xplane.pb under {trace_dir}")

@@ -8,7 +8,8 @@ Runs the real training step (k2jax.training.step: forward, backward, AdamW, rout
 one compile step, on MQAR batches of the given shape, with checkpoints and evaluation off. The reference rate is
 the best float32 n x n x n matmul (`k2jax.training.metrics.measure_matmul_flops`, n = --matmul-n) on the same devices;
 MFU = model FLOPs per token (k2jax.training.metrics.train_flops_per_token, formula in its docstring) x tokens/s / that
-rate. Times are medians over the measured steps.
+rate. Times are medians over the measured steps. Like train.py, it restarts itself once with huge pages for malloc
+(k2jax.training.hostmem; K2JAX_HUGE_PAGES=0 measures without).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ import statistics
 import sys
 import tempfile
 
-import jax
-
-from k2jax.model import count_params
-from k2jax.training.config import load_run_config
-from k2jax.training.loop import train
-from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token
-
+# the repository root first, so that k2jax is this checkout's (not an installed copy's)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# the repository root, put on the path above
+
+import jax  # noqa: E402
+
 from bench.train_profile import format_op_table, format_table, op_profile, profile_step, train_step_call  # noqa: E402
+from k2jax.model import count_params  # noqa: E402
+from k2jax.training.config import load_run_config  # noqa: E402
+from k2jax.training.hostmem import reexec_with_huge_pages  # noqa: E402
+from k2jax.training.loop import train  # noqa: E402
+from k2jax.training.metrics import measure_matmul_flops, train_flops_per_token  # noqa: E402
 
 
 def main(argv=None):
@@ -97,4 +99,5 @@ def _profile(mcfg, tcfg, args):
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py does (k2jax.training.hostmem; K2JAX_HUGE_PAGES=0: off)
     main()

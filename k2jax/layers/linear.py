@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import jax
@@ -14,6 +15,36 @@ from k2jax.sharding import make_param
 # checkpoint_name of every Linear output: remat's dot policies (k2jax.model) save these, since the dot inside
 # `dot_f32`'s custom VJP is not a dot_general they can see.
 PROJECTION_NAME = "linear_projection"
+
+# The CPU-only custom backwards of the layers (each exact: autodiff's gradients up to float32 summation order), by
+# name: today Linear's transposed-input weight gradient (`dot_f32`). A layer asks `cpu_path(name)` when it is
+# traced; bench/train_ab.py turns them off (`cpu_paths_off`) to measure what each buys in the full training step.
+# (Hand-written backwards of the short conv, the norms and the SwiGLU activation measured 0.98-1.07x: not kept.)
+CPU_PATHS = ("linear",)
+_paths_off: set = set()
+
+
+def cpu_path(name: str) -> bool:
+    """True when the program is being traced for CPU and the CPU-only backward `name` (one of CPU_PATHS) is on."""
+    if name not in CPU_PATHS:
+        raise ValueError(f"cpu_path: name must be one of {CPU_PATHS}, got {name!r}")
+    return jax.default_backend() == "cpu" and name not in _paths_off
+
+
+@contextlib.contextmanager
+def cpu_paths_off(*names: str):
+    """Within the block, functions traced use autodiff's plain backward instead of the CPU-only ones `names`
+    (a jitted function keeps the program it was first traced with: trace it inside the block)."""
+    bad = [n for n in names if n not in CPU_PATHS]
+    if bad:
+        raise ValueError(f"cpu_paths_off: names must be among {CPU_PATHS}, got {bad}")
+    before = set(_paths_off)
+    _paths_off.update(names)
+    try:
+        yield
+    finally:
+        _paths_off.clear()
+        _paths_off.update(before)
 
 
 @jax.custom_vjp
@@ -66,5 +97,5 @@ class Linear(nnx.Module):
         w = self.kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
         # The transposed-input backward is an XLA:CPU fix (see dot_f32); other backends get autodiff's plain dot.
-        y = dot_f32(x, w) if jax.default_backend() == "cpu" else jnp.dot(x, w, preferred_element_type=jnp.float32)
+        y = dot_f32(x, w) if cpu_path("linear") else jnp.dot(x, w, preferred_element_type=jnp.float32)
         return checkpoint_name(y, PROJECTION_NAME).astype(self.dtype)

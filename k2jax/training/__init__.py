@@ -6,4 +6,6 @@
 - `optim`, `data`, `metrics`: optimizers and schedules, data sources (MQAR, text), metrics and FLOP counts.
 - `dry_run`: lower the training step on simulated devices and report per-device memory (its command line is
   `cli`'s, behind `train.py --dry-run` and `python -m k2jax.dry_run`).
+- `hostmem`: the one-time restart of `train.py` (and the training benches) with huge pages for malloc, so that
+  XLA:CPU's per-step buffers are not faulted in 4 KiB at a time every step.
 """

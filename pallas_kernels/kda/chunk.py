@@ -6,7 +6,8 @@ state-independent quantity of the group's B * Gc * H chunks at once as batched m
 cumsums, anchored intra-chunk scores, the UT inverse, W and U), then runs the sequential state recurrence over
 the group's chunks, two matmuls per chunk (Vnew = U - W S; S+ = decay S + Kg^T Vnew), and the outputs of the
 whole group as two more batched matmuls (O = Qg S + Aqk Vnew). Groups are sized so a step's temporaries stay in
-cache (`GROUP_ELEMS`): whole-sequence temporaries were several times slower on CPU.
+cache (`GROUP_ELEMS`): whole-sequence temporaries were several times slower on CPU at long T; a short sequence
+whose arrays are small anyway (`WHOLE_ELEMS`, e.g. a training batch of 256-token rows) runs as one group.
 
 The backward (`jax.custom_vjp`) keeps Aqk, Akk, T, Vnew and the chunk-start states from the forward (W = T Xw is
 recomputed: one batched matmul is cheaper than writing and reading it back), walks the groups last to first with
@@ -38,6 +39,10 @@ from pallas_kernels.vma import vary_like
 # within this. Measured on 2 CPU cores (B=1, H=4, K=V=128): 1, 2 or 4 chunks per step equal within noise, 8 about
 # 20% slower, all chunks at once about 2x slower.
 GROUP_ELEMS = 1 << 16
+# A sequence whose chunks all fit in one step within this many elements per array runs as one group: fewer, larger
+# ops and no loop. Measured in the default training step (B=32, T=256, H=4, K=V=32, C=64: 4 chunks of 262,144
+# elements), one group instead of four: wall 0.92x, CPU 0.95x (bench/train_ab.py, docs/results.md).
+WHOLE_ELEMS = 1 << 20
 
 
 def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
@@ -70,7 +75,10 @@ def kda_chunk(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
 
 
 def group_chunks(n_chunks, elems_per_chunk):
-    """Chunks per scan step: a power of two, at most n_chunks rounded up, within GROUP_ELEMS (at least 1)."""
+    """Chunks per scan step: all n_chunks if they fit within WHOLE_ELEMS, else a power of two, at most n_chunks
+    rounded up, within GROUP_ELEMS (at least 1)."""
+    if n_chunks * elems_per_chunk <= WHOLE_ELEMS:
+        return n_chunks
     gc = 1
     while gc < n_chunks and 2 * gc * elems_per_chunk <= GROUP_ELEMS:
         gc *= 2

@@ -265,10 +265,21 @@ def test_one_sequence_one_head_grads():
     assert_all_close(ref_value_and_grads(args, cot), value_and_grads(kda_chunk, args, cot), 1e-5, 1e-4)
 
 
+def test_group_size_rule():
+    # A sequence whose arrays fit in WHOLE_ELEMS runs as one group (e.g. the default training batch: 4 chunks of
+    # B*H*C*K = 32*4*64*32 elements); longer ones in power-of-two groups within GROUP_ELEMS.
+    assert chunk_module.group_chunks(4, 32 * 4 * 64 * 32) == 4
+    assert chunk_module.group_chunks(3, 1000) == 3
+    assert chunk_module.group_chunks(5, 32 * 4 * 64 * 32) == 1
+    assert chunk_module.group_chunks(128, 4 * 64 * 128) == 2   # B=1, H=4, K=V=128, T=8192
+
+
 def test_many_groups_with_segments_across_group_edges(monkeypatch):
     # Small groups (2 chunks of 16 per scan step, 4 steps) so the state, segments and gradients cross steps.
     monkeypatch.setattr(chunk_module, "GROUP_ELEMS", 2 * B * H * 16 * K)
+    monkeypatch.setattr(chunk_module, "WHOLE_ELEMS", 0)
     T = 120
+    assert chunk_module.group_chunks(-(-T // 16), B * H * 16 * K) == 2
     args, cot = make_inputs(43, T=T)
     seg = jnp.asarray(np.stack([_segments_row(T, [(0, 31, 1), (33, 70, 2), (70, 120, 1)]),
                                 _segments_row(T, [(5, 64, 3), (64, 96, 4), (96, 118, 3)])]))

@@ -1,5 +1,5 @@
 """RMSNorm, GatedRMSNorm, l2_normalize and SwiGLU against plain float64 numpy formulas; Linear's dot_f32 against
-autodiff of the plain dot."""
+autodiff of the plain dot, and the switch (cpu_paths_off) that selects the plain one."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from k2jax import KimiLinear, load_config
-from k2jax.layers.linear import PROJECTION_NAME, dot_f32
+from k2jax.layers.linear import PROJECTION_NAME, Linear, cpu_path, cpu_paths_off, dot_f32
 from k2jax.layers.mlp import SwiGLU
 from k2jax.layers.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from tests.conftest import error_ratio
@@ -183,3 +183,36 @@ def test_remat_dot_policies_still_save_the_projections(remat, capsys):
     saved = capsys.readouterr().out
     # 12 projections in the layer (KDA 9, dense MLP 3); an output the backward never reads (o_proj's) is not saved
     assert saved.count(f"named '{PROJECTION_NAME}'") == 11
+
+
+# ---- the switch of the CPU-only backwards (bench/train_ab.py's A/B) ------------------------------------------------
+def test_cpu_paths_off_selects_the_plain_dot():
+    # Linear traced inside cpu_paths_off("linear") is autodiff's plain dot (no dot_f32 custom VJP), outside it
+    # dot_f32; the switch is restored after the block, and both give the same gradients.
+    lin = Linear(24, 40, names=("embed", "mlp"), rngs=nnx.Rngs(0), std=0.2)
+    graphdef, params = nnx.split(lin)
+    x = jax.random.normal(jax.random.key(1), (3, 5, 24))
+
+    def loss(p, x):
+        return jnp.sum(jax.nn.silu(nnx.merge(graphdef, p)(x)))
+
+    ours = jax.value_and_grad(loss, argnums=(0, 1))
+    assert cpu_path("linear") and "bwd=_dot_f32_bwd" in str(jax.make_jaxpr(ours)(params, x))
+    with cpu_paths_off("linear"):
+        assert not cpu_path("linear")
+        plain = jax.value_and_grad(loss, argnums=(0, 1))  # a new function: traced inside the block
+        assert "bwd=_dot_f32_bwd" not in str(jax.make_jaxpr(plain)(params, x))
+        plain = jax.jit(plain)(params, x)
+    assert cpu_path("linear")
+    ours = jax.jit(ours)(params, x)
+    assert float(ours[0]) == float(plain[0])
+    for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(ours[1])):
+        assert error_ratio(a, b) < 1e-6
+
+
+def test_cpu_paths_reject_unknown_names():
+    with pytest.raises(ValueError, match="must be among"):
+        with cpu_paths_off("linear", "norms"):
+            pass
+    with pytest.raises(ValueError, match="must be one of"):
+        cpu_path("conv")
