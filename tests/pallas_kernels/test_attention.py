@@ -235,6 +235,18 @@ def latent_reference(q_lat, q_pe, ckv, kpe, lengths, scale, q_mask):
     return o, lse
 
 
+def assert_matches_latent_reference(o, lse, ref_o, ref_lse, tol, *, empty_row: int, masked_from: int):
+    """o and lse equal the reference's within `tol` (error ratio); the row of length 0 (`empty_row`) and row 0's
+    queries from `masked_from` on see no key: lse -inf and o 0 there. Returns where the reference's lse is finite."""
+    assert error_ratio(ref_o, o) < tol
+    finite = np.isfinite(ref_lse)
+    assert np.array_equal(finite, np.isfinite(np.asarray(lse)))
+    assert not finite[empty_row].any() and not finite[0, masked_from:].any()
+    assert error_ratio(ref_lse[finite], np.asarray(lse)[finite]) < tol
+    np.testing.assert_array_equal(np.asarray(o, np.float32)[empty_row], 0.0)
+    return finite
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_latent_attention_matches_reference(dtype):
     """Query blocks of 2 over T = 5 (the last padded), key blocks of 8 over S = 37 (the last read from S - 8, its
@@ -252,11 +264,7 @@ def test_latent_attention_matches_reference(dtype):
     ref_o, ref_lse = latent_reference(q_lat, q_pe, ckv, kpe, lengths, 0.2, np.asarray(q_mask))
     assert o.dtype == dtype and lse.dtype == jnp.float32
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    assert error_ratio(ref_o, o) < tol
-    finite = np.isfinite(ref_lse)
-    assert np.array_equal(finite, np.isfinite(np.asarray(lse))) and not finite[2].any() and not finite[0, 3:].any()
-    assert error_ratio(ref_lse[finite], np.asarray(lse)[finite]) < tol
-    np.testing.assert_array_equal(np.asarray(o, np.float32)[2], 0.0)
+    assert_matches_latent_reference(o, lse, ref_o, ref_lse, tol, empty_row=2, masked_from=3)
 
 
 def test_latent_attention_gradients_and_blocks_past_the_lengths():
@@ -312,11 +320,7 @@ def test_decompressed_latent_attention_equals_the_absorbed_form(dtype):
     o, lse = run(q_nope, q_pe, ckv, kpe, lengths)
     assert o.shape == (B, T, H, dv) and o.dtype == dtype and lse.dtype == jnp.float32
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    assert error_ratio(ref_o, o) < tol
-    finite = np.isfinite(ref_lse)
-    assert np.array_equal(finite, np.isfinite(np.asarray(lse))) and not finite[2].any() and not finite[0, 4:].any()
-    assert error_ratio(ref_lse[finite], np.asarray(lse)[finite]) < tol
-    np.testing.assert_array_equal(np.asarray(o, np.float32)[2], 0.0)
+    finite = assert_matches_latent_reference(o, lse, ref_o, ref_lse, tol, empty_row=2, masked_from=4)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 300), (0, 0)))  # noqa: E731
     o2, lse2 = run(q_nope, q_pe, pad(ckv), pad(kpe), lengths)
     assert error_ratio(o, o2) < tol and np.array_equal(np.isfinite(lse2), finite)
@@ -360,11 +364,7 @@ def test_latent_attention_rows_reads_each_row_in_place_up_to_its_length(dtype):
     ref_o, ref_lse = latent_reference(q_lat, q_pe, ckv[rows], kpe[rows], lengths, 0.2, np.asarray(q_mask))
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     assert o.dtype == dtype and lse.dtype == jnp.float32 and o.shape == (B, T, H, R)
-    assert error_ratio(ref_o, o) < tol
-    finite = np.isfinite(ref_lse)
-    assert np.array_equal(finite, np.isfinite(np.asarray(lse))) and not finite[1].any() and not finite[0, 3:].any()
-    assert error_ratio(ref_lse[finite], np.asarray(lse)[finite]) < tol
-    np.testing.assert_array_equal(np.asarray(o, np.float32)[1], 0.0)
+    finite = assert_matches_latent_reference(o, lse, ref_o, ref_lse, tol, empty_row=1, masked_from=3)
     o2, lse2 = run(q_lat, q_pe, ckv2, kpe2, lengths)
     np.testing.assert_array_equal(np.asarray(o2, np.float32), np.asarray(o, np.float32))
     np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
