@@ -235,6 +235,13 @@ def latent_reference(q_lat, q_pe, ckv, kpe, lengths, scale, q_mask):
     return o, lse
 
 
+def latent_inputs(ks, B, T, H, R, P, N, S, dtype):
+    """Random queries and a latent cache from keys ks[0..3]: q_lat [B, T, H, R], q_pe [B, T, H, P], ckv [N, S, R],
+    kpe [N, S, P], in dtype."""
+    return (jax.random.normal(ks[0], (B, T, H, R)).astype(dtype), jax.random.normal(ks[1], (B, T, H, P)).astype(dtype),
+            jax.random.normal(ks[2], (N, S, R)).astype(dtype), jax.random.normal(ks[3], (N, S, P)).astype(dtype))
+
+
 def assert_matches_latent_reference(o, lse, ref_o, ref_lse, tol, *, empty_row: int, masked_from: int):
     """o and lse equal the reference's within `tol` (error ratio); the row of length 0 (`empty_row`) and row 0's
     queries from `masked_from` on see no key: lse -inf and o 0 there. Returns where the reference's lse is finite."""
@@ -253,10 +260,7 @@ def test_latent_attention_matches_reference(dtype):
     overlap not counted twice), rows with cached lengths 37, 20 and 0, queries that do not continue the cache."""
     ks = jax.random.split(jax.random.key(6), 4)
     B, T, H, R, P, S = 3, 5, 4, 16, 8, 37
-    q_lat = jax.random.normal(ks[0], (B, T, H, R)).astype(dtype)
-    q_pe = jax.random.normal(ks[1], (B, T, H, P)).astype(dtype)
-    ckv = jax.random.normal(ks[2], (B, S, R)).astype(dtype)
-    kpe = jax.random.normal(ks[3], (B, S, P)).astype(dtype)
+    q_lat, q_pe, ckv, kpe = latent_inputs(ks, B, T, H, R, P, B, S, dtype)
     lengths = jnp.array([37, 20, 0], jnp.int32)
     q_mask = jnp.ones((B, T), bool).at[0, 3:].set(False)
     run = jit_fast_compile(lambda *a: latent_attention(*a, scale=0.2, q_mask=q_mask, block_q=2, block_k=8))
@@ -349,10 +353,7 @@ def test_latent_attention_rows_reads_each_row_in_place_up_to_its_length(dtype):
     outputs zeros and lse -inf."""
     ks = jax.random.split(jax.random.key(8), 4)
     B, T, H, R, P, N, S = 3, 5, 4, 16, 8, 5, 37
-    q_lat = jax.random.normal(ks[0], (B, T, H, R)).astype(dtype)
-    q_pe = jax.random.normal(ks[1], (B, T, H, P)).astype(dtype)
-    ckv = jax.random.normal(ks[2], (N, S, R)).astype(dtype)
-    kpe = jax.random.normal(ks[3], (N, S, P)).astype(dtype)
+    q_lat, q_pe, ckv, kpe = latent_inputs(ks, B, T, H, R, P, N, S, dtype)
     rows, lengths = jnp.array([4, 0, 2], jnp.int32), jnp.array([37, 0, 20], jnp.int32)
     # Whatever lies past a row's length never counts: a second cache with other garbage there.
     live = jnp.arange(S)[None, :, None] < jnp.zeros(N, jnp.int32).at[rows].set(lengths)[:, None, None]
@@ -490,10 +491,7 @@ def test_latent_attention_rows_reads_a_paged_pool_through_the_page_table(dtype):
     (same blocks: tolerance of summation order only), and the expanded form reads the pool too."""
     ks = jax.random.split(jax.random.key(9), 6)
     B, T, H, R, P, S, ps = 4, 5, 4, 16, 8, 40, 8
-    q_lat = jax.random.normal(ks[0], (B, T, H, R)).astype(dtype)
-    q_pe = jax.random.normal(ks[1], (B, T, H, P)).astype(dtype)
-    ckv = jax.random.normal(ks[2], (B, S, R)).astype(dtype)
-    kpe = jax.random.normal(ks[3], (B, S, P)).astype(dtype)
+    q_lat, q_pe, ckv, kpe = latent_inputs(ks, B, T, H, R, P, B, S, dtype)
     ckv, kpe = ckv.at[3, :16].set(ckv[2, :16]), kpe.at[3, :16].set(kpe[2, :16])  # rows 2 and 3 share 16 tokens
     lengths = jnp.array([37, 0, 20, 21], jnp.int32)
     q_mask = jnp.ones((B, T), bool).at[0, 3:].set(False)
