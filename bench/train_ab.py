@@ -3,6 +3,7 @@
     python bench/train_ab.py --off linear                  # in one process: Linear's CPU backward off vs on
     python bench/train_ab.py --off all model.dtype=bfloat16  # every CPU path (k2jax.layers.linear.CPU_PATHS); overrides
     python bench/train_ab.py --huge-pages --rounds 4       # two processes: K2JAX_HUGE_PAGES=0 vs huge pages
+    python bench/train_ab.py --xla-flags=--xla_cpu_use_xnnpack=false   # two processes: XLA_FLAGS as set vs added
 
 Single runs of bench/train_speed.py swing 2x on a shared machine; alternating rounds see the same load. --off: both
 programs in one process (`ab_contexts`: traced inside two context managers); each round runs old then new (new then
@@ -11,6 +12,8 @@ time (all threads, user + system; less sensitive to other processes' load); also
 gradient norm of each program (equal up to float32 summation order). --huge-pages: what a process-wide setting
 buys (k2jax.training.hostmem, read at process start): each round starts one process per setting (in alternating
 order) that runs --reps steps after two warm-up steps and reports wall, CPU and page faults per step.
+--xla-flags: the same two-process rounds, the old process with XLA_FLAGS as this one has them, the new one with
+the given flags added (XLA reads them once per process).
 """
 
 from __future__ import annotations
@@ -109,9 +112,10 @@ def _worker(mcfg, tcfg, reps):
                       "tunables": os.environ.get("GLIBC_TUNABLES", "")}))
 
 
-def ab_processes(argv, rounds=4, reps=3):
+def ab_processes(argv, rounds=4, reps=3, xla_flags=None):
     """Ratios new / old of per-step wall and CPU time between a process of this script run with `argv` and
-    K2JAX_HUGE_PAGES=0 (old) and one with huge pages (new), alternating which starts first.
+    K2JAX_HUGE_PAGES=0 (old) and one with huge pages (new), alternating which starts first; with `xla_flags`, both
+    with huge pages and the new one with those flags added to XLA_FLAGS.
 
     Returns {'wall': [...], 'cpu': [...], 'old': [per-round dict], 'new': [...]}."""
     out = {"wall": [], "cpu": [], "old": [], "new": []}
@@ -122,6 +126,10 @@ def ab_processes(argv, rounds=4, reps=3):
             tunables = ":".join(t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
                                 if t and not t.startswith("glibc.malloc.hugetlb"))
             env = {**os.environ, OPT_OUT: "0" if name == "old" else "1", "GLIBC_TUNABLES": tunables}
+            if xla_flags is not None:
+                env[OPT_OUT] = "1"
+                if name == "new":
+                    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
             env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/k2jax/jax_cache"))
             run = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", str(reps)],
                                  env=env, check=True, capture_output=True, text=True)
@@ -141,6 +149,7 @@ def main(argv=None):
                                     f"({', '.join(CPU_PATHS)}), or 'all'")
     mode.add_argument("--huge-pages", action="store_true",
                       help="two processes per round: K2JAX_HUGE_PAGES=0 (old) against huge pages (new)")
+    mode.add_argument("--xla-flags", help="two processes per round: XLA_FLAGS as set (old) against these added (new)")
     mode.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--reps", type=int, default=2, help="steps per program per round")
@@ -149,10 +158,13 @@ def main(argv=None):
     if args.worker:
         return _worker(mcfg, tcfg, args.worker)
     print(f"config {mcfg.name}, batch {tcfg.batch_size} x {tcfg.seq_len}, dtype {mcfg.dtype}")
-    if args.huge_pages:
-        res = ab_processes([*args.overrides, "--config", args.config], rounds=args.rounds, reps=args.reps)
+    if args.huge_pages or args.xla_flags is not None:
+        res = ab_processes([*args.overrides, "--config", args.config], rounds=args.rounds, reps=args.reps,
+                           xla_flags=args.xla_flags)
+        labels = ({"old": "XLA_FLAGS as set", "new": f"+ {args.xla_flags}"} if args.xla_flags is not None
+                  else {"old": "K2JAX_HUGE_PAGES=0", "new": "huge pages"})
         for name in ("old", "new"):
-            print(f"{name} ({'K2JAX_HUGE_PAGES=0' if name == 'old' else 'huge pages'}), per step and round: " +
+            print(f"{name} ({labels[name]}), per step and round: " +
                   "; ".join(f"wall {x['wall'] * 1e3:.0f} ms, CPU {x['cpu'] * 1e3:.0f} ms, {x['faults']:.0f} faults"
                             for x in res[name]))
         print("per-round new/old wall: " + " ".join(f"{r:.3f}" for r in res["wall"]))
