@@ -84,7 +84,10 @@ def _token_stats(bv, xc, w, lc):
             mine = (cols[None] == li[:, None]) & fresh[None]  # the label's column, counted in one block only
             label_logit = label_logit + jnp.sum(jnp.where(mine, z, 0.0), axis=-1)
             better = z_max > best  # strict: an earlier block keeps a tie, as jnp.argmax's first index
-            arg = jnp.where(better, start + jnp.argmax(z, axis=-1).astype(jnp.int32), arg)
+            # the first column holding the block's max: a plain min reduction, which XLA:CPU vectorizes (jnp.argmax
+            # lowers to a two-operand reduction that it runs element by element, ~1/3 of this forward's time)
+            first = jnp.min(jnp.where(z == z_max[:, None], cols[None], jnp.iinfo(jnp.int32).max), axis=-1)
+            arg = jnp.where(better, first, arg)
             return (m_new, l, label_logit, jnp.where(better, z_max, best), arg), None
 
         rows = li.shape

@@ -114,3 +114,24 @@ def test_bad_arguments_raise():
         linear_cross_entropy(x, w, labels, block_vocab=0)
     with pytest.raises(ValueError, match="x must be a 2-D array"):
         linear_cross_entropy(x[None], w, labels)
+
+
+@pytest.mark.parametrize("block_vocab", [7, 16, 40])
+def test_tied_logits_count_the_first_column_as_jnp_argmax(block_vocab):
+    """Exact ties (integer-valued inputs, so every logit is exact whatever the summation order): a label counts
+    as correct only when it is the first column holding the row's max, as jnp.argmax decides, whether the tied
+    columns share a vocabulary block or not."""
+    N, D, V = 48, 8, 40
+    ks = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.randint(ks[0], (N, D), -2, 3).astype(jnp.float32)
+    w = jax.random.randint(ks[1], (D, V), -2, 3).astype(jnp.float32)
+    w = w.at[:, 20:30].set(w[:, 0:10])          # columns 20..29 tie with 0..9 (some across blocks)
+    w = w.at[:, 5].set(w[:, 4])                 # and neighbours in one block
+    logits = x @ w
+    top = jnp.argmax(logits, axis=-1)
+    tied = jnp.argmax(jnp.where(jnp.arange(V) > top[:, None], logits == logits.max(-1, keepdims=True), False), -1)
+    labels = jnp.where(jnp.arange(N) % 2 == 0, top, tied).astype(jnp.int32)   # odd rows: a later tied column
+    assert int(jnp.sum((jnp.arange(N) % 2 == 1) & (tied > top))) > N // 8      # enough rows really tie
+    _, correct_ref = linear_cross_entropy_reference(x, w, labels)
+    _, correct = linear_cross_entropy(x, w, labels, block_tokens=16, block_vocab=block_vocab)
+    assert float(correct) == float(correct_ref) == float(jnp.sum(labels == top))
