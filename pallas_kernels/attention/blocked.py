@@ -30,32 +30,65 @@ import jax.numpy as jnp
 
 from pallas_kernels.attention.checks import check_attention_inputs, check_block, segments_or_ones, visible
 
-DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_Q = 256   # the largest blocks `default_blocks` picks
 DEFAULT_BLOCK_K = 512
+MIN_AUTO_BLOCK = 64
+# Score elements (B x H x bq x bk) of one block pair that `default_blocks` stops halving at: 2^18 float32 = 1 MiB,
+# half of this machine's 2 MiB L2. Measured with bench/attention_blocks.py (docs/results.md, "Attention blocks").
+BLOCK_SCORE_ELEMS = 1 << 18
 _F32 = jnp.float32
 _NO_SEGMENT = jnp.iinfo(jnp.int32).max  # the "empty" end of a segment-id range
 
 
+def default_blocks(B: int, H: int, T: int, S: int) -> tuple[int, int]:
+    """(block_q, block_k) for B rows of H query heads, T queries and S keys: from (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)
+    capped at T and S, the larger block (block_k on a tie) is halved (to a power of two) while a block pair holds more than
+    BLOCK_SCORE_ELEMS scores (B H bq bk) and the halved block stays >= MIN_AUTO_BLOCK. Why: a block pair's scores,
+    probabilities and their cotangents then stay in cache, and smaller blocks let causal masking skip more pairs
+    (T = 256 in one block computes all T^2 scores; in 64-blocks 10/16 of them). A wide batch gets small blocks, one
+    long row keeps large ones (each loop step has enough work to amortise its overhead)."""
+    bq, bk = _cap(DEFAULT_BLOCK_Q, T), _cap(DEFAULT_BLOCK_K, S)
+    while B * H * bq * bk > BLOCK_SCORE_ELEMS:
+        if bk >= bq and _halved(bk) >= MIN_AUTO_BLOCK:
+            bk = _halved(bk)
+        elif _halved(bq) >= MIN_AUTO_BLOCK:
+            bq = _halved(bq)
+        else:
+            break
+    return bq, bk
+
+
+def _halved(block: int) -> int:
+    """The largest power of two below block (half of a power of two; 152 -> 128)."""
+    return 1 << ((block - 1).bit_length() - 1)
+
+
+def _blocks(block_q, block_k, shape, op: str) -> tuple[int, int]:
+    """The checked (block_q, block_k) for `shape` (None: `default_blocks`'s), capped at T and S."""
+    auto_q, auto_k = default_blocks(shape.B, shape.H, max(shape.T, 1), max(shape.S, 1))
+    bq = auto_q if block_q is None else check_block(block_q, "block_q", op=op)
+    bk = auto_k if block_k is None else check_block(block_k, "block_k", op=op)
+    return _cap(bq, max(shape.T, 1)), _cap(bk, max(shape.S, 1))
+
+
 def attention_blocked(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
-                      block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, return_max_logit=False, return_lse=False):
+                      block_q=None, block_k=None, return_max_logit=False, return_lse=False):
     """Blocked attention with the semantics, shapes and returns of `attention_reference`.
 
     q: [B, T, H, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; q_segment_ids int [B, T], kv_segment_ids int [B, S]
-    (0 = padding); q_offset int or int [B]. block_q, block_k: positive ints, capped at T and S (rounded up to 8
-    from 8 on); T and S need not be multiples (the tail block is padded with invisible rows and keys).
+    (0 = padding); q_offset int or int [B]. block_q, block_k: positive ints or None (`default_blocks`), capped at
+    T and S (rounded up to 8 from 8 on); T and S need not be multiples (the tail block is padded with invisible rows and keys).
     Returns o [B, T, H, Dv] in v's dtype [, max_logit float32 [B, H] (no gradient flows through it)]
     [, lse float32 [B, T, H] (differentiable)].
     """
     shape, kv_segment_ids, q_offset, scale = check_attention_inputs(
         q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale, op="attention_blocked")
-    bq = check_block(block_q, "block_q", op="attention_blocked")
-    bk = check_block(block_k, "block_k", op="attention_blocked")
+    bq, bk = _blocks(block_q, block_k, shape, "attention_blocked")
     B, T, S, H, Hkv, G = shape.B, shape.T, shape.S, shape.H, shape.Hkv, shape.G
     if T == 0:
         o = jnp.zeros((B, 0, H, shape.Dv), v.dtype)
         return _returns(o, jnp.full((B, H), -jnp.inf, _F32), jnp.zeros((B, 0, H), _F32), return_max_logit,
                         return_lse)
-    bq, bk = _cap(bq, T), _cap(bk, S)
     qc, kc, vc, q_pos, q_seg, k_seg = _chunk_inputs(q, k, v, q_segment_ids, kv_segment_ids, q_offset, shape, bq, bk)
     segmented = q_segment_ids is not None
     visit = visited_blocks(q_pos, q_seg, k_seg, causal=causal) if segmented else None
@@ -73,19 +106,17 @@ def _returns(o, max_logit, lse, return_max_logit, return_lse):
 
 
 def attention_max_logit(q, k, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
-                        block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K):
+                        block_q=None, block_k=None):
     """max over visible pairs of scale * q . k per (batch, head): float32 [B, H] (-inf where a head sees no key),
     with no gradient. The key-block loop of `attention_blocked` without the softmax and value products: what the
     kernel paths run beside a kernel that cannot report it. Shapes and masking as `attention_reference`."""
     # Values play no part: k stands in for v in the shape checks and its chunked copy is never used.
     shape, kv_segment_ids, q_offset, scale = check_attention_inputs(
         q, k, k, q_segment_ids, kv_segment_ids, q_offset, scale, op="attention_max_logit")
-    bq = check_block(block_q, "block_q", op="attention_max_logit")
-    bk = check_block(block_k, "block_k", op="attention_max_logit")
+    bq, bk = _blocks(block_q, block_k, shape, "attention_max_logit")
     B, T, S, Hkv, G = shape.B, shape.T, shape.S, shape.Hkv, shape.G
     if T == 0:
         return jnp.full((B, shape.H), -jnp.inf, _F32)
-    bq, bk = _cap(bq, T), _cap(bk, S)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     qc, kc, _, q_pos, q_seg, k_seg = _chunk_inputs(q, k, k, q_segment_ids, kv_segment_ids, q_offset, shape, bq, bk)
     visit = visited_blocks(q_pos, q_seg, k_seg, causal=causal) if q_segment_ids is not None else None

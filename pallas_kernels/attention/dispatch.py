@@ -17,7 +17,7 @@ import functools
 
 import jax
 
-from pallas_kernels.attention.blocked import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, attention_blocked, attention_max_logit
+from pallas_kernels.attention.blocked import attention_blocked, attention_max_logit
 from pallas_kernels.attention.checks import check_attention_inputs
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.splash import attention_splash
@@ -27,7 +27,7 @@ IMPLS = ("auto", "xla", "reference", "splash", "triton")
 
 
 def attention(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segment_ids=None, q_offset=0, impl="auto",
-              block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, return_max_logit=False, return_lse=False):
+              block_q=None, block_k=None, return_max_logit=False, return_lse=False):
     """Softmax attention with causal masking by absolute position, packed segments and multi-query heads.
 
     q: [B, T, H, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv] with Hkv dividing H (Hkv == H: MLA's expanded form,
@@ -37,7 +37,8 @@ def attention(q, k, v, *, scale=None, causal=True, q_segment_ids=None, kv_segmen
     kv_segment_ids int [B, S] (None: the same as q's, needs S == T): a query sees only keys of its own segment, id 0
     is padding (never seen; padding queries output 0).
     impl: "auto" (see the module docstring), "xla" (`attention_blocked`), "reference" (materialises [T, S]),
-    "splash" / "triton" (the kernels; interpreted off TPU / GPU). block_q, block_k: the XLA form's blocks.
+    "splash" / "triton" (the kernels; interpreted off TPU / GPU). block_q, block_k: the XLA form's blocks (None:
+    `default_blocks`, by the batch, heads and lengths).
     Returns o [B, T, H, Dv] in v's dtype (softmax in float32; rows that see no key give 0), and with
     return_max_logit also max_logit float32 [B, H]: the largest scaled logit over visible pairs (-inf where none),
     which carries no gradient, and with return_lse lse float32 [B, T, H]: each query's log-sum-exp of its visible

@@ -24,6 +24,13 @@ from pallas_kernels.attention import (
     merge_attention,
     visited_blocks,
 )
+from pallas_kernels.attention.blocked import (
+    BLOCK_SCORE_ELEMS,
+    DEFAULT_BLOCK_K,
+    DEFAULT_BLOCK_Q,
+    MIN_AUTO_BLOCK,
+    default_blocks,
+)
 from tests.conftest import error_ratio
 from tests.pallas_kernels.lowering import count_pallas_kernels, jit_fast_compile
 
@@ -97,6 +104,30 @@ def test_blocked_bfloat16_matches_reference():
     q, k, v, do = make_inputs(2, 37, 53, 4, 1, 40, 32, dtype=jnp.bfloat16)
     check(lambda *a, **kw: attention_blocked(*a, block_q=16, block_k=16, **kw), q, k, v, do, 5e-3, 8e-3,
           **CASES["absorbed_cache"]["kw"])
+
+
+def test_default_blocks_follow_the_batch_and_lengths():
+    """Wide batches of short rows get small blocks (down to 64), one long row keeps large ones; never above the
+    defaults nor (rounded to 8) above T and S; and a block pair holds at most BLOCK_SCORE_ELEMS scores unless both
+    blocks are at the floor."""
+    assert default_blocks(32, 4, 256, 256) == (64, 64)       # the default training step
+    assert default_blocks(1, 4, 4096, 4096) == (256, 256)
+    assert default_blocks(1, 1, 65536, 65536) == (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)
+    assert default_blocks(2, 4, 5, 37) == (5, 40)
+    assert default_blocks(512, 64, 4096, 4096) == (MIN_AUTO_BLOCK, MIN_AUTO_BLOCK)
+    for B, H, T, S in [(8, 4, 1024, 1024), (4, 32, 2048, 6000), (3, 7, 300, 900), (1, 4, 1, 50000)]:
+        bq, bk = default_blocks(B, H, T, S)
+        assert bq <= min(DEFAULT_BLOCK_Q, -(-T // 8) * 8) and bk <= min(DEFAULT_BLOCK_K, -(-S // 8) * 8)
+        assert B * H * bq * bk <= BLOCK_SCORE_ELEMS or (bq, bk) == (MIN_AUTO_BLOCK, MIN_AUTO_BLOCK)
+
+
+def test_blocked_default_blocks_match_reference():
+    """Without block sizes the blocked form takes `default_blocks` (here 64 x 64 over T = 150: three query and key
+    blocks, the last partial) and matches the reference, segments and a causal offset included."""
+    B, T, H = 8, 150, 8
+    assert default_blocks(B, H, T, T) == (64, 64)
+    q_seg = jnp.where(jnp.arange(T) < 70, 1, 2)[None].repeat(B, 0).at[:, -5:].set(0)
+    check(attention_blocked, *make_inputs(B, T, T, H, 2, 24, 16), 1e-5, 1e-4, q_segment_ids=q_seg)
 
 
 def test_auto_on_cpu_is_the_blocked_form():
