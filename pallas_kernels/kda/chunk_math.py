@@ -368,11 +368,14 @@ def chunk_intra_vjp(Q, Kc, V, g, beta, masks: Masks, Aqk, Akk, T, dAqk_raw, dW, 
     b = beta[..., None]
     dW, dQg, dKg = _rowmask(dW, masks.cm), _rowmask(dQg, masks.cm), _rowmask(dKg, masks.em)
     Xw, Xu = b * Gam * Kc, b * V
-    # W = T Xw, U = T Xu, T = (I + A)^{-1}, A = beta_r Akk
+    # W = T Xw, U = T Xu, T = (I + A)^{-1}, A = beta_r Akk. dA = -T^T dT T^T on A's entries, dT = dW Xw^T + dU Xu^T;
+    # with T^T dW = dXw, T Xw = W and T Xu = U that is -(dXw W^T + dXu U^T): two [C, K] x [K, C] products instead of
+    # dT's two and two [C, C] x [C, C] ones. (dT needs no mask first: T - I is strictly lower and same-segment like
+    # A, so T dA T is too, and dT's other entries meet only its zeros.)
     dXw = mm("...cr,...ck->...rk", T, dW)
     dXu = mm("...cr,...cv->...rv", T, dU)
-    dT = jnp.where(mkk, mm("...rk,...ck->...rc", dW, Xw) + mm("...rv,...cv->...rc", dU, Xu), 0.0)
-    dA = -jnp.where(mkk, mm("...ar,...ab->...rb", T, mm("...ab,...cb->...ac", dT, T)), 0.0)
+    W, U = mm("...rc,...ck->...rk", T, Xw), mm("...rc,...cv->...rv", T, Xu)   # as in chunk_intra (W unmasked)
+    dA = -jnp.where(mkk, mm("...rk,...ck->...rc", dXw, W) + mm("...rv,...cv->...rc", dXu, U), 0.0)
     dbeta = (jnp.sum(dA * Akk, axis=-1) + jnp.sum(dXw * Gam * Kc, axis=-1) + jnp.sum(dXu * V, axis=-1))
     f = score_factors(G, Gd)
     dQ, dK, dG, dGd = scores_vjp(jnp.where(mqk, dAqk_raw, 0.0), beta[..., :, None] * dA, f,
