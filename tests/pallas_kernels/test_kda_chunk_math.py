@@ -12,8 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.kda.chunk_math import (CLAMP, Masks, causal_masks, chunk_intra, chunk_intra_vjp, gate_cumsums,
-                                           gate_cumsums_vjp, score_factors, score_operands, scores, scores_vjp)
+from pallas_kernels.kda.chunk_math import (
+    CLAMP,
+    Masks,
+    causal_masks,
+    chunk_intra,
+    chunk_intra_vjp,
+    gate_cumsums,
+    gate_cumsums_vjp,
+    score_factors,
+    score_operands,
+    scores,
+    scores_vjp,
+)
 from tests.conftest import error_ratio
 
 LEAD, K, V = 3, 8, 4
