@@ -9,11 +9,13 @@ whole group as two more batched matmuls (O = Qg S + Aqk Vnew). Groups are sized 
 cache (`GROUP_ELEMS`): whole-sequence temporaries were several times slower on CPU at long T; a short sequence
 whose arrays are small anyway (`WHOLE_ELEMS`, e.g. a training batch of 256-token rows) runs as one group.
 
-The backward (`jax.custom_vjp`) keeps Aqk, Akk, T, Vnew and the chunk-start states from the forward (W = T Xw is
-recomputed: one batched matmul is cheaper than writing and reading it back), walks the groups last to first with
-the reverse state recurrence (two matmuls per chunk: dVnew = Aqk^T dO + Kg dS+ and dS = decay dS+ + Qg^T dO -
-W^T dVnew) and does everything else batched per group (kda_backward.md section 2). Memory kept for the backward,
-beyond the inputs: 3 C + V + K V / C floats per token and head (f32), e.g. 1.3 KiB at C = 64, K = V = 128.
+The backward (`jax.custom_vjp`) keeps Aqk, Akk, T, Vnew and the chunk-start states from the forward (W = T Xw and
+U = T Xu are recomputed: one batched matmul is cheaper than writing and reading it back; when forward and backward
+are compiled together, as in a training step, XLA shares such recomputations with the forward's values), walks the
+groups last to first with the reverse state recurrence (two matmuls per chunk: dVnew = Aqk^T dO + Kg dS+ and
+dS = decay dS+ + Qg^T dO - W^T dVnew) and does everything else batched per group (kda_backward.md section 2). Memory
+kept for the backward, beyond the inputs: 3 C + V + K V / C floats per token and head (f32), e.g. 1.3 KiB at C = 64,
+K = V = 128.
 
 Segments (see `kda_reference`): padding tokens (id 0) get zero q, k, v, g, beta, which makes them inert; `cm`
 masks the rows that continue the state carried into their chunk, `em` the rows of the chunk's last segment, and

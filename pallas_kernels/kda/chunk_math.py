@@ -14,7 +14,8 @@ from three anchored terms, each one batched matmul of a row operand (X * row fac
 - diag, the 8 x 8 diagonal blocks, from gates clamped at -CLAMP (g' = max(g, -CLAMP), G' their cumsum in the
   block). Rows 0..3 are anchored at row 0 and pair with columns 0..3; rows 4..7 are anchored at row 4 and pair
   with columns 0..7: (X_r e^{G'_r - G'_a}) . (K_c e^{G'_a - G'_c}), every factor within e^{+-4 CLAMP}. The two
-  anchor groups are two slots of one matmul's contraction (zero where a row or column is not in the group).
+  anchor groups are two batch entries of one matmul, each 4 Q rows and 4 K rows against the block's 8 columns
+  (the anchor-0 group's column factors are zero for columns 4..7).
   Anchors are the first row of their rows, so no output depends, even in rounding, on a later token. Clamping
   changes a pair only if a token between them has g < -CLAMP, and then both the true and the computed
   e^{G_r - G_c} are below e^{-CLAMP} = 2e-9: the error is far below float32 rounding of the rest.
@@ -96,8 +97,7 @@ class Factors(NamedTuple):
     PR: jnp.ndarray   # [..., nb, 8, K]  rect rows 8..15 of each 16-block
     NR: jnp.ndarray   # [..., nb, 8, K]  rect columns 0..7 of each 16-block
     PD: jnp.ndarray   # [..., C/8, 8, K] diag rows (rows 0..3 relative to row 0, rows 4..7 to row 4)
-    ND0: jnp.ndarray  # [..., C/8, 8, K] diag columns for the anchor at row 0 (zero for columns 4..7)
-    ND4: jnp.ndarray  # [..., C/8, 8, K] diag columns for the anchor at row 4
+    ND: jnp.ndarray   # [..., C/8, 2, 8, K] diag columns for the anchor at row 0 (zero for columns 4..7), at row 4
 
 
 def _expneg(x):
@@ -124,8 +124,8 @@ def score_factors(G, Gd) -> Factors:
     Gd8 = Gd.reshape(lead + (C // DIAG, DIAG, K))
     a0, a4 = Gd8[..., :1, :], Gd8[..., 4:5, :]
     PD = jnp.exp(Gd8 - jnp.where(_LOW4, a0, a4))
-    ND0 = jnp.exp(jnp.where(_LOW4, a0 - Gd8, -jnp.inf))   # exactly 0 for columns 4..7
-    return Factors(PA, NA, PR, NR, PD, ND0, jnp.exp(a4 - Gd8))
+    ND = jnp.exp(jnp.stack([jnp.where(_LOW4, a0 - Gd8, -jnp.inf), a4 - Gd8], axis=-3))  # anchor 0: exactly 0 for 4..7
+    return Factors(PA, NA, PR, NR, PD, ND)
 
 
 class Operands(NamedTuple):
@@ -135,8 +135,8 @@ class Operands(NamedTuple):
     KA: jnp.ndarray | None  # [..., nb-1, C-16, K]
     XR: jnp.ndarray         # [..., nb, 2 * 8, K]
     KR: jnp.ndarray         # [..., nb, 8, K]
-    XD: jnp.ndarray         # [..., C/8, 2 * 8, 2K] (slot 0: rows 0..3, anchor 0; slot 1: rows 4..7, anchor 4)
-    KD: jnp.ndarray         # [..., C/8, 8, 2K]
+    XD: jnp.ndarray         # [..., C/8, 2, 2 * 4, K] (group 0: rows 0..3, anchor 0; group 1: rows 4..7, anchor 4)
+    KD: jnp.ndarray         # [..., C/8, 2, 8, K]    (the block's 8 columns with each group's column factors)
 
 
 def _blocks(x, n):
@@ -167,19 +167,18 @@ def score_operands(Q, Kc, f: Factors) -> Operands:
         KA = Kc[..., None, : C - SUB, :] * f.NA
     return Operands(XA, KA,
                     XR=_rows2(Q16[..., 8:, :] * f.PR, K16[..., 8:, :] * f.PR), KR=K16[..., :8, :] * f.NR,
-                    XD=_rows2(_slots(Q8 * f.PD), _slots(K8 * f.PD)),
-                    KD=jnp.concatenate([K8 * f.ND0, K8 * f.ND4], axis=-1))
+                    XD=_rows2(_groups(Q8 * f.PD), _groups(K8 * f.PD)),
+                    KD=K8[..., None, :, :] * f.ND)
 
 
-def _slots(x):
-    """[..., 8, K] diag-block rows -> [..., 8, 2K]: rows 0..3 in the first K columns, rows 4..7 in the last K."""
-    return jnp.concatenate([jnp.where(_LOW4, x, 0.0), jnp.where(_LOW4, 0.0, x)], axis=-1)
+def _groups(x):
+    """[..., 8, F] diag-block rows -> [..., 2, 4, F]: the anchor-0 rows 0..3 and the anchor-4 rows 4..7."""
+    return x.reshape(x.shape[:-2] + (2, DIAG // 2, x.shape[-1]))
 
 
-def _unslot(x):
-    """Each row's own slot of [..., 8, 2K] -> [..., 8, K]."""
-    K = x.shape[-1] // 2
-    return jnp.where(_LOW4, x[..., :K], x[..., K:])
+def _ungroup(x):
+    """Inverse of `_groups`: [..., 2, 4, F] -> [..., 8, F]."""
+    return x.reshape(x.shape[:-3] + (DIAG, x.shape[-1]))
 
 
 def _place_diag16(SD, SR):
@@ -217,7 +216,7 @@ def _take_A(dS, C):
 
 def scores(op: Operands, C):
     """(S_q, S_k) [..., C, C], exact on the lower triangle (diagonal included); other entries are arbitrary."""
-    SDq, SDk = _split2(mm("...brk,...bck->...brc", op.XD, op.KD))
+    SDq, SDk = (_ungroup(x) for x in _split2(mm("...grk,...gck->...grc", op.XD, op.KD)))
     SRq, SRk = _split2(mm("...brk,...bck->...brc", op.XR, op.KR))
     Sq, Sk = _place_diag16(SDq, SRq), _place_diag16(SDk, SRk)
     if op.XA is not None:   # level A is exactly zero outside its region (masked column factors)
@@ -236,12 +235,12 @@ def scores_vjp(dSq, dSk, f: Factors, op: Operands):
     K = op.KR.shape[-1]
     flat = lambda x: x.reshape(lead + (C, K))  # noqa: E731
     # diag term (clamped gates): its gate gradients go to Gd
-    dSD = _rows2(*(_take_diag16(d)[0] for d in (dSq, dSk)))                     # [..., C/8, 16, 8]
-    gx = mm("...brc,...bck->...brk", dSD, op.KD)
-    gk = mm("...brc,...brk->...bck", dSD, op.XD)                              # [..., C/8, 8, 2K]
-    (gq, gkr), (xq, xk) = (tuple(_unslot(y) for y in _split2(z)) for z in (gx, op.XD))
-    dQ, dK = flat(gq * f.PD), flat(gkr * f.PD + gk[..., :K] * f.ND0 + gk[..., K:] * f.ND4)
-    dGd = flat(xq * gq + xk * gkr - jnp.sum((op.KD * gk).reshape(gk.shape[:-1] + (2, K)), axis=-2))
+    dSD = _rows2(*(_groups(_take_diag16(d)[0]) for d in (dSq, dSk)))           # [..., C/8, 2, 8, 8]
+    gx = mm("...grc,...gck->...grk", dSD, op.KD)
+    gk = mm("...grc,...grk->...gck", dSD, op.XD)                              # [..., C/8, 2, 8, K] per anchor
+    (gq, gkr), (xq, xk) = (tuple(_ungroup(y) for y in _split2(z)) for z in (gx, op.XD))
+    dQ, dK = flat(gq * f.PD), flat(gkr * f.PD + jnp.sum(gk * f.ND, axis=-3))
+    dGd = flat(xq * gq + xk * gkr - jnp.sum(op.KD * gk, axis=-3))
     # rect term: rows 8..15 and columns 0..7 of each 16-block
     dSR = _rows2(*(_take_diag16(d)[1] for d in (dSq, dSk)))                     # [..., nb, 16, 8]
     gx = mm("...brc,...bck->...brk", dSR, op.KR)
@@ -369,11 +368,14 @@ def chunk_intra_vjp(Q, Kc, V, g, beta, masks: Masks, Aqk, Akk, T, dAqk_raw, dW, 
     b = beta[..., None]
     dW, dQg, dKg = _rowmask(dW, masks.cm), _rowmask(dQg, masks.cm), _rowmask(dKg, masks.em)
     Xw, Xu = b * Gam * Kc, b * V
-    # W = T Xw, U = T Xu, T = (I + A)^{-1}, A = beta_r Akk
+    # W = T Xw, U = T Xu, T = (I + A)^{-1}, A = beta_r Akk. dA = -T^T dT T^T on A's entries, dT = dW Xw^T + dU Xu^T;
+    # with T^T dW = dXw, T Xw = W and T Xu = U that is -(dXw W^T + dXu U^T): two [C, K] x [K, C] products instead of
+    # dT's two and two [C, C] x [C, C] ones. (dT needs no mask first: T - I is strictly lower and same-segment like
+    # A, so T dA T is too, and dT's other entries meet only its zeros.)
     dXw = mm("...cr,...ck->...rk", T, dW)
     dXu = mm("...cr,...cv->...rv", T, dU)
-    dT = jnp.where(mkk, mm("...rk,...ck->...rc", dW, Xw) + mm("...rv,...cv->...rc", dU, Xu), 0.0)
-    dA = -jnp.where(mkk, mm("...ar,...ab->...rb", T, mm("...ab,...cb->...ac", dT, T)), 0.0)
+    W, U = mm("...rc,...ck->...rk", T, Xw), mm("...rc,...cv->...rv", T, Xu)   # as in chunk_intra (W unmasked)
+    dA = -jnp.where(mkk, mm("...rk,...ck->...rc", dXw, W) + mm("...rv,...cv->...rc", dXu, U), 0.0)
     dbeta = (jnp.sum(dA * Akk, axis=-1) + jnp.sum(dXw * Gam * Kc, axis=-1) + jnp.sum(dXu * V, axis=-1))
     f = score_factors(G, Gd)
     dQ, dK, dG, dGd = scores_vjp(jnp.where(mqk, dAqk_raw, 0.0), beta[..., :, None] * dA, f,
