@@ -16,11 +16,12 @@ from k2jax.sharding import make_param
 # `dot_f32`'s custom VJP is not a dot_general they can see.
 PROJECTION_NAME = "linear_projection"
 
-# The CPU-only custom backwards of the layers (each exact: autodiff's gradients up to float32 summation order), by
-# name: today Linear's transposed-input weight gradient (`dot_f32`). A layer asks `cpu_path(name)` when it is
+# The CPU-only paths of the layers (each exact: the same outputs and gradients up to float32 summation order), by
+# name: Linear's transposed-input weight gradient (`dot_f32`), and MLA's training attention in the absorbed form
+# where it costs no more FLOPs than the expanded one (k2jax.layers.mla). A layer asks `cpu_path(name)` when it is
 # traced; bench/train_ab.py turns them off (`cpu_paths_off`) to measure what each buys in the full training step.
 # (Hand-written backwards of the short conv, the norms and the SwiGLU activation measured 0.98-1.07x: not kept.)
-CPU_PATHS = ("linear",)
+CPU_PATHS = ("linear", "mla_absorbed")
 _paths_off: set = set()
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.layers import context_parallel
-from k2jax.layers.linear import Linear
+from k2jax.layers.linear import Linear, cpu_path
 from k2jax.layers.norms import RMSNorm
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
 from k2jax.sharding import context_size
@@ -249,8 +249,15 @@ class MultiHeadLatentAttention(nnx.Module):
         if return_max_logit and cache is not None:
             raise ValueError("MultiHeadLatentAttention: return_max_logit is for training (no cache)")
         if cache is None and (context_size() > 1 or return_max_logit):
-            y, max_logit = self._latent_attention(q_nope, q_pe, c, k_pe, segment_ids)
+            y, max_logit = self._latent_attention(q_nope, q_pe, c, k_pe, segment_ids, return_max_logit)
             return (y, None, max_logit) if return_max_logit else (y, None)
+        if cache is None and self._absorbed_is_cheaper():
+            # lowered for CPU: the absorbed form; lowered from this CPU machine for TPU/GPU: the expanded one
+            y = jax.lax.platform_dependent(
+                cpu=lambda: self._latent_attention(q_nope, q_pe, c, k_pe, segment_ids, False)[0],
+                default=lambda: self.o_proj(self._expanded(q_nope, q_pe, c, k_pe, segment_ids).reshape(B, T, -1)
+                                            .astype(self.dtype)))
+            return y, None
         if cache is None or cache.capacity == 0:
             o = self._expanded(q_nope, q_pe, c, k_pe, segment_ids)
         else:
@@ -314,16 +321,29 @@ class MultiHeadLatentAttention(nnx.Module):
         return jnp.transpose(o, (1, 2, 0, 3)).astype(dt), lse
 
     # ---- context parallelism and MuonClip's max logit (training) --------------------------------------------------
-    def _latent_attention(self, q_nope, q_pe, c, k_pe, segment_ids):
+    def _absorbed_is_cheaper(self) -> bool:
+        """Whether training attention (no cache) runs in the absorbed form on one context shard: a CPU path
+        (k2jax.layers.linear.cpu_path "mla_absorbed"), taken when the absorbed form costs no more FLOPs, 2 R <= n + d_v.
+        Per head and key the absorbed scores and values cost R + P and R, the expanded ones n + P and d_v, and the
+        up-projections cost the same either way (kv_b_proj over the keys, or W_UK / W_UV over queries and outputs,
+        T H R (n + d_v) each); at equal FLOPs the absorbed form reads one shared key/value head for all H query
+        heads (multi-query). The default config (R = n = d_v = 32): the training step 0.96x (in-process A/B,
+        docs/results.md). At Kimi Linear's sizes (R = 512, n = d_v = 128) the expanded form stays: absorbed costs
+        ~3x. On TPU/GPU the expanded form keeps the kernels' expanded-only paths (Triton): the choice is a
+        `jax.lax.platform_dependent`, so a program lowered here for TPU/GPU gets the expanded form."""
+        return 2 * self.kv_lora_rank <= self.nope_dim + self.v_dim and cpu_path("mla_absorbed")
+
+    def _latent_attention(self, q_nope, q_pe, c, k_pe, segment_ids, return_max_logit: bool = True):
         """Training attention through the attention op in the absorbed form (k2jax.layers.context_parallel.
         latent_attention): with the tokens split over `context` (config.context_layout), local queries against
-        all-gathered latents; on one context shard, plain. [B, T, ...] -> (y [B, T, hidden], max logit f32 [B, H])."""
+        all-gathered latents; on one context shard, plain. [B, T, ...] -> (y [B, T, hidden], max logit f32 [B, H]
+        or None without return_max_logit)."""
         if context_size() > 1:
             context_parallel.check_context_length(c.shape[1], self.context_layout)
         w_uk, w_uv = self.absorbed_weights()
-        o, max_logit = context_parallel.latent_attention(q_nope, q_pe, c, k_pe, segment_ids, w_uk, w_uv,
-                                                         scale=self.scale, layout=self.context_layout,
-                                                         return_max_logit=True)
+        out = context_parallel.latent_attention(q_nope, q_pe, c, k_pe, segment_ids, w_uk, w_uv, scale=self.scale,
+                                                layout=self.context_layout, return_max_logit=return_max_logit)
+        o, max_logit = out if return_max_logit else (out, None)
         return self.o_proj(o), max_logit
 
 

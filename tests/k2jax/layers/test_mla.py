@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import k2jax
+from k2jax.layers.linear import cpu_paths_off
 from k2jax.layers.mla import MLACache, MultiHeadLatentAttention
 from k2jax.layers.rope import apply_rope, rope_frequencies, softmax_scale
 from pallas_kernels.attention import expanded_pays_off
@@ -576,3 +577,34 @@ def test_bad_shapes_raise():
         m(x, positions=jnp.zeros((2, 5), jnp.int32), cache=MLACache(lat.ckv, lat.kpe, lengths))
     with pytest.raises(ValueError, match="MLACache"):
         m(x, cache=(lat.ckv, lat.kpe, lengths))
+
+
+def test_absorbed_training_path_equals_the_expanded_one():
+    """Without a cache, on CPU, a config whose absorbed form costs no more FLOPs (tiny: R = n = d_v = 16) attends
+    in the absorbed form; its outputs and gradients (parameters and input, packed segments) equal the expanded
+    form's, which `cpu_paths_off("mla_absorbed")` selects. The 48B dims (R = 512, n = d_v = 128) stay expanded."""
+    cfg = tiny_rope()
+    m = make_mla(cfg)
+    graphdef, state = nnx.split(m)
+    x = rand_x(cfg, 2, 37)
+    seg = jnp.asarray([[1] * 20 + [2] * 17, [3] * 30 + [0] * 7], jnp.int32)
+    pos = segment_positions(seg)
+    ct = jax.random.normal(jax.random.key(3), x.shape)
+
+    def lowered():  # a fresh function each time: jit would reuse the first trace
+        def run(state, x):
+            y, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x, segment_ids=seg, positions=pos)[0], state, x)
+            return y, vjp(ct)
+        return jax.jit(run).lower(state, x)
+
+    absorbed = lowered()
+    with cpu_paths_off("mla_absorbed"):
+        expanded = lowered()
+        assert not m._absorbed_is_cheaper()
+    assert m._absorbed_is_cheaper() and absorbed.as_text().count("dot_general") != expanded.as_text().count(
+        "dot_general")
+    got, want = absorbed.compile()(state, x), expanded.compile()(state, x)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert error_ratio(a, b) <= 1e-5
+    big = tiny_nope().replace(kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128)
+    assert not MultiHeadLatentAttention(big, rngs=nnx.Rngs(0))._absorbed_is_cheaper()
