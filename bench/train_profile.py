@@ -205,6 +205,7 @@ COMPONENTS = (
     ("k2jax/layers/kda.py", "KDA layer: gates, beta, q/k norm, heads"),
     ("pallas_kernels/attention/", "MLA attention op"),
     ("k2jax/layers/mla.py", "MLA layer: latents, RoPE, heads"),
+    ("k2jax/layers/context_parallel.py", "MLA layer: latents, RoPE, heads"),  # the absorbed form's W_UK, W_UV
     ("pallas_kernels/moe/", "MoE grouped matmuls"),
     ("k2jax/layers/moe.py", "MoE routing, sort, combine"),
     ("k2jax/layers/mlp.py", "SwiGLU (dense MLP, shared experts)"),
@@ -235,7 +236,7 @@ def _hlo_sources(hlo_text: str):
     locations = {k: files[int(re.search(r"file_name_id=(\d+)", v)[1])] for k, v in table("FileLocations").items()}
     frames = {k: tuple(int(n) for n in re.search(r"file_location_id=(\d+) parent_frame_id=(\d+)", v).groups())
               for k, v in table("StackFrames").items()}
-    out = {}
+    out, users = {}, []
     for line in lines:
         m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
         if not m:
@@ -250,6 +251,15 @@ def _hlo_sources(hlo_text: str):
         backward = bool(op_name and "transpose(" in op_name[1])
         matmul = " dot(" in line or "__ynn_fusion" in line or "__xnn_fusion" in line or "onednn" in line
         out[m[1]] = (tuple(chain), backward, matmul)
+        users.append((m[1], re.findall(r"%([\w.\-]+)", line.split(" = ", 1)[1])))
+    # XLA:CPU drops the metadata of some instructions it creates (a batched dot_general rewritten as a dot, a
+    # broadcast it wraps): such an instruction is charged to the source of an instruction that uses it
+    for _ in range(3):
+        for name, operands in users:
+            chain, backward, _ = out[name]
+            for operand in operands:
+                if operand in out and not out[operand][0] and chain:
+                    out[operand] = (chain, out[operand][1] or backward, out[operand][2])
     return out
 
 
