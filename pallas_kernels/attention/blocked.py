@@ -84,7 +84,7 @@ def attention_blocked(q, k, v, *, scale=None, causal=True, q_segment_ids=None, k
     shape, kv_segment_ids, q_offset, scale = check_attention_inputs(
         q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale, op="attention_blocked")
     bq, bk = _blocks(block_q, block_k, shape, "attention_blocked")
-    B, T, S, H, Hkv, G = shape.B, shape.T, shape.S, shape.H, shape.Hkv, shape.G
+    B, T, H, Hkv, G = shape.B, shape.T, shape.H, shape.Hkv, shape.G
     if T == 0:
         o = jnp.zeros((B, 0, H, shape.Dv), v.dtype)
         return _returns(o, jnp.full((B, H), -jnp.inf, _F32), jnp.zeros((B, 0, H), _F32), return_max_logit,
@@ -114,7 +114,7 @@ def attention_max_logit(q, k, *, scale=None, causal=True, q_segment_ids=None, kv
     shape, kv_segment_ids, q_offset, scale = check_attention_inputs(
         q, k, k, q_segment_ids, kv_segment_ids, q_offset, scale, op="attention_max_logit")
     bq, bk = _blocks(block_q, block_k, shape, "attention_max_logit")
-    B, T, S, Hkv, G = shape.B, shape.T, shape.S, shape.Hkv, shape.G
+    B, T, Hkv, G = shape.B, shape.T, shape.Hkv, shape.G
     if T == 0:
         return jnp.full((B, shape.H), -jnp.inf, _F32)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
