@@ -327,7 +327,7 @@ class MultiHeadLatentAttention(nnx.Module):
         Per head and key the absorbed scores and values cost R + P and R, the expanded ones n + P and d_v, and the
         up-projections cost the same either way (kv_b_proj over the keys, or W_UK / W_UV over queries and outputs,
         T H R (n + d_v) each); at equal FLOPs the absorbed form reads one shared key/value head for all H query
-        heads (multi-query). The default config (R = n = d_v = 32): the training step 0.96x (in-process A/B,
+        heads (multi-query). The default config (R = n = d_v = 32): the training step 0.94x (in-process A/B,
         docs/results.md). At Kimi Linear's sizes (R = 512, n = d_v = 128) the expanded form stays: absorbed costs
         ~3x. On TPU/GPU the expanded form keeps the kernels' expanded-only paths (Triton): the choice is a
         `jax.lax.platform_dependent`, so a program lowered here for TPU/GPU gets the expanded form."""

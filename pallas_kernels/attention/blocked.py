@@ -34,7 +34,7 @@ DEFAULT_BLOCK_Q = 256   # the largest blocks `default_blocks` picks
 DEFAULT_BLOCK_K = 512
 MIN_AUTO_BLOCK = 64
 # Score elements (B x H x bq x bk) of one block pair that `default_blocks` stops halving at: 2^18 float32 = 1 MiB,
-# half of this machine's 2 MiB L2. Measured with bench/attention_blocks.py (docs/results.md, "Attention blocks").
+# half of this machine's 2 MiB L2. Measured with bench/attention_blocks.py (docs/results.md, "Attention blocks by shape").
 BLOCK_SCORE_ELEMS = 1 << 18
 _F32 = jnp.float32
 _NO_SEGMENT = jnp.iinfo(jnp.int32).max  # the "empty" end of a segment-id range
