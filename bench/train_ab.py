@@ -125,11 +125,10 @@ def ab_processes(argv, rounds=4, reps=3, xla_flags=None):
             # without the tunable (this process has it after its own re-exec): the new worker adds it itself
             tunables = ":".join(t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
                                 if t and not t.startswith("glibc.malloc.hugetlb"))
-            env = {**os.environ, OPT_OUT: "0" if name == "old" else "1", "GLIBC_TUNABLES": tunables}
-            if xla_flags is not None:
-                env[OPT_OUT] = "1"
-                if name == "new":
-                    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
+            huge_pages = name == "new" or xla_flags is not None
+            env = {**os.environ, OPT_OUT: "1" if huge_pages else "0", "GLIBC_TUNABLES": tunables}
+            if xla_flags is not None and name == "new":
+                env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
             env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/k2jax/jax_cache"))
             run = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", str(reps)],
                                  env=env, check=True, capture_output=True, text=True)

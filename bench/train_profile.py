@@ -253,13 +253,13 @@ def _hlo_sources(hlo_text: str):
         out[m[1]] = (tuple(chain), backward, matmul)
         users.append((m[1], re.findall(r"%([\w.\-]+)", line.split(" = ", 1)[1])))
     # XLA:CPU drops the metadata of some instructions it creates (a batched dot_general rewritten as a dot, a
-    # broadcast it wraps): such an instruction is charged to the source of an instruction that uses it
-    for _ in range(3):
-        for name, operands in users:
-            chain, backward, _ = out[name]
-            for operand in operands:
-                if operand in out and not out[operand][0] and chain:
-                    out[operand] = (chain, out[operand][1] or backward, out[operand][2])
+    # broadcast it wraps): such an instruction is charged to the source of an instruction that uses it. HLO lists
+    # an instruction after its operands, so one pass from the end reaches chains of such instructions too.
+    for name, operands in reversed(users):
+        chain, backward, _ = out[name]
+        for operand in operands:
+            if chain and operand in out and not out[operand][0]:
+                out[operand] = (chain, out[operand][1] or backward, out[operand][2])
     return out
 
 
