@@ -1,9 +1,10 @@
 """Host memory of training on CPU: transparent huge pages for the buffers XLA allocates at every step.
 
 Why: XLA:CPU allocates a jitted program's temporary buffer with malloc at each execution and frees it afterwards.
-For the default training step that buffer is 625 MB; glibc serves a block that large with a fresh mmap and unmaps
-it on free, so every step faults it in again 4 KiB at a time: 153,000 page faults and ~0.3 s of kernel time per
-step (measured with getrusage; docs/results.md), about a third of the step. With glibc's malloc tunable
+For the default training step in one micro-batch that buffer was 625 MB (145 MiB in the 4 micro-batches it now
+runs); glibc serves a block that large with a fresh mmap and unmaps it on free, so every step faults it in again
+4 KiB at a time: 153,000 page faults and ~0.3 s of kernel time per step in one micro-batch (measured with getrusage;
+docs/results.md), about a third of the step. With glibc's malloc tunable
 `glibc.malloc.hugetlb=1`, malloc marks its mmapped blocks for transparent huge pages (madvise), and the same
 buffer faults in 2 MiB at a time (~1,500 faults per step). glibc reads tunables only when a process starts, so an
 entry point calls `reexec_with_huge_pages()` first thing: it restarts the same command once with the tunable set.
