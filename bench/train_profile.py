@@ -9,8 +9,10 @@ Rows (`profile_step`):
 - Top-level pieces, each its own jitted forward + backward (gradients with respect to its parameters and input,
   against a fixed random cotangent) on the activations the real model produces: the embedding lookup, each
   layer's attention block (input norm + token mixer + residual) and FFN block (post norm + MLP or MoE + residual),
-  the final norm + lm_head + cross-entropy, and the optimizer update (tx.update + apply_updates). 'other' is the
-  step minus their sum: what the fused program saves (negative) or adds (gradient accumulation, norms, clipping,
+  the final norm + lm_head + cross-entropy, and the optimizer update (tx.update + apply_updates). With
+  `train.grad_accum_steps` = A > 1 the step runs A micro-batches of B / A rows, so each model piece runs on one
+  micro-batch (the step's first: rows 0, A, 2A, ...) and counts A times; the optimizer once. 'other' is the
+  step minus their sum: what the fused program saves (negative) or adds (the accumulation, norms, clipping,
   the finite check, the bias update).
 - Indented rows are parts of the row above (not added to the total): the KDA op alone (`pallas_kernels.kda.kda`
   on the layer's q, k, v, g, beta shapes), the attention op alone, the MoE router, routed experts and shared experts.
@@ -130,8 +132,11 @@ def profile_step(mcfg, tcfg, rounds: int = 5) -> list[tuple[str, float, int]]:
     pieces["batch (MQAR, host)"] = host_batch
     rows = [("train step (jitted)", 0), ("batch (MQAR, host)", 0)]
 
-    # Activations of the real model on this batch, the inputs of each piece.
-    tokens, seg = batch["tokens"], batch.get("segment_ids")
+    # Activations of the real model on the step's first micro-batch (the whole batch when A = 1), the inputs of
+    # each piece: a piece on the whole batch would allocate and touch A times the buffers the step does.
+    A = tcfg.grad_accum_steps
+    micro = jax.tree.map(lambda v: v[0::A], batch)
+    tokens, seg = micro["tokens"], micro.get("segment_ids")
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     token_mask = None if seg is None else seg != 0
@@ -170,7 +175,7 @@ def profile_step(mcfg, tcfg, rounds: int = 5) -> list[tuple[str, float, int]]:
         return lm_head_cross_entropy(m, m.norm(x), targets, mask)[0]
 
     fn, p = _module_fn(model, head_call)
-    pieces["final norm + lm_head + cross-entropy"] = _fwd_bwd(fn, p, x, batch["targets"], batch["loss_mask"])
+    pieces["final norm + lm_head + cross-entropy"] = _fwd_bwd(fn, p, x, micro["targets"], micro["loss_mask"])
     rows.append(("final norm + lm_head + cross-entropy", 1))
     grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype) * 1e-3, params)
     update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
@@ -178,6 +183,8 @@ def profile_step(mcfg, tcfg, rounds: int = 5) -> list[tuple[str, float, int]]:
     rows.append((f"optimizer update ({tcfg.optimizer})", 1))
 
     seconds = _time_rounds(pieces, rounds)
+    per_step = {"train step (jitted)", "batch (MQAR, host)", f"optimizer update ({tcfg.optimizer})"}
+    seconds = {n: t if n in per_step else A * t for n, t in seconds.items()}   # A micro-batches per step
     step = seconds["train step (jitted)"]
     top = sum(seconds[n] for n, d in rows if d == 1)
     out = [(n, seconds[n], d) for n, d in rows]

@@ -88,7 +88,8 @@ def _profile(mcfg, tcfg, args):
     fpt = train_flops_per_token(mcfg, tcfg.seq_len)
     mfu = fpt * tcfg.batch_size * tcfg.seq_len / step_s / (peak * jax.device_count())
     table = format_table(rows)
-    head = (f"config {mcfg.name}, batch {tcfg.batch_size} x {tcfg.seq_len}, dtype {mcfg.dtype}, optimizer "
+    micro = f" in {tcfg.grad_accum_steps} micro-batches" if tcfg.grad_accum_steps > 1 else ""
+    head = (f"config {mcfg.name}, batch {tcfg.batch_size} x {tcfg.seq_len}{micro}, dtype {mcfg.dtype}, optimizer "
             f"{tcfg.optimizer}: jitted step {step_s * 1e3:.0f} ms, MFU of the jitted step {mfu:.1%} "
             f"(matmul {peak / 1e9:.0f} GFLOP/s)")
     if args.trace_dir:
