@@ -13,8 +13,9 @@ Implementations (`config.moe_impl`), all dropless and equal up to float rounding
 - 'ragged': the (token, slot) pairs are sorted by expert, pass through grouped matmuls with the group sizes, and
   are unsorted and combined. The grouped matmul is `jax.lax.ragged_dot` on TPU/GPU. On CPU, XLA lowers ragged_dot
   to a masked product over every group (about E x the useful FLOPs on N * k rows, k times dense's cost), so CPU
-  uses `pallas_kernels.moe.blocked_grouped_matmul` instead (rows padded to per-expert blocks, a scan over
-  blocks); the choice is made by `jax.lax.platform_dependent` when the program is lowered.
+  uses `pallas_kernels.moe.blocked_grouped_matmul` instead (rows padded to per-expert blocks, one batched matmul
+  over the blocks or, for large weights, a scan); the choice is made by `jax.lax.platform_dependent` when the
+  program is lowered.
 - 'auto': `experts_auto`: 'ragged' except for decode-sized batches on CPU.
 Every path also takes INT4 experts (`Int4Weight`, config `quantization.experts: int4`, k2jax.layers.qat): 'dense'
 dequantizes them; the sorted path runs `int4_ragged_dot` (the Pallas kernel) on TPU/GPU and, on CPU, where that

@@ -1,4 +1,4 @@
-"""Grouped matmul dispatch: the blocked scan on CPU, `jax.lax.ragged_dot` on TPU/GPU, and the INT4 variant.
+"""Grouped matmul dispatch: the blocked form on CPU, `jax.lax.ragged_dot` on TPU/GPU, and the INT4 variant.
 
 `jax.lax.platform_dependent` picks the branch when the program is lowered, so cross-platform lowering stays right.
 """
@@ -21,7 +21,7 @@ def xla_ragged_dot(x, w, group_sizes):
 def grouped_matmul(x, w, group_sizes):
     """Grouped matmul (ragged_dot contract, float32 out): x [M, K] rows sorted by group, w [G, K, N] (a float
     array or an Int4Weight), group_sizes int32 [G] (sum <= M; rows past the sum are left for the caller to mask)
-    -> float32 [M, N]. The blocked scan on CPU, lax.ragged_dot elsewhere; an Int4Weight w goes to
+    -> float32 [M, N]. The blocked form on CPU, lax.ragged_dot elsewhere; an Int4Weight w goes to
     `int4_grouped_matmul`."""
     if isinstance(w, Int4Weight):
         return int4_grouped_matmul(x, w, group_sizes)
@@ -42,7 +42,7 @@ def int4_grouped_matmul_kernel(x, qw, group_sizes):
 
 
 def int4_grouped_matmul_cpu(x, qw, group_sizes):
-    """INT4 grouped matmul on CPU: dequantize every expert once, then the blocked scan (lax.ragged_dot, which the
+    """INT4 grouped matmul on CPU: dequantize every expert once, then the blocked form (lax.ragged_dot, which the
     kernel's XLA path uses, costs E x the FLOPs on CPU). Same shapes as `int4_grouped_matmul_kernel`."""
     return blocked_grouped_matmul(x, frozen_dequantized(qw, x.dtype), group_sizes)
 

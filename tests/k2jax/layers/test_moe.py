@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import pallas_kernels.moe.blocked as moe_blocked
 from k2jax import load_config
 from k2jax.layers import moe as M
 from k2jax.sharding import logical_names
@@ -199,14 +200,18 @@ def test_empty_and_full_experts():
         assert error_ratio(y_ref, y) <= 1e-5
 
 
+@pytest.mark.parametrize("gather_max_bytes", [0, 1 << 40], ids=["scan", "batched"])
 @pytest.mark.parametrize("sizes", [[0, 37, 0, 0], [9, 0, 20, 8], [0, 0, 0, 37]])
-def test_blocked_grouped_matmul_matches_ragged_dot(sizes):
+def test_blocked_grouped_matmul_matches_ragged_dot(sizes, gather_max_bytes, monkeypatch):
+    # both forms of the per-block product: the scan (large weights) and one batched matmul (small ones)
+    monkeypatch.setattr(moe_blocked, "GATHER_MAX_BYTES", gather_max_bytes)
     x = jnp.asarray(rand((37, 24), 9))
     w = jnp.asarray(rand((4, 24, 16), 10))
     gs = jnp.asarray(sizes, jnp.int32)
     want = np.concatenate([np.asarray(x[s:s + n], np.float64) @ np.asarray(w[g], np.float64)
                            for g, (s, n) in enumerate(zip(np.cumsum([0] + sizes[:-1]), sizes))])
-    assert error_ratio(want, jax.jit(blocked_grouped_matmul)(x, w, gs)) <= 1e-6
+    got = jax.jit(lambda x, w: blocked_grouped_matmul(x, w, gs))(x, w)  # a fresh trace for each form
+    assert error_ratio(want, got) <= 1e-6
     assert error_ratio(want, xla_ragged_dot(x, w, gs)) <= 1e-6
     # The custom VJP against autodiff of lax.ragged_dot.
     r = jnp.asarray(rand((37, 16), 18))
@@ -215,12 +220,28 @@ def test_blocked_grouped_matmul_matches_ragged_dot(sizes):
         assert error_ratio(ref, got) <= 1e-6
 
 
-def test_blocked_grouped_matmul_weight_grad_memory():
-    # The backward must not hold one [K, N] float32 product per block at once (at 48B on XLA:CPU that was
-    # 1,312 blocks x 9 MiB per matmul): its temp buffers stay under nb * K * N * 4 bytes here (nb = 11; the
-    # batched per-block product alone was that much, its temp 24 MB in all), and
+def test_blocked_grouped_matmul_form_follows_the_block_weights_size(monkeypatch):
+    # Within GATHER_MAX_BYTES (nb x K x N float32) the forward and the backward's dx and dw are batched matmuls;
+    # beyond it, scans (one weight slab, or G blocks, at a time).
+    x, w = jnp.asarray(rand((64, 16), 14)), jnp.asarray(rand((4, 16, 8), 15))
+    gs = jnp.asarray([10, 30, 0, 24], jnp.int32)
+
+    def loops():  # while loops of the compiled forward + backward, searchsorted's included (a fresh trace each call)
+        step = jax.grad(lambda x, w: jnp.sum(blocked_grouped_matmul(x, w, gs) ** 2), argnums=(0, 1))
+        return jax.jit(step).lower(x, w).compile().as_text().count(" while(")
+
+    batched = loops()
+    monkeypatch.setattr(moe_blocked, "GATHER_MAX_BYTES", 0)
+    assert loops() >= batched + 3  # the forward's, dx's and dw's scans
+
+
+def test_blocked_grouped_matmul_weight_grad_memory(monkeypatch):
+    # Beyond GATHER_MAX_BYTES the backward must not hold one [K, N] float32 product per block at once (at 48B on
+    # XLA:CPU that was 1,312 blocks x 9 MiB per matmul): its temp buffers stay under nb * K * N * 4 bytes here
+    # (nb = 11; the batched per-block product alone was that much, its temp 24 MB in all), and
     # dw still matches ragged_dot's with more blocks than groups (a scan over chunks plus a remainder).
     M, G, K, N = 256, 3, 512, 512
+    monkeypatch.setattr(moe_blocked, "GATHER_MAX_BYTES", 11 * K * N * 4 - 1)  # just below these blocks' 11.5 MB
     x, w = jnp.asarray(rand((M, K), 11)), jnp.asarray(rand((G, K, N), 12))
     gs = jnp.asarray([100, 0, 156], jnp.int32)
     r = jnp.asarray(rand((M, N), 13))
