@@ -13,6 +13,12 @@ import optax
 import pytest
 
 from pallas_kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from pallas_kernels.cross_entropy.chunked import (
+    BLOCK_ELEMS,
+    DEFAULT_BLOCK_TOKENS,
+    DEFAULT_BLOCK_VOCAB,
+    default_block_tokens,
+)
 from tests.conftest import error_ratio
 
 
@@ -41,16 +47,26 @@ def sums_and_grads(fn, x, w, labels, mask, **kw):
     (45, 100, 16, 32),    # neither N nor V a multiple: padded tokens, an overlapping last vocabulary block
     (45, 100, 64, 100),   # one token block, whole vocabulary
     (64, 97, 8, 7),       # many small blocks
+    (1100, 600, None, None),  # default (omitted) blocks: one token block of 1,104 (padded), the whole vocabulary
+    (1100, 600, None, 256),   # the default token block for 256-column vocabulary blocks, the last one overlapping
 ])
 def test_float32_matches_reference(N, V, block_tokens, block_vocab):
     x, w, labels, mask = make_inputs(N, 24, V)
     (loss_ref, correct_ref), grads_ref = sums_and_grads(linear_cross_entropy_reference, x, w, labels, mask)
-    (loss, correct), grads = sums_and_grads(linear_cross_entropy, x, w, labels, mask, block_tokens=block_tokens,
-                                            block_vocab=block_vocab)
+    blocks = {k: v for k, v in (("block_tokens", block_tokens), ("block_vocab", block_vocab)) if v is not None}
+    (loss, correct), grads = sums_and_grads(linear_cross_entropy, x, w, labels, mask, **blocks)
     assert loss.dtype == jnp.float32 and error_ratio(loss_ref, loss) < 1e-5
     assert float(correct) == float(correct_ref) > N / 4
     for name, a, b in zip(("dx", "dw", "dmask"), grads_ref, grads):
         assert error_ratio(a, b) < 1e-4, name
+
+
+def test_default_block_tokens_keep_the_block_size():
+    """Without block_tokens, a narrow vocabulary block gets more tokens, within the large-vocabulary block's size."""
+    assert default_block_tokens(DEFAULT_BLOCK_VOCAB) == DEFAULT_BLOCK_TOKENS == 512
+    assert default_block_tokens(512) == 16384
+    assert default_block_tokens(600) == 13976 and 13976 * 600 <= BLOCK_ELEMS
+    assert default_block_tokens(10 ** 6) == DEFAULT_BLOCK_TOKENS
 
 
 def test_reference_is_the_training_loss():
