@@ -5,7 +5,7 @@
 
 For each shape: forward, and forward + backward (grads wrt x and the expert weights), of
 - dense:        every expert on every token (E / k x the useful FLOPs),
-- ragged:       the sorted dropless path with its platform grouped matmul (blocked scan on CPU, ragged_dot else),
+- ragged:       the sorted dropless path with its platform grouped matmul (blocked on CPU, ragged_dot else),
 - ragged_xla:   the same with `jax.lax.ragged_dot` forced (what 'ragged' runs on TPU/GPU; masked dense on CPU).
 Routing comes from a random router (roughly balanced loads). Times are the median of --repeats runs after one
 compile-and-run call, in milliseconds. ragged_xla at the large shape runs at --xla-tokens tokens and is scaled

@@ -1,7 +1,7 @@
 """Host memory of training on CPU: transparent huge pages for the buffers XLA allocates at every step.
 
 Why: XLA:CPU allocates a jitted program's temporary buffer with malloc at each execution and frees it afterwards.
-For the default training step in one micro-batch that buffer was 625 MB (145 MiB in the 4 micro-batches it now
+For the default training step in one micro-batch that buffer was 625 MB (151 MiB in the 4 micro-batches it now
 runs); glibc serves a block that large with a fresh mmap and unmaps it on free, so every step faults it in again
 4 KiB at a time: 153,000 page faults and ~0.3 s of kernel time per step in one micro-batch (measured with getrusage;
 docs/results.md), about a third of the step. With glibc's malloc tunable
