@@ -4,9 +4,9 @@ XLA:CPU lowers `jax.lax.ragged_dot` to a masked product over every group (G x th
 rows are padded to whole blocks of b rows and each block is multiplied by its one group's weight, about
 (M + G b) K N FLOPs (bench/moe.py has the measurements). Two forms of that product:
 - small (the nb blocks' weights, nb x K x N float32, within GATHER_MAX_BYTES): the weights gathered per block and
-  one batched matmul over all blocks, which XLA:CPU spreads over its threads;
+  one batched matmul over all blocks;
 - large: a scan, one block and one weight slab at a time, so that no [nb, K, N] array exists (at 48B on XLA:CPU
-  that was 1,312 x 9 MiB = 12 GiB per matmul). Its steps run one after another on one thread.
+  that was 1,312 x 9 MiB = 12 GiB per matmul). Its steps run one after another, each a small matmul.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pallas_kernels.vma import vary_like
 
 # The largest per-block weight array (nb x K x N, counted as float32) for which the blocks are multiplied as one
 # batched matmul instead of a scan. At the default training config's micro-batch (M = 4,096 rows, 40 blocks of
-# [128, 128] x [128, 64], 1.3 MiB) the batched form of the expert MLP took 0.55-0.59x the scan's time forward +
-# backward (bench/moe.py); 32 MiB keeps the extra memory small against the activations of any batch that big.
+# [128, 128] x [128, 64], 1.3 MiB) the batched form of the expert MLP took 0.56x the scan's time forward + backward;
+# at 36 MiB the two forms took the same time, at 320 MiB the batched one 1.8x the scan's (both forms in one process;
+# docs/results.md, "Batched expert blocks").
 GATHER_MAX_BYTES = 32 << 20
 
 
